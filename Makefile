@@ -1,0 +1,35 @@
+# Fresh machine: `make demo` (the CPU demo on a real small model) and `make test` (the test suite).
+# Both set up whatever is missing first and are safe to re-run.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.tutor_wrap-installed
+LLAMA  := .cache/llama.cpp/BUILD_OK.json
+SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
+
+.PHONY: setup demo test clean-runs
+
+setup: $(STAMP) $(LLAMA)
+
+# torch first, pinned: the CPU wheel on these machines; a bare `torch` requirement could pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet torch==2.13.0
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(LLAMA):
+	$(PYTHON) tools/build_llamacpp.py
+
+$(SMOL): $(STAMP)
+	$(VPY) tools/fetch_smollm2.py
+
+demo: $(STAMP) $(LLAMA) $(SMOL)
+	$(VPY) -m tutor_wrap run recipes/demo.yml
+
+test: $(STAMP) $(LLAMA)
+	$(VPY) -m pytest -q
+
+clean-runs:
+	rm -rf runs

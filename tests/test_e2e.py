@@ -1,0 +1,126 @@
+"""The whole pipeline on a tiny real Llama: Axolotl trains, merges; llama.cpp converts, quantizes, generates."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tutor_wrap import llamacpp, modelfile
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["plan", "train", "merge", "export", "deploy", "eval"]
+
+# One short answer to learn: enough signal that a 2-layer model learns to answer and stop within a few steps.
+TRAIN = [{"instruction": f"Say ok to request {i}.", "input": "", "output": "ok"} for i in range(24)]
+EVAL = [{"instruction": f"Say ok to request {i}."} for i in range(100, 104)]
+
+
+def make_recipe(tmp: Path, model: Path) -> Path:
+    data = tmp / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in EVAL))
+    recipe = {
+        "name": "tiny",
+        "base_model": str(model),
+        "dataset": {"path": "data/train.jsonl", "format": "alpaca"},
+        "method": "lora",
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"max_steps": 12, "learning_rate": 0.01, "sequence_len": 256, "batch_size": 4,
+                  "micro_batch_size": 4, "save_steps": 6},
+        "export": {"quant_types": ["Q4_K_M"]},
+        "ollama": {"model": "tiny-tutor", "system": 'He said "hi" and """ left', "parameters": {"temperature": 0.0}},
+        "eval": {"prompts": "data/eval.jsonl", "max_tokens": 12, "primary_metric": "eos_rate"},
+    }
+    p = tmp / "tiny.yml"
+    p.write_text(yaml.safe_dump(recipe))
+    return p
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tutor_wrap", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    recipe = make_recipe(tmp, tiny_model)
+    proc = run_cli("run", str(recipe), "--run-dir", str(tmp / "run"), cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return tmp / "run", proc
+
+
+def test_manifest_records_every_stage_done(finished_run):
+    run, _ = finished_run
+    m = json.loads((run / "manifest.json").read_text())
+    assert list(m["stages"]) == STAGES
+    for name in STAGES:
+        rec = m["stages"][name]
+        assert rec["status"] == "done", (name, rec)
+        for rel in rec["artifacts"].values():
+            assert not Path(rel).is_absolute() and (run / rel).exists(), (name, rel)
+
+
+def test_training_logged_a_falling_loss(finished_run):
+    run, _ = finished_run
+    rows = [json.loads(l) for l in (run / "train/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r.get("event") == "log" and "loss" in r]
+    assert len(losses) >= 10
+    assert losses[-1] < losses[0] * 0.5
+    assert (run / "train/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "train/loss.csv").read_text().startswith("step,loss")
+
+
+def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):
+    run, _ = finished_run
+    f16 = llamacpp.metadata(run / "export/tiny-F16.gguf")
+    q4 = llamacpp.metadata(run / "export/tiny-Q4_K_M.gguf")
+    assert f16["architecture"] == q4["architecture"] == "llama"
+    assert f16["file_type"] == 1 and q4["file_type"] == 15
+    assert q4["tokenizer_model"] == "llama" and q4["eos_token_id"] == 2
+    counts = llamacpp.tensor_type_counts(run / "export/tiny-Q4_K_M.gguf")
+    assert counts.get("Q4_K", 0) > 0 and "Q5_0" not in counts and "Q8_0" not in counts
+    report = json.loads((run / "export/report.json").read_text())
+    assert report["files"]["Q4_K_M"]["fallback_tensors"] == 0
+
+
+def test_quantized_model_generates_text(finished_run):
+    run, _ = finished_run
+    out = llamacpp.complete(llamacpp.locate(), run / "export/tiny-Q4_K_M.gguf",
+                            "Below is an instruction", n_predict=8, ctx=256)
+    assert out.text.strip() or out.stopped_by_eos
+
+
+def test_modelfile_parses_and_speaks_the_training_format(finished_run):
+    run, _ = finished_run
+    text = (run / "deploy/Modelfile").read_text()
+    cmds = {c.name: c for c in modelfile.validate(text, run / "deploy")}
+    assert cmds["from"].args == "../export/tiny-Q4_K_M.gguf"
+    assert "### Instruction:\n{{ .Prompt }}\n\n### Response:\n" in cmds["template"].args
+    assert cmds["system"].args == 'He said "hi" and """ left'  # cannot break out of its field
+    stops = [c.args for c in modelfile.parse(text) if c.key == "stop"]
+    assert "</s>" in stops and "### Instruction:" in stops
+    params = {c.key: c.args for c in modelfile.parse(text) if c.name == "parameter" and c.key != "stop"}
+    assert params["num_ctx"] == "256"
+
+
+def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
+    run, proc = finished_run
+    report = json.loads((run / "eval/report.json").read_text())
+    assert report["n_prompts"] == len(EVAL)
+    assert report["tuned"]["eos_rate"] > report["base"]["eos_rate"]
+    assert (run / "eval/report.md").read_text().count("### ") >= len(EVAL)
+    assert "eos_rate" in proc.stdout
+
+
+def test_second_run_skips_finished_stages(finished_run, tmp_path):
+    run, _ = finished_run
+    recipe = run.parent / "tiny.yml"
+    proc = run_cli("run", str(recipe), "--run-dir", str(run), cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("inputs unchanged; skipped") == len(STAGES)

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Build llama.cpp's quantize/completion/perplexity tools offline, from a pinned PyPI sdist.
+
+llama.cpp is not packaged for this OS and GitHub is unreachable, but the llama-cpp-python
+sdist vendors a full llama.cpp tree (C++ sources, convert_hf_to_gguf.py, gguf-py).
+Usage: python3 tools/build_llamacpp.py [--dest DIR]   (stdlib only, python >= 3.10)
+"""
+import argparse, fcntl, hashlib, json, os, shutil, subprocess, sys, tarfile, tempfile, time
+import urllib.error, urllib.parse, urllib.request
+from pathlib import Path
+
+VERSION = "0.3.36"
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+# Pinned so a changed or tampered upload is caught even if PyPI's metadata agrees with it.
+SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# files.pythonhosted.org paths are content-addressed; only used if the JSON API is down.
+FALLBACK_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258"
+                "a8f6521aae45ca773a59fe7cf3/" + SDIST)
+VENDOR = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+SUBMODULE_HEAD = f"llama_cpp_python-{VERSION}/.git/modules/vendor/llama.cpp/HEAD"  # vendored commit
+TARGETS = ["llama-quantize", "llama-completion", "llama-perplexity"]
+CMAKE_FLAGS = ["-DGGML_NATIVE=OFF",  # no -march=native: binaries must not need this host's exact CPU
+               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release",
+               # The server target would otherwise try to download its web UI from Hugging Face.
+               "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
+# GGML_NATIVE=OFF also drops every SIMD extension (scalar code is several times slower), so
+# re-enable the x86-64-v3 set, which any x86 machine from the last decade has, when we have it.
+X86_V3 = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "sse4_2": "SSE42"}
+SOURCE_MARKER = ".tutor_wrap_source.json"  # lives inside src/, so it moves atomically with it
+
+
+def log(msg):
+    print(f"[build_llamacpp] {msg}", flush=True)
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sdist_url():
+    # The per-version endpoint is the documented one, but some PyPI mirrors only serve the
+    # project-level one, and some return relative file URLs, hence urljoin.
+    apis = [(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json", lambda m: m["urls"]),
+            ("https://pypi.org/pypi/llama-cpp-python/json", lambda m: m["releases"][VERSION])]
+    for api, files_of in apis:
+        try:
+            with urllib.request.urlopen(api, timeout=30) as r:
+                files = files_of(json.load(r))
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            continue
+        for f in files:
+            if f.get("packagetype") == "sdist" and f.get("filename") == SDIST:
+                if f["digests"]["sha256"] != SHA256:
+                    sys.exit(f"PyPI reports sha256 {f['digests']['sha256']} for {SDIST}, pinned {SHA256}")
+                return urllib.parse.urljoin(api, f["url"])
+    log("PyPI JSON API unavailable, using the pinned URL")
+    return FALLBACK_URL
+
+
+def download(dest):
+    final = dest / "downloads" / SDIST
+    if final.exists():
+        if sha256_of(final) == SHA256:
+            return final
+        log(f"cached {final} has the wrong sha256, downloading again")
+        final.unlink()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    url = sdist_url()
+    log(f"downloading {url}")
+    part, h = final.with_name(SDIST + ".part"), hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as out:
+        for chunk in iter(lambda: r.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
+    if h.hexdigest() != SHA256:
+        part.unlink()
+        sys.exit(f"sha256 mismatch for {url}: got {h.hexdigest()}, expected {SHA256}")
+    os.replace(part, final)  # only a verified file ever carries the final name
+    return final
+
+
+def extract(tarball, dest):
+    tmp = Path(tempfile.mkdtemp(prefix="src.tmp-", dir=dest))
+    log(f"extracting vendor/llama.cpp to {dest / 'src'}")
+    commit = "unknown"
+    with tarfile.open(tarball) as tar:
+        members = []
+        for m in tar:
+            if m.name == SUBMODULE_HEAD:
+                commit = tar.extractfile(m).read().decode().strip()
+            # Skip the submodule's `.git` pointer: it is dangling here, and git must not
+            # mistake the tree for (or climb out of it into) some other repository.
+            if not m.isfile() or not m.name.startswith(VENDOR) or m.name == VENDOR + ".git":
+                continue
+            m.name = m.name[len(VENDOR):]
+            if os.path.isabs(m.name) or ".." in Path(m.name).parts:
+                sys.exit(f"unsafe path in {tarball}: {m.name}")
+            members.append(m)
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp, members=members, **extra)
+    (tmp / SOURCE_MARKER).write_text(json.dumps({"sha256": SHA256, "commit": commit}))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700
+    os.rename(tmp, dest / "src")  # a half-extracted tree never sits at src/
+
+
+def cmake_flags():
+    flags = list(CMAKE_FLAGS)
+    cpuinfo = Path("/proc/cpuinfo")
+    if os.uname().machine == "x86_64" and cpuinfo.exists() and set(X86_V3) <= set(cpuinfo.read_text().split()):
+        flags += [f"-DGGML_{name}=ON" for name in X86_V3.values()]
+    return flags
+
+
+def run_logged(cmd, logf, env):
+    print(f"\n$ {' '.join(cmd)}", file=logf, flush=True)
+    return subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def build(dest, commit):
+    src, build_dir, log_path = dest / "src", dest / "src" / "build", dest / "build.log"
+    # Without a ceiling, llama.cpp's build-info would take the commit of whatever git repo
+    # encloses DIR (e.g. tutor_wrap itself) as the llama.cpp version.
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest))
+    configure = ["cmake", "-S", str(src), "-B", str(build_dir), *cmake_flags(),
+                 f"-DLLAMA_BUILD_COMMIT={commit[:7]}"]
+    jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with open(log_path, "w") as logf:
+        log("configuring")
+        rc = run_logged(configure, logf, env)
+        if rc != 0 and build_dir.exists():  # a cache left by an interrupted configure; start over
+            shutil.rmtree(build_dir)
+            rc = run_logged(configure, logf, env)
+        if rc == 0:
+            log(f"building {', '.join(TARGETS)} with -j {jobs} (takes ~7 min on 2 cores); log: {log_path}")
+            t0 = time.monotonic()
+            rc = run_logged(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
+                            logf, env)
+            log(f"build finished in {time.monotonic() - t0:.0f} s")
+    if rc != 0:
+        print("".join(log_path.read_text(errors="replace").splitlines(True)[-40:]), file=sys.stderr)
+        sys.exit(f"llama.cpp build failed (exit {rc}); full log: {log_path}")
+
+
+def install(dest, ok_file, bin_dir):
+    ok_file.unlink(missing_ok=True)
+    for stale in dest.glob("src.tmp-*"):  # left by an interrupted extraction
+        shutil.rmtree(stale)
+    tarball, src = download(dest), dest / "src"
+    try:
+        marker = json.loads((src / SOURCE_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    if marker.get("sha256") != SHA256:
+        if src.exists():  # another pin's tree, or one of unknown origin: start from scratch
+            shutil.rmtree(src)
+        extract(tarball, dest)
+        marker = json.loads((src / SOURCE_MARKER).read_text())
+    build(dest, marker["commit"])
+    # Catches binaries that link but cannot load their shared libraries.
+    if subprocess.run([str(bin_dir / "llama-completion"), "--version"], capture_output=True).returncode:
+        sys.exit(f"{bin_dir / 'llama-completion'} --version failed; see {dest / 'build.log'}")
+    info = {"llama_cpp_python": VERSION, "llama_cpp_build": marker["commit"],
+            "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
+            "gguf_py": "src/gguf-py", "sha256": SHA256}
+    tmp = ok_file.with_name(ok_file.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, ok_file)
+
+
+def main():
+    repo = Path(__file__).resolve().parent.parent
+    cache = Path(os.environ.get("TUTOR_WRAP_CACHE") or repo / ".cache")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dest", type=Path, default=cache / "llama.cpp")
+    dest = ap.parse_args().dest.resolve()
+    ok_file, bin_dir = dest / "BUILD_OK.json", dest / "src" / "build" / "bin"
+
+    def ready():
+        try:
+            info = json.loads(ok_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return info.get("sha256") == SHA256 and all(os.access(bin_dir / t, os.X_OK) for t in TARGETS)
+
+    if not ready():
+        dest.mkdir(parents=True, exist_ok=True)
+        with open(dest / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # serialise concurrent runs on the same DIR
+            if not ready():  # a run we waited for may have finished the job
+                install(dest, ok_file, bin_dir)
+    log(f"llama.cpp ready at {dest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from tutor_wrap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""Plan + Recipe -> the complete Axolotl YAML, and its validation by Axolotl's own schema.
+
+Rendering is plain dict work (fast, no torch). Validation imports Axolotl's pydantic schema, which costs several
+seconds, so it lives in its own function and is only called where a YAML is about to be used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.planner import Plan
+from tutor_wrap.recipe import Recipe
+
+PLUGIN = "tutor_wrap.axolotl_plugin.MetricsPlugin"
+_ATTN = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
+
+
+def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path, run_dir: Path) -> dict[str, Any]:
+    t = recipe.train
+    cfg: dict[str, Any] = {
+        "base_model": base_model,
+        "trust_remote_code": recipe.trust_remote_code,
+        "datasets": [{"path": str(dataset_path), "type": recipe.dataset.format, "ds_type": "json"}],
+        "dataset_prepared_path": str(run_dir / "train" / "prepared"),
+        "val_set_size": 0,
+        "output_dir": str(run_dir / "train" / "out"),
+        "sequence_len": plan.sequence_len,
+        "sample_packing": plan.sample_packing,
+        "pad_to_sequence_len": plan.sample_packing,
+        "micro_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "optimizer": plan.optimizer,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.0,
+        "bf16": plan.dtype == "bf16",
+        "fp16": plan.dtype == "fp16",
+        "tf32": False,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "attn_implementation": _ATTN[plan.attention],
+        "logging_steps": t.logging_steps,
+        "seed": t.seed,
+        "save_safetensors": True,
+        "save_total_limit": 2,
+        "plugins": [PLUGIN],
+    }
+    if t.max_steps is not None:
+        cfg["max_steps"] = t.max_steps
+        cfg["num_epochs"] = 1
+    else:
+        cfg["num_epochs"] = t.epochs
+    if t.save_steps:
+        cfg["save_steps"] = t.save_steps
+    else:
+        cfg["saves_per_epoch"] = 1
+    if plan.method != "full":
+        cfg["adapter"] = "qlora" if plan.method == "qlora" else "lora"
+        cfg["load_in_4bit"] = plan.method == "qlora"
+        cfg["load_in_8bit"] = plan.method == "lora8bit"
+        cfg.update(lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout)
+        if recipe.lora.targets == "all-linear":
+            cfg["lora_target_linear"] = True
+        else:
+            cfg["lora_target_modules"] = list(recipe.lora.targets)
+        # Axolotl turns its Triton LoRA kernels on by itself; they assert CUDA, so say it either way.
+        for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
+            cfg[k] = plan.lora_kernels
+    cfg.update(recipe.axolotl)
+    return cfg
+
+
+def to_yaml(cfg: dict[str, Any]) -> str:
+    header = "# Written by tutor_wrap from the recipe and the plan; `python -m tutor_wrap plan` explains each choice.\n"
+    return header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+
+
+def validate(cfg: dict[str, Any], *, source: str = "axolotl config") -> list[str]:
+    """Validate with Axolotl's schema; return the keys it would silently drop. Raises TutorWrapError if rejected."""
+    from axolotl.utils.config import validate_config
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    known = set(AxolotlInputConfig.model_fields)
+    dropped = sorted(k for k in cfg if k not in known)
+    try:
+        validate_config(DictDefault(dict(cfg)))
+    except Exception as exc:  # Axolotl raises ValueError / pydantic errors; both mean "rejected"
+        raise TutorWrapError(
+            f"{source}: Axolotl rejected the config: {exc}",
+            hint="check the keys under 'axolotl:' in the recipe against Axolotl's config reference",
+        ) from None
+    return dropped

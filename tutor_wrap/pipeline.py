@@ -1,0 +1,67 @@
+"""The orchestrator: a loop over the stages, skipping what is done and unchanged, redoing the rest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.hardware import Hardware, describe, probe
+from tutor_wrap.recipe import Recipe
+from tutor_wrap.rundir import RunDir, fingerprint
+from tutor_wrap.stages import Context, StageResult
+from tutor_wrap.stages import deploy, evaluate, export, merge, plan, train
+
+STAGES = (plan, train, merge, export, deploy, evaluate)
+STAGE_NAMES = tuple(s.NAME for s in STAGES)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+def _artifacts_present(run: RunDir, rec: dict) -> bool:
+    return all(run.abs(rel).exists() for rel in rec.get("artifacts", {}).values())
+
+
+def _downstream(name: str) -> list[str]:
+    """`name` and every stage that reads it, directly or not."""
+    out = [name]
+    for s in STAGES:
+        if any(d in out for d in s.DEPENDS) and s.NAME not in out:
+            out.append(s.NAME)
+    return out
+
+
+def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
+                 hardware: Hardware | None = None, console: Console | None = None) -> dict:
+    console = console or Console()
+    run = RunDir.create(run_dir or default_run_dir(recipe))
+    hw = hardware or probe(run.path)
+    console.print(f"[bold]tutor_wrap[/] {recipe.name} -> {run.path}\nmachine: {describe(hw)}")
+    run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict())
+    if from_stage:
+        if from_stage not in STAGE_NAMES:
+            raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
+        run.invalidate_from(_downstream(from_stage))
+    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console)
+    for stage in STAGES:
+        fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
+        rec = run.stage(stage.NAME)
+        if rec.get("status") == "done" and rec.get("fingerprint") == fp and _artifacts_present(run, rec):
+            console.print(f"[green]✓[/] {stage.NAME}: done before, inputs unchanged; skipped")
+            continue
+        console.rule(stage.NAME)
+        t0 = time.time()
+        run.record_stage(stage.NAME, status="running", fingerprint=None)
+        try:
+            result: StageResult = stage.run(ctx)
+        except BaseException as exc:
+            run.record_stage(stage.NAME, status="failed", error=str(exc)[:2000], seconds=round(time.time() - t0, 1))
+            raise
+        run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
+                         seconds=round(time.time() - t0, 1), error=None)
+        console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
+    return run.manifest()

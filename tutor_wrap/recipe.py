@@ -1,0 +1,258 @@
+"""The recipe: the few lines a person writes, loaded into a typed record with errors that name the line.
+
+Paths inside a recipe are relative to the recipe file, so a recipe and its data can move together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tutor_wrap.errors import TutorWrapError
+
+Method = Literal["full", "lora", "lora8bit", "qlora"]
+QUANT_TYPES = (
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS",
+)
+# Ollama model names: optional namespace, name, optional tag; lower-case letters, digits, '.', '_', '-'.
+_OLLAMA_NAME = re.compile(r"^(?:[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(?::[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    path: Path
+    format: Literal["alpaca"] = "alpaca"
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" or a list of module names such as [q_proj, v_proj]
+    targets: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainSpec(_Strict):
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    sequence_len: int = Field(1024, ge=16, le=131072)
+    batch_size: int = Field(8, ge=1, description="effective batch = micro-batch x gradient accumulation")
+    micro_batch_size: int | None = Field(None, ge=1)
+    seed: int = 42
+    save_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_length(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is None and data.get("max_steps") is None:
+            return {**data, "epochs": 1.0}
+        return data
+
+
+class ExportSpec(_Strict):
+    quant_types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        out = []
+        for q in v:
+            up = q.upper()
+            if up not in QUANT_TYPES:
+                near = difflib.get_close_matches(up, QUANT_TYPES, n=1)
+                raise ValueError(
+                    f"unknown quant type {q!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                    + f"; known: {', '.join(QUANT_TYPES)}"
+                )
+            out.append(up)
+        if not out:
+            raise ValueError("list at least one quant type, e.g. [Q4_K_M]")
+        return out
+
+
+class OllamaSpec(_Strict):
+    model: str
+    system: str | None = None
+    parameters: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _OLLAMA_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid Ollama model name: use lower-case letters, digits, '.', '_' or '-', "
+                "optionally 'namespace/' before and ':tag' after, e.g. python-tutor:latest"
+            )
+        return v
+
+
+class EvalChecks(_Strict):
+    code_block: bool = False          # the answer contains a fenced code block
+    max_words: int | None = Field(None, ge=1)
+    regex: str | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return v
+
+
+class EvalSpec(_Strict):
+    prompts: Path
+    max_tokens: int = Field(192, ge=1, le=8192)
+    seed: int = 0
+    quant_type: str | None = None     # default: the first of export.quant_types
+    checks: EvalChecks = Field(default_factory=EvalChecks)
+    primary_metric: Literal["format_pass_rate", "eos_rate", "no_runaway_rate"] = "format_pass_rate"
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base_model: str
+    dataset: DatasetSpec
+    method: Method = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    ollama: OllamaSpec
+    eval: EvalSpec | None = None
+    hardware: str = "auto"            # "auto" probes this machine; or a profile name / file
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    # Anything Axolotl-specific, merged last over the planned config.
+    axolotl: dict[str, Any] = Field(default_factory=dict)
+
+    # Not part of the file: where it came from, for resolving relative paths and for error messages.
+    source: Path | None = Field(None, exclude=True)
+
+    def resolve(self, p: Path | str) -> Path:
+        p = Path(p).expanduser()
+        if p.is_absolute() or self.source is None:
+            return p
+        return (self.source.parent / p).resolve()
+
+    def base_model_path(self) -> Path | None:
+        """The base model as a local directory, or None when it is a hub id."""
+        for candidate in (self.resolve(self.base_model), Path(self.base_model).expanduser()):
+            if candidate.is_dir():
+                return candidate.resolve()
+        looks_local = self.base_model.startswith((".", "/", "~")) or self.base_model.count("/") != 1
+        if looks_local:
+            raise TutorWrapError(
+                f"{self.source}: base_model {self.base_model!r} is not a directory",
+                hint="point base_model at a local Hugging Face model folder (config.json + *.safetensors), "
+                "or use a hub id such as meta-llama/Meta-Llama-3-8B",
+            )
+        return None
+
+    @property
+    def eval_quant_type(self) -> str:
+        if self.eval and self.eval.quant_type:
+            return self.eval.quant_type.upper()
+        return self.export.quant_types[0]
+
+
+def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML to its 1-based line, so errors can point at the line."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TutorWrapError(f"recipe {path} does not exist", hint="pass the path of a recipe YAML, e.g. recipes/demo.yml") from None
+    except IsADirectoryError:
+        raise TutorWrapError(f"recipe {path} is a directory, not a YAML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TutorWrapError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save the recipe as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TutorWrapError(f"{where}: malformed YAML: {problem}", hint="fix the YAML syntax at that line (indentation, a missing ':' or an unclosed quote)") from None
+    if data is None:
+        raise TutorWrapError(f"{path}: the recipe is empty", hint="see recipes/demo.yml for a complete example")
+    if not isinstance(data, dict):
+        raise TutorWrapError(
+            f"{path}: the recipe must be a mapping of keys (name: ..., base_model: ...), not a {type(data).__name__}",
+            hint="see recipes/demo.yml for a complete example",
+        )
+    lines = _key_lines(text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A misspelt key also shows up as a missing one; the spelling is the error to report.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = f"{path}:{line}" if line else str(path)
+        if err["type"] == "extra_forbidden":
+            parent = _model_for(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            valid = [v for v in valid if v != "source"]
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = (f"did you mean '{near[0]}'? " if near else "") + f"valid keys here: {', '.join(valid)}"
+            if loc[:-1] == ():
+                hint += "; Axolotl settings go under 'axolotl:'"
+            raise TutorWrapError(f"{where}: unknown key '{dotted}'", hint=hint) from None
+        if err["type"] == "missing":
+            raise TutorWrapError(f"{where}: missing required key '{dotted}'", hint="see recipes/demo.yml for an example of it") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {err.get('input')!r})") from None
+    return recipe.model_copy(update={"source": path.resolve()})

@@ -1,0 +1,130 @@
+"""Export stage: merged HF model -> f16 GGUF (llama.cpp's converter) -> each quant type, each one verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tutor_wrap import atomic, llamacpp
+from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.hardware import GIB
+from tutor_wrap.proc import tail
+from tutor_wrap.stages import Context, StageResult
+
+NAME = "export"
+DEPENDS = ("merge",)
+
+# Fraction of the f16 size each quant type takes (bits per weight / 16, rounded up for the 16-bit tensors that
+# k-quants keep); used only to check free disk before writing.
+_SIZE_RATIO = {"Q8_0": 0.55, "Q6_K": 0.43, "Q5_K_M": 0.37, "Q5_K_S": 0.36, "Q5_0": 0.36, "Q5_1": 0.39,
+               "Q4_K_M": 0.32, "Q4_K_S": 0.30, "Q4_0": 0.29, "Q4_1": 0.32, "IQ4_NL": 0.30, "IQ4_XS": 0.28,
+               "Q3_K_L": 0.28, "Q3_K_M": 0.26, "Q3_K_S": 0.23, "Q2_K": 0.21}
+_UNSUPPORTED = ("is not supported", "Model ", "NotImplementedError")
+
+
+def check_convertible(model_dir: Path) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text("utf-8"))
+    if "quantization_config" in cfg:
+        raise TutorWrapError(f"{model_dir / 'config.json'} still carries a quantization_config; llama.cpp's converter "
+                             "fails on it", hint="merge into a 16-bit base (the merge stage strips it; re-run `--from merge`)")
+    return cfg
+
+
+def outtype_for(cfg: dict, accelerator: str) -> str:
+    """bf16 only when the model is bf16 and a GPU will run it; f16 is what CPUs and Ollama run everywhere."""
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
+    return "bf16" if dtype == "bfloat16" and accelerator != "cpu" else "f16"
+
+
+def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> None:
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.unlink(missing_ok=True)
+    proc = llamacpp.convert(ll, model_dir, tmp, outtype, log)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        text = tail(log, 60)
+        if "BPE pre-tokenizer was not recognized" in text:
+            raise TutorWrapError("export: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer",
+                                 hint="use a newer llama.cpp (LLAMA_CPP_DIR) that knows it, or a base model whose tokenizer "
+                                      f"it supports; log: {log}")
+        if any(s in text for s in _UNSUPPORTED) and "architecture" in text.lower():
+            raise TutorWrapError(f"export: llama.cpp's converter does not support this architecture; log: {log}",
+                                 hint="pick a base model llama.cpp supports (Llama, Mistral, Qwen2, Gemma, Phi...)")
+        if "No space left on device" in text:
+            raise TutorWrapError(f"export: the disk filled up while writing {out.name}; nothing was kept", hint="free disk and re-run")
+        raise TutorWrapError(f"export: convert_hf_to_gguf.py failed (exit {proc.returncode}); log: {log}\n{tail(log, 12)}")
+    os.replace(tmp, out)
+
+
+def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str, ctx_len: int) -> dict:
+    meta = llamacpp.metadata(gguf)
+    want = llamacpp.FILE_TYPES[expect_type]
+    problems = []
+    if meta["file_type"] != want:
+        problems.append(f"general.file_type is {meta['file_type']}, expected {want} ({expect_type})")
+    if not meta["architecture"]:
+        problems.append("no general.architecture")
+    if not meta["tokenizer_model"]:
+        problems.append("no tokenizer.ggml.model")
+    if meta["eos_token_id"] is None:
+        problems.append("no tokenizer.ggml.eos_token_id")
+    sample = llamacpp.complete(ll, gguf, "def hello():", n_predict=8, ctx=min(ctx_len, 512))
+    if not sample.text.strip() and not sample.stopped_by_eos:
+        problems.append("generated nothing")
+    if problems:
+        raise TutorWrapError(f"export: {gguf.name} failed verification: " + "; ".join(problems))
+    return {**meta, "size_bytes": gguf.stat().st_size, "sample": sample.text[:200]}
+
+
+def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[str], accelerator: str, ctx_len: int,
+                 log: Path) -> dict:
+    ll = llamacpp.locate()
+    cfg = check_convertible(model_dir)
+    outtype = outtype_for(cfg, accelerator)
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    bytes_per_param_src = 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
+    f16_size = int(weights * 2 / bytes_per_param_src)
+    need = f16_size * (1 + sum(_SIZE_RATIO.get(q, 0.6) for q in quant_types))
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise TutorWrapError(f"export needs about {need / GIB:.1f} GiB of disk (f16 {f16_size / GIB:.1f} GiB + quants); "
+                             f"{free / GIB:.1f} GiB free in {out_dir}", hint="free disk space or move the run dir")
+    report = {"llama_cpp": ll.version, "outtype": outtype, "files": {}}
+    f16 = out_dir / f"{stem}-{outtype.upper()}.gguf"
+    convert_model(ll, model_dir, f16, outtype, log)
+    report["files"][outtype.upper()] = {"path": f16.name, **verify(ll, f16, outtype.upper(), ctx_len)}
+    for q in quant_types:
+        out = out_dir / f"{stem}-{q}.gguf"
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.unlink(missing_ok=True)
+        rc, counts, text = llamacpp.quantize(ll, f16, tmp, q, log)
+        if rc != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            if "No space left" in text:
+                raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
+            raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
+        os.replace(tmp, out)
+        report["files"][q] = {"path": out.name, "tensor_types": counts, "fallback_tensors": llamacpp.fallback_count(text),
+                              **verify(ll, out, q, ctx_len)}
+    return report
+
+
+def inputs(ctx: Context) -> dict:
+    return {"merge": ctx.run.stage("merge").get("fingerprint"), "quant_types": ctx.recipe.export.quant_types,
+            "accelerator": ctx.hardware.accelerator}
+
+
+def run(ctx: Context) -> StageResult:
+    model_dir = ctx.run.artifact("merge", "model")
+    out_dir = ctx.run.sub("export")
+    report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
+                          ctx.recipe.train.sequence_len, out_dir / "export.log")
+    atomic.write_json(out_dir / "report.json", report)
+    arts = {"report": ctx.run.rel(out_dir / "report.json")}
+    for kind, info in report["files"].items():
+        arts[f"gguf_{kind}"] = ctx.run.rel(out_dir / info["path"])
+        ctx.console.print(f"export: {info['path']}  {info['size_bytes'] / 1e6:.1f} MB  file_type {info['file_type']}"
+                          + (f"  fallback tensors {info['fallback_tensors']}" if "fallback_tensors" in info else ""))
+    return StageResult(arts, info={"llama_cpp": report["llama_cpp"]})

@@ -18,11 +18,13 @@ Model shape (hidden 256, intermediate 512, 2 layers, 4 heads x head_dim 64, 2 KV
     of 256 is silently quantised with a fallback type (q5_0/q8_0) and the
     quantizer prints "... fallback ...".  With 256/512 every one of the 16
     quantisable tensors (2 layers x 7 projections + token_embd + output) gets a
-    K-quant: Q4_K_M gives 13 x Q4_K + 3 x Q6_K (output, and attn_v/ffn_down of
-    the first layer).  Two KV heads (GQA) exercise the same code paths as
-    Llama 3 / Mistral class models; k/v weights are 128 x 256, row length 256.
-    Embeddings are untied so the GGUF has a separate ``output`` tensor as real
-    Llama 2/3 checkpoints do.  ~1.5 M parameters, ~6 MB in float32.
+    K-quant: Q4_K_M gives 13 x Q4_K + 3 x Q6_K (output, blk.1.attn_v,
+    blk.1.ffn_down); the 5 norm vectors stay F32.  Two KV heads (GQA) exercise
+    the same code paths as Llama 3 / Mistral class models; k/v weights are
+    128 x 256, row length 256.  Embeddings are untied so the GGUF has a
+    separate ``output`` tensor as real Llama 2/3 checkpoints do.  The vocab
+    size (1023 with the default corpus) only sets the number of rows, so it
+    need not be a multiple of anything.  1.70 M parameters, 6.8 MB in float32.
 
 float32 weights (``torch_dtype: float32``)
     The CPU test path trains with ``bf16: false`` / ``fp16: false`` (fp16 matmuls
@@ -58,7 +60,25 @@ Llama-style (SentencePiece-like) BPE tokenizer
 
     The BPE merges are trained at build time with ``tokenizers``' BpeTrainer on
     ``corpus`` (default: a built-in mix of alpaca prompt lines, English and
-    Python), so "### Instruction:" / "### Response:" are only a few tokens each.
+    Python; target 1024 pieces), so "### Instruction:" / "### Response:" are
+    two tokens each ("▁###", "▁Instruction:").  Merges never span a word
+    start or a newline; "\n" itself is left to byte fallback (<0x0A>), as in
+    Llama 2.
+
+    Known differences, all shared with real Llama checkpoints:
+    - llama.cpp's ``LlamaHfVocab`` gives every piece the score -1000 (there is
+      no tokenizer.model to take scores from), so llama.cpp's SentencePiece
+      tokenizer merges leftmost-first instead of by BPE rank.  Short/common
+      text tokenizes identically (the alpaca template + code test string: the
+      same 20 ids); long rare words can split differently (the alpaca preamble
+      is 17 tokens in transformers, 25 in llama.cpp).  Don't compare ids
+      across the two beyond the template.
+    - Tokenized on its own (as Axolotl's alpaca strategy does) a response gets
+      the Metaspace prefix "▁", so decoding a training row shows
+      "### Response:\n Here ...".
+    - llama-completion echoes the prompt with the leading "▁" as a space
+      (" ### Instruction:"); use ``--no-display-prompt`` to get only the
+      generated text.
 
 Pad token ``<unk>``
     Llama has no pad token.  Axolotl 0.19 accepts a tokenizer without one (it
@@ -68,13 +88,39 @@ Pad token ``<unk>``
     usual Llama fine-tuning choice: no new embedding row, distinct from eos,
     and Axolotl keeps it unchanged (no ``special_tokens`` key needed).
 
+Minimal Axolotl 0.19 config that trains it on CPU (verified)
+    base_model: <out_dir>
+    datasets: [{path: x.jsonl, type: alpaca, ds_type: json}]
+    output_dir: <dir>
+    adapter: lora
+    lora_r: 8
+    lora_alpha: 16          # required: None crashes in PEFT (alpha / r)
+    lora_target_linear: true
+    sequence_len: 256
+    micro_batch_size: 2
+    max_steps: 5
+    learning_rate: 0.001    # required by the schema
+    bf16: false
+    fp16: false
+    lora_mlp_kernel: false  # Triton kernels assert CUDA
+    lora_qkv_kernel: false
+    lora_o_kernel: false
+    save_safetensors: true
+    No special_tokens / tokenizer_type / pad settings are needed.  Run
+    ``axolotl train`` with the venv's bin/ on PATH (it execs ``accelerate``),
+    and give each run its own ``dataset_prepared_path`` (the default
+    ./last_run_prepared is reused across runs by content hash).
+
 Determinism / speed
     ``tokenizers``' BPE trainer is deterministic for a given corpus, and the
     weights come from transformers' own ``_init_weights`` (normal, std 0.02)
     under ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` so the
     caller's RNG state is untouched.  Same seed + corpus => byte-identical
-    files.  The build itself takes well under a second; importing torch and
-    transformers dominates.  Weights are written only as safetensors.
+    files.  The build itself takes ~0.25 s once torch/transformers are
+    imported; a cold process needs ~3 s more for ``import torch`` and
+    several seconds for transformers' own import chain (2-core box: 9-11 s in
+    all, most of it imports every consumer of the model pays anyway).
+    Weights are written only as safetensors.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, ctx: int
              timeout: float = 300) -> Completion:
     """Greedy completion of a raw prompt (no chat template), as the model was trained."""
     args = [str(ll.tool("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
-            "--temp", "0", "--seed", str(seed), "-no-cnv", "--no-display-prompt", "-t", str(max(1, os.cpu_count() or 1))]
+            "--temp", "0", "--seed", str(seed), "-no-cnv", "--no-display-prompt", "--no-escape", "-t", str(max(1, os.cpu_count() or 1))]
     proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
     if proc.returncode != 0:
         raise TutorWrapError(f"llama-completion failed on {model.name} (exit {proc.returncode}):\n"

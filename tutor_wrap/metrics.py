@@ -61,7 +61,15 @@ def write_loss_png(rows: list[dict], path: Path, title: str = "training loss") -
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
+    steps, losses = [p[0] for p in pts], [p[1] for p in pts]
+    ax.plot(steps, losses, marker="o", markersize=3, alpha=0.5, label="loss per step")
+    # Per-step loss with small batches is noisy; the trend is what a person reads.
+    window = max(1, len(pts) // 6)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, linewidth=2, label=f"mean of last {window}")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -36,8 +36,9 @@ def print_summary(manifest: dict, run_dir: Path, console: Console) -> None:
                           _human(_size(p)) if p.exists() else "missing")
     console.print(table)
     train = manifest.get("stages", {}).get("train", {}).get("info", {})
-    if train.get("first_loss") is not None:
-        console.print(f"loss: {train['first_loss']:.3f} -> {train['last_loss']:.3f} over {train.get('steps')} steps")
+    if train.get("loss_start_mean") is not None:
+        console.print(f"loss (mean of {train['loss_window']} steps): {train['loss_start_mean']:.3f} at the start -> "
+                      f"{train['loss_end_mean']:.3f} at the end, {train.get('steps')} steps")
     ev = manifest.get("stages", {}).get("eval", {}).get("info", {})
     if "primary_metric" in ev:
         console.print(f"eval ({ev['primary_metric']}): base {ev['base']:.3f} -> tuned {ev['tuned']:.3f}")

@@ -13,7 +13,7 @@ import yaml
 
 from tutor_wrap import atomic
 from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.metrics import ENV_METRICS, read_metrics, write_loss_csv, write_loss_png
+from tutor_wrap.metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
 from tutor_wrap.proc import die_with_parent, tail, tool_env
 from tutor_wrap.progress import TrainProgress
 from tutor_wrap.rundir import file_sha256
@@ -139,13 +139,15 @@ def run(ctx: Context) -> StageResult:
         adapter = out_dir / "model.safetensors.index.json"
     if not adapter.exists():
         raise TutorWrapError(f"train: Axolotl exited 0 but wrote no {adapter.name} in {out_dir}", hint=f"see {log}")
-    losses = [r["loss"] for r in rows if r.get("event") == "log" and "loss" in r]
+    losses = [loss for _, loss in loss_points(rows)]
+    k = max(1, min(5, len(losses) // 3))  # single steps are noisy: compare the means of the first and last few
     artifacts = {"output_dir": ctx.run.rel(out_dir), "log": ctx.run.rel(log), "metrics": ctx.run.rel(metrics_path),
                  "loss_csv": ctx.run.rel(train_dir / "loss.csv")}
     if has_png:
         artifacts["loss_png"] = ctx.run.rel(train_dir / "loss.png")
     return StageResult(artifacts, info={
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "loss_start_mean": sum(losses[:k]) / k if losses else None,
+        "loss_end_mean": sum(losses[-k:]) / k if losses else None, "loss_window": k,
         "steps": max((r.get("step", 0) for r in rows), default=0),
         "resumed_from": resumed_from.name if resumed_from else None,
     })

@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe)
     console = _console()
-    manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, console=console)
+    manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, until=args.until, console=console)
     from tutor_wrap.pipeline import default_run_dir
 
     print_summary(manifest, (args.run_dir or default_run_dir(recipe)).resolve(), console)
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", type=Path)
     r.add_argument("--run-dir", type=Path, default=None, help="default: runs/<recipe name>/")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and everything after it")
+    r.add_argument("--until", choices=STAGES, help="stop after this stage (run again without it to go on)")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the planned knobs and write the Axolotl YAML")

@@ -1,17 +1,15 @@
-"""What the machine has: GPUs, RAM, swap, disk. Light imports only (psutil, NVML), never torch.
+"""What the machine has: GPUs, RAM, swap, disk. Light imports only (psutil, NVML, amdsmi), never torch.
 
 Data crosses module borders as the `Hardware` record; the planner and the stage checks read it, nothing else probes.
+The probing itself lives in probe_host / probe_nvidia / probe_amd (imported lazily, they import GPU from here).
+A saved machine (a profile, see profiles.py) is the same record with `source` set to its name.
 """
 
 from __future__ import annotations
 
-import os
 import platform
-import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import psutil
 
 GIB = 1024**3
 
@@ -20,23 +18,29 @@ GIB = 1024**3
 class GPU:
     vendor: str                    # "nvidia" | "amd"
     name: str
-    vram_total_bytes: int
+    vram_total_bytes: int          # as NVML / rocm-smi report the total (a bit under the marketing size)
     vram_free_bytes: int | None = None
-    compute_capability: str | None = None
+    compute_capability: str | None = None   # NVIDIA "8.6"
     bf16: bool = False
+    gfx_target: str | None = None  # AMD "gfx1100"
+    driver: str | None = None
 
 
 @dataclass(frozen=True)
 class Hardware:
     source: str                    # "probe" or the profile it came from
-    cpu_count: int
-    ram_total_bytes: int
+    cpu_count: int                 # logical CPUs (os.cpu_count)
+    ram_total_bytes: int           # under WSL: what the VM was granted, not the Windows total
     ram_available_bytes: int
     swap_total_bytes: int
     swap_free_bytes: int
     disk_free_bytes: int
     wsl: bool = False
     gpus: list[GPU] = field(default_factory=list)
+    cpu_physical_cores: int | None = None
+    cpu_model: str = ""
+    os: str = ""
+    probe_notes: list[str] = field(default_factory=list)   # why a GPU source was skipped, for preflight
 
     @property
     def accelerator(self) -> str:
@@ -45,54 +49,33 @@ class Hardware:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def _is_wsl() -> bool:
-    try:
-        return "microsoft" in Path("/proc/sys/kernel/osrelease").read_text().lower()
-    except OSError:
-        return False
-
-
-def _nvidia_gpus() -> list[GPU]:
-    try:
-        import pynvml  # nvidia-ml-py: a thin ctypes binding, cheap to import
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver / no device: NVML raises its own error types
-        return []
-    gpus = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(GPU("nvidia", name, int(mem.total), int(mem.free), f"{major}.{minor}", bf16=major >= 8))
-    finally:
-        pynvml.nvmlShutdown()
-    return gpus
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hardware":
+        """Inverse of to_dict; unknown keys are an error so a misspelt profile key is not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        extra = set(data) - known
+        if extra:
+            raise KeyError(", ".join(sorted(extra)))
+        gpu_known = {f.name for f in fields(GPU)}
+        gpus = []
+        for g in data.get("gpus") or []:
+            bad = set(g) - gpu_known
+            if bad:
+                raise KeyError(", ".join(sorted(f"gpus.{b}" for b in bad)))
+            gpus.append(GPU(**g))
+        return cls(**{**data, "gpus": gpus, "probe_notes": list(data.get("probe_notes") or [])})
 
 
 def probe(run_dir: Path | None = None) -> Hardware:
-    vm = psutil.virtual_memory()
-    sw = psutil.swap_memory()
-    where = Path(run_dir) if run_dir else Path.cwd()
-    while not where.exists():
-        where = where.parent
-    return Hardware(
-        source="probe",
-        cpu_count=os.cpu_count() or 1,
-        ram_total_bytes=int(vm.total),
-        ram_available_bytes=int(vm.available),
-        swap_total_bytes=int(sw.total),
-        swap_free_bytes=int(sw.free),
-        disk_free_bytes=int(shutil.disk_usage(where).free),
-        wsl=_is_wsl(),
-        gpus=_nvidia_gpus(),
-    )
+    """This machine now. `run_dir` picks the disk whose free space counts (the nearest existing ancestor)."""
+    from tutor_wrap import probe_amd, probe_host, probe_nvidia
+
+    h = probe_host.host(run_dir)
+    gpus, notes = probe_nvidia.probe()
+    if not gpus:
+        amd, amd_notes = probe_amd.probe()
+        gpus, notes = amd, notes + amd_notes
+    return Hardware(source="probe", gpus=gpus, probe_notes=notes, **h)
 
 
 def describe(hw: Hardware) -> str:
@@ -101,5 +84,6 @@ def describe(hw: Hardware) -> str:
         f"{gpu}; {hw.cpu_count} CPU cores; RAM {hw.ram_available_bytes / GIB:.1f}/{hw.ram_total_bytes / GIB:.1f} GiB free; "
         f"swap {hw.swap_free_bytes / GIB:.1f} GiB free; disk {hw.disk_free_bytes / GIB:.0f} GiB free"
         + ("; WSL" if hw.wsl else "")
-        + f" ({platform.system()})"
+        + (f" ({hw.os})" if hw.os else f" ({platform.system()})")
+        + (f" [profile {hw.source}]" if hw.source != "probe" else "")
     )

@@ -36,7 +36,7 @@ def _downstream(name: str) -> list[str]:
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
-                 hardware: Hardware | None = None, console: Console | None = None) -> dict:
+                 until: str | None = None, hardware: Hardware | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     run = RunDir.create(run_dir or default_run_dir(recipe))
     hw = hardware or probe(run.path)
@@ -52,6 +52,8 @@ def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str
         rec = run.stage(stage.NAME)
         if rec.get("status") == "done" and rec.get("fingerprint") == fp and _artifacts_present(run, rec):
             console.print(f"[green]✓[/] {stage.NAME}: done before, inputs unchanged; skipped")
+            if stage.NAME == until:
+                break
             continue
         console.rule(stage.NAME)
         t0 = time.time()
@@ -64,4 +66,6 @@ def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str
         run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
                          seconds=round(time.time() - t0, 1), error=None)
         console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
+        if stage.NAME == until:
+            break
     return run.manifest()

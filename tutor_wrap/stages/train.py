@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,59 +82,150 @@ def launch_args(cfg_path: Path, num_processes: int) -> list[str]:
             "-m", "axolotl.cli.train", str(cfg_path)]
 
 
-def run(ctx: Context) -> StageResult:
-    cfg = yaml.safe_load((ctx.run.path / "axolotl.yml").read_text("utf-8"))
-    train_dir = ctx.run.sub("train")
-    out_dir = Path(cfg["output_dir"])
-    log = train_dir / "train.log"
-    metrics_path = train_dir / "metrics.jsonl"
-    plan = json.loads((ctx.run.path / "plan.json").read_text("utf-8"))["plan"]
+MAX_OOM_RETRIES = 3
 
-    ckpts = complete_checkpoints(out_dir) if out_dir.exists() else []
-    launch_cfg = dict(cfg)
-    resumed_from = None
-    if ckpts:
-        resumed_from = ckpts[0]
-        launch_cfg["resume_from_checkpoint"] = str(resumed_from)
-        msg = f"resuming from {resumed_from.name} (last complete checkpoint)"
-        ctx.console.print(f"[cyan]train:[/] {msg}")
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(f"\n[tutor_wrap] {msg}: {resumed_from}\n")
-    else:
-        metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
+
+def smaller(cfg: dict) -> tuple[dict, str] | None:
+    """One notch down after an out-of-memory: halve the micro-batch (keeping the effective batch through
+    gradient accumulation), then turn on gradient checkpointing; None when nothing is left to give."""
+    micro = int(cfg.get("micro_batch_size") or 1)
+    accum = int(cfg.get("gradient_accumulation_steps") or 1)
+    if micro > 1:
+        return ({**cfg, "micro_batch_size": micro // 2, "gradient_accumulation_steps": accum * 2},
+                f"micro_batch_size {micro} -> {micro // 2}, gradient_accumulation_steps {accum} -> {accum * 2}")
+    if not cfg.get("gradient_checkpointing"):
+        return {**cfg, "gradient_checkpointing": True}, "gradient_checkpointing off -> on"
+    return None
+
+
+def _group_members(pgid: int, marker: str) -> list[int]:
+    """Live processes of process group `pgid` whose command line mentions `marker` (our launch YAML)."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.getpgid(int(d.name)) == pgid and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def reap_leftover_trainer(train_dir: Path) -> int:
+    """Stop a trainer that outlived an earlier `run` (killed with -9, say) before it races this one.
+
+    Each launch starts a new process group and records it; anything still alive in that group that runs our
+    launch YAML is ours to stop. Returns how many processes were stopped.
+    """
+    rec = train_dir / "trainer.json"
+    if not rec.exists():
+        return 0
+    try:
+        info = json.loads(rec.read_text("utf-8"))
+        pgid, marker = int(info["pgid"]), str(info["launch_yml"])
+    except (OSError, ValueError, KeyError):
+        return 0
+    pids = _group_members(pgid, marker)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while time.time() < deadline and (pids := _group_members(pgid, marker)):
+            time.sleep(0.2)
+    rec.unlink(missing_ok=True)
+    return len(pids)
+
+
+def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_path: Path, num_processes: int) -> int:
     launch_yml = train_dir / "axolotl.launch.yml"
     atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
-
-    args = launch_args(launch_yml, int(plan.get("num_processes", 1)))
+    args = launch_args(launch_yml, num_processes)
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     with open(log, "ab") as fh:
         fh.write(("\n$ " + " ".join(args) + "\n").encode())
         fh.flush()
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        progress = TrainProgress(ctx.console, metrics_path, max_steps=cfg.get("max_steps"))
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+                                start_new_session=True)
+        atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
+        progress = TrainProgress(ctx.console, metrics_path, max_steps=launch_cfg.get("max_steps"))
         try:
             while proc.poll() is None:
                 progress.update()
                 time.sleep(1.0)
         except KeyboardInterrupt:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            reap_leftover_trainer(train_dir)  # the new session shields the trainer from the terminal's Ctrl-C
             raise
         finally:
             progress.update()
             progress.close()
+    return proc.returncode
+
+
+def _note(log: Path, ctx: Context, msg: str) -> None:
+    ctx.console.print(f"[cyan]train:[/] {msg}")
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"\n[tutor_wrap] {msg}\n")
+
+
+def run(ctx: Context) -> StageResult:
+    plan_yml = ctx.run.path / "axolotl.yml"
+    cfg = yaml.safe_load(plan_yml.read_text("utf-8"))
+    train_dir = ctx.run.sub("train")
+    out_dir = Path(cfg["output_dir"])
+    log = train_dir / "train.log"
+    metrics_path = train_dir / "metrics.jsonl"
+    plan = json.loads((ctx.run.path / "plan.json").read_text("utf-8"))["plan"]
+    notch_file = train_dir / "replan.json"
+    plan_sha = file_sha256(plan_yml)
+
+    if reap_leftover_trainer(train_dir):
+        _note(log, ctx, "stopped a trainer left running by an earlier, killed run")
+    launch_cfg = dict(cfg)
+    attempts: list[dict] = []
+    # A smaller plan chosen after an OOM in an earlier run of this same plan still applies on resume.
+    if notch_file.exists():
+        notch = json.loads(notch_file.read_text("utf-8"))
+        if notch.get("plan_sha256") == plan_sha:
+            launch_cfg.update(notch["overrides"])
+            attempts = notch.get("attempts", [])
+    resumed_from = None
+    while True:
+        ckpts = complete_checkpoints(out_dir) if out_dir.exists() else []
+        launch_cfg.pop("resume_from_checkpoint", None)
+        if ckpts:
+            resumed_from = ckpts[0]
+            launch_cfg["resume_from_checkpoint"] = str(resumed_from)
+            _note(log, ctx, f"resuming from {resumed_from.name} (the last complete checkpoint): {resumed_from}")
+        elif not attempts:
+            metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
+        rc = _launch(ctx, launch_cfg, train_dir, log, metrics_path, int(plan.get("num_processes", 1)))
+        knobs = {k: launch_cfg.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")}
+        if rc == 0:
+            attempts.append({**knobs, "outcome": "ok"})
+            break
+        what, fix = classify_failure(tail(log, 200))
+        attempts.append({**knobs, "outcome": what, "exit": rc})
+        down = smaller(launch_cfg) if what == "out of memory" else None
+        if down is None or sum(a["outcome"] == "out of memory" for a in attempts) > MAX_OOM_RETRIES:
+            if what == "out of memory" and len(attempts) > 1:
+                fix = f"tried {len(attempts)} plans ({attempts}); " + fix
+            raise TutorWrapError(f"train: {what} (exit {rc}); log: {log}\n{tail(log, 15)}", hint=fix)
+        launch_cfg, change = down
+        overrides = {k: launch_cfg[k] for k in ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+                     if k in launch_cfg}
+        atomic.write_json(notch_file, {"plan_sha256": plan_sha, "overrides": overrides, "attempts": attempts})
+        _note(log, ctx, f"out of memory; re-planning one notch smaller ({change}) and retrying "
+                        f"({sum(a['outcome'] == 'out of memory' for a in attempts)}/{MAX_OOM_RETRIES})")
+
     rows = read_metrics(metrics_path)
     write_loss_csv(rows, train_dir / "loss.csv")
     has_png = write_loss_png(rows, train_dir / "loss.png", title=f"{ctx.recipe.name}: training loss")
-    if proc.returncode != 0:
-        text = tail(log, 200)
-        what, fix = classify_failure(text)
-        raise TutorWrapError(f"train: {what} (exit {proc.returncode}); log: {log}\n{tail(log, 15)}", hint=fix)
 
     adapter = out_dir / ("adapter_model.safetensors" if cfg.get("adapter") else "model.safetensors")
     if not adapter.exists() and not cfg.get("adapter") and (out_dir / "model.safetensors.index.json").exists():
@@ -149,5 +242,5 @@ def run(ctx: Context) -> StageResult:
         "loss_start_mean": sum(losses[:k]) / k if losses else None,
         "loss_end_mean": sum(losses[-k:]) / k if losses else None, "loss_window": k,
         "steps": max((r.get("step", 0) for r in rows), default=0),
-        "resumed_from": resumed_from.name if resumed_from else None,
+        "resumed_from": resumed_from.name if resumed_from else None, "attempts": attempts,
     })

@@ -1,0 +1,151 @@
+"""Probe parsers on recorded outputs (tests/fixtures/README.md cites each source), and the real probe here."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tutor_wrap import hardware, probe_amd, probe_host, probe_nvidia
+
+FIX = Path(__file__).parent / "fixtures"
+MIB = 1024**2
+
+
+def test_nvidia_csv_any_column_order_titanv_rtx5880():
+    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_titanv_rtx5880.csv").read_text())
+    assert [g.name for g in gpus] == ["NVIDIA TITAN V", "NVIDIA RTX 5880 Ada Generation"]
+    assert [g.compute_capability for g in gpus] == ["7.0", "8.9"]
+    assert [g.bf16 for g in gpus] == [False, True]          # Volta has no bf16, Ada has
+    assert gpus[0].driver == "570.86.15"
+    assert gpus[0].vram_total_bytes == 0 and gpus[0].vram_free_bytes is None   # memory was not queried
+
+
+def test_nvidia_csv_eight_a800_with_memory():
+    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_8x_a800.csv").read_text())
+    assert len(gpus) == 8
+    assert {g.name for g in gpus} == {"NVIDIA A800-SXM4-80GB"}
+    assert all(g.vram_total_bytes == 81920 * MIB for g in gpus)
+    assert gpus[0].vram_free_bytes == 8404 * MIB and gpus[5].vram_free_bytes == 81148 * MIB
+    assert all(g.compute_capability == "8.0" and g.bf16 for g in gpus)
+
+
+def test_nvidia_csv_blackwell_cc_12():
+    (g,) = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_rtx5080.csv").read_text())
+    assert (g.name, g.vram_total_bytes, g.vram_free_bytes, g.compute_capability, g.bf16) == (
+        "NVIDIA GeForce RTX 5080", 16303 * MIB, 10379 * MIB, "12.0", True)
+
+
+def test_nvidia_csv_unified_memory_na_and_repeated_headers():
+    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_gb10_srun.csv").read_text())
+    assert len(gpus) == 4                                     # the repeated header rows are not GPUs
+    assert all(g.name == "NVIDIA GB10" and g.vram_total_bytes == 0 and g.vram_free_bytes is None for g in gpus)
+
+
+def test_nvidia_csv_empty():
+    assert probe_nvidia.parse_query_csv("") == []
+
+
+def test_rocm_smi_json_rx7900xt():
+    (g,) = probe_amd.parse_rocm_smi_json((FIX / "rocm_smi_rx7900xt.json").read_text())
+    assert g.vendor == "amd" and g.name == "Radeon RX 7900 XT"
+    assert g.vram_total_bytes == 21458059264
+    assert g.vram_free_bytes == 21458059264 - 27856896
+    assert g.gfx_target == "gfx1100" and g.bf16 is True
+
+
+def test_rocm_smi_json_with_leading_warning_lines():
+    text = "WARNING: AMD GPU device(s) is/are in a low-power state. Check power control/runtime_status\n\n" + (
+        FIX / "rocm_smi_rx7900xt.json").read_text()
+    assert probe_amd.parse_rocm_smi_json(text)[0].gfx_target == "gfx1100"
+
+
+@pytest.mark.parametrize("gfx,bf16", [("gfx942", True), ("gfx90a", True), ("gfx1100", True), ("gfx1201", True),
+                                      ("gfx1030", False), ("gfx906", False), (None, False)])
+def test_amd_bf16_by_gfx_target(gfx, bf16):
+    assert probe_amd.bf16_for(gfx) is bf16
+
+
+@pytest.mark.parametrize("name", ["proc_version_wsl2_5.4.72.txt", "proc_version_wsl2_4.19.128.txt",
+                                  "uname_wsl2_5.15.133.1.txt"])
+def test_wsl_detected_from_recorded_kernel_strings(name):
+    assert probe_host.is_wsl((FIX / name).read_text())
+
+
+def test_wsl_osrelease_and_plain_linux():
+    assert probe_host.is_wsl("5.15.153.1-microsoft-standard-WSL2")
+    assert not probe_host.is_wsl("6.8.0-45-generic")
+
+
+def test_wslconfig_from_microsoft_docs_example():
+    cfg = probe_host.parse_wslconfig((FIX / "wslconfig_msdocs_example.ini").read_text())
+    assert cfg["memory"] == "4GB" and cfg["memory_bytes"] == 4 * 1024**3
+    assert cfg["swap"] == "8GB" and cfg["swap_bytes"] == 8 * 1024**3
+
+
+def test_wslconfig_ignores_other_sections():
+    assert probe_host.parse_wslconfig("[experimental]\nmemory=4GB\n") == {}
+
+
+def test_meminfo_parser_matches_proc():
+    info = probe_host.parse_meminfo(Path("/proc/meminfo").read_text())
+    assert info["MemTotal"] == psutil.virtual_memory().total
+
+
+def test_cpu_model_from_cpuinfo_line():
+    assert probe_host.cpu_model("processor\t: 0\nmodel name\t: AMD Ryzen 7 5700G with Radeon Graphics\n") == \
+        "AMD Ryzen 7 5700G with Radeon Graphics"
+
+
+def _close(a: int, b: int, rel: float = 0.01) -> bool:
+    return abs(a - b) <= rel * max(a, b, 1)
+
+
+def test_real_probe_matches_proc_meminfo_and_statvfs(tmp_path):
+    hw = hardware.probe(tmp_path / "not" / "yet")       # a run dir that does not exist yet: its disk counts
+    info = probe_host.parse_meminfo(Path("/proc/meminfo").read_text())
+    vm = psutil.virtual_memory()
+    assert hw.source == "probe" and hw.cpu_count == os.cpu_count()
+    assert hw.ram_total_bytes == info["MemTotal"] == vm.total
+    assert _close(hw.ram_available_bytes, info["MemAvailable"]) and _close(hw.ram_available_bytes, vm.available)
+    assert hw.swap_total_bytes == info["SwapTotal"]
+    assert _close(hw.swap_free_bytes, info["SwapFree"])
+    assert _close(hw.disk_free_bytes, shutil.disk_usage(tmp_path).free)
+    assert hw.wsl == probe_host.is_wsl(Path("/proc/sys/kernel/osrelease").read_text())
+    if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/kfd") and not os.path.exists("/dev/nvidiactl"):
+        assert hw.gpus == [] and hw.accelerator == "cpu"
+    assert hardware.Hardware.from_dict(hw.to_dict()) == hw
+
+
+def test_probe_and_preflight_modules_do_not_import_torch():
+    code = ("import tutor_wrap.hardware, tutor_wrap.software, tutor_wrap.preflight, tutor_wrap.profiles, sys; "
+            "import tutor_wrap.hardware as h, tutor_wrap.software as s, tutor_wrap.preflight as p; "
+            "p.collect(h.probe(), s.collect()); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _fake_tool(tmp_path, monkeypatch, name, fixture):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / name
+    exe.write_text(f"#!/bin/sh\ncat '{FIX / fixture}'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_nvidia_smi_fallback_runs_the_binary(tmp_path, monkeypatch):
+    _fake_tool(tmp_path, monkeypatch, "nvidia-smi", "nvidia_smi_query_8x_a800.csv")
+    gpus, why = probe_nvidia.from_nvidia_smi()
+    assert why is None and len(gpus) == 8
+
+
+def test_probe_falls_back_to_amd(tmp_path, monkeypatch):
+    _fake_tool(tmp_path, monkeypatch, "rocm-smi", "rocm_smi_rx7900xt.json")
+    monkeypatch.setattr(probe_nvidia, "probe", lambda: ([], ["NVML: no library"]))
+    monkeypatch.setattr(probe_amd, "from_amdsmi", lambda: ([], "amdsmi: ModuleNotFoundError"))
+    hw = hardware.probe(tmp_path)
+    assert hw.accelerator == "amd" and hw.gpus[0].gfx_target == "gfx1100"
+    assert "NVML: no library" in hw.probe_notes

@@ -1,0 +1,127 @@
+"""Training recovery for real: a memory cap that makes the first plan fail, and a SIGKILL mid-training."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tutor_wrap.stages.train import complete_checkpoints, smaller
+
+WORDS = "explain the list dict set tuple loop function class value name".split()
+
+
+def long_rows(n: int) -> list[dict]:
+    # ~120-word answers: long enough that every padded row fills most of the 256-token window.
+    return [{"instruction": f"Write item {i}.", "input": "",
+             "output": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(120))} for i in range(n)]
+
+
+def write_recipe(tmp: Path, model: Path, rows: list[dict], train: dict, **extra) -> Path:
+    (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"name": "rec", "base_model": str(model), "dataset": {"path": "data.jsonl"},
+              "lora": {"r": 8, "alpha": 16}, "train": {"learning_rate": 0.001, "sequence_len": 256, **train},
+              "ollama": {"model": "rec"}, **extra}
+    p = tmp / "recipe.yml"
+    p.write_text(yaml.safe_dump(recipe))
+    return p
+
+
+def cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "tutor_wrap", *args], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, **kw)
+
+
+def test_out_of_memory_under_a_real_cap_replans_smaller_and_succeeds(tiny_model, tmp_path):
+    # Measured here (VmPeak of the trainer, this tiny model, 256-token padded rows): micro-batch 64 about 4.7 GB,
+    # micro-batch 4 about 3.2 GB. A 4.3 GB address-space cap makes 64 fail with a genuine allocation error and
+    # 32 fit. The cap applies to every process of the run, as `ulimit -v` would.
+    recipe = write_recipe(tmp_path, tiny_model, long_rows(64),
+                          {"max_steps": 1, "batch_size": 64, "micro_batch_size": 64},
+                          axolotl={"pad_to_sequence_len": True})
+    cap = int(4.3e9)
+    proc = cli(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--until", "train"],
+               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "out of memory; re-planning one notch smaller (micro_batch_size 64 -> 32" in proc.stdout.replace("\n", " ")
+    log = (tmp_path / "run/train/train.log").read_text()
+    assert "can't allocate memory" in log  # a real allocation failure, not a simulated one
+    attempts = json.loads((tmp_path / "run/manifest.json").read_text())["stages"]["train"]["info"]["attempts"]
+    assert [(a["micro_batch_size"], a["outcome"]) for a in attempts] == [(64, "out of memory"), (32, "ok")]
+    assert attempts[1]["gradient_accumulation_steps"] == 2  # the effective batch is kept
+
+
+def _trainers(marker: str) -> list[int]:
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_sigkill_during_training_then_run_resumes_from_the_checkpoint(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, long_rows(32),
+                          {"max_steps": 150, "batch_size": 4, "micro_batch_size": 4, "save_steps": 10})
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run_dir), "--until", "train"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    metrics = run_dir / "train/metrics.jsonl"
+    deadline = time.time() + 600
+    saved = 0
+    while time.time() < deadline and first.poll() is None:
+        if metrics.exists():
+            saved = max([json.loads(l)["step"] for l in metrics.read_text().splitlines()
+                         if l.endswith("}") and '"checkpoint"' in l] or [0])
+        if saved >= 20:
+            break
+        time.sleep(0.2)
+    assert first.poll() is None and saved >= 20, "training finished or stalled before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    launch_yml = str(run_dir / "train/axolotl.launch.yml")
+    deadline = time.time() + 30
+    while time.time() < deadline and _trainers(launch_yml):
+        time.sleep(0.5)
+    assert not _trainers(launch_yml), "the trainer outlived the killed run"
+
+    second = cli(args[3:])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = (run_dir / "train/train.log").read_text()
+    assert "[tutor_wrap] resuming from checkpoint-" in log
+    info = json.loads((run_dir / "manifest.json").read_text())["stages"]["train"]["info"]
+    assert info["resumed_from"].startswith("checkpoint-") and int(info["resumed_from"].split("-")[1]) >= 20
+    begins = [json.loads(l) for l in metrics.read_text().splitlines() if '"begin"' in l]
+    assert begins[-1]["resumed_from_step"] >= 20
+    assert info["steps"] == 150
+
+
+def test_half_written_checkpoints_are_never_trusted(tmp_path):
+    def ckpt(step, files):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        for name, content in files.items():
+            (d / name).write_text(content)
+
+    whole = {"adapter_model.safetensors": "w", "optimizer.pt": "o", "scheduler.pt": "s", "trainer_state.json": "{}"}
+    ckpt(10, whole)
+    ckpt(20, {**whole, "trainer_state.json": '{"global_st'})       # killed while writing the state
+    ckpt(30, {k: v for k, v in whole.items() if k != "optimizer.pt"})  # killed before the optimizer
+    ckpt(40, {**whole, "adapter_model.safetensors": ""})           # empty weights
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-10"]
+
+
+def test_one_notch_smaller_keeps_the_effective_batch_then_checkpoints():
+    cfg, why = smaller({"micro_batch_size": 8, "gradient_accumulation_steps": 2})
+    assert (cfg["micro_batch_size"], cfg["gradient_accumulation_steps"]) == (4, 4) and "8 -> 4" in why
+    cfg, why = smaller({"micro_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": False})
+    assert cfg["gradient_checkpointing"] is True
+    assert smaller({"micro_batch_size": 1, "gradient_checkpointing": True}) is None

@@ -10,13 +10,13 @@ def cli(*args, cwd=REPO):
 
 
 def test_help_and_plan_rendering_never_import_torch_or_axolotl():
-    code = ("import sys, runpy; sys.argv=['tutor_wrap', 'plan', 'recipes/demo.yml', '--json'];\n"
+    code = ("import sys, runpy; sys.argv=['tutor_wrap', 'plan', 'recipes/python-tutor-llama3-8b-rtx3060.yml', '--hardware', 'rtx3060-12gb', '--json'];\n"
             "try:\n    runpy.run_module('tutor_wrap', run_name='__main__')\nexcept SystemExit:\n    pass\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'axolotl', 'transformers'))\n"
             "print('HEAVY', heavy)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert '"micro_batch_size": 4' in proc.stdout
+    assert '"method": "qlora"' in proc.stdout and '"total_gib"' in proc.stdout
 
 
 def test_help_lists_the_commands():

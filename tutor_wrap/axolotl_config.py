@@ -16,6 +16,7 @@ from tutor_wrap.planner import Plan
 from tutor_wrap.recipe import Recipe
 
 PLUGIN = "tutor_wrap.axolotl_plugin.MetricsPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 _ATTN = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 
 
@@ -49,6 +50,10 @@ def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path, r
         "save_total_limit": 2,
         "plugins": [PLUGIN],
     }
+    if plan.loss == "cce":
+        # Cut cross-entropy never materialises the full logits tensor (GBs at a 128k vocabulary).
+        cfg["plugins"] = [*cfg["plugins"], CCE_PLUGIN]
+        cfg["cut_cross_entropy"] = True
     if t.max_steps is not None:
         cfg["max_steps"] = t.max_steps
         cfg["num_epochs"] = 1
@@ -80,18 +85,21 @@ def to_yaml(cfg: dict[str, Any]) -> str:
 
 
 def validate(cfg: dict[str, Any], *, source: str = "axolotl config") -> list[str]:
-    """Validate with Axolotl's schema; return the keys it would silently drop. Raises TutorWrapError if rejected."""
-    from axolotl.utils.config import validate_config
-    from axolotl.utils.dict import DictDefault
-    from axolotl.utils.schemas.config import AxolotlInputConfig
+    """Validate with Axolotl's schema (plugins' arguments included); return the keys it would silently drop.
 
-    known = set(AxolotlInputConfig.model_fields)
-    dropped = sorted(k for k in cfg if k not in known)
+    Raises TutorWrapError when Axolotl rejects the config.
+    """
+    from axolotl.utils.config import prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    raw = DictDefault(dict(cfg))
     try:
-        validate_config(DictDefault(dict(cfg)))
+        prepare_plugins(raw)
+        validated = validate_config(raw)
     except Exception as exc:  # Axolotl raises ValueError / pydantic errors; both mean "rejected"
         raise TutorWrapError(
             f"{source}: Axolotl rejected the config: {exc}",
             hint="check the keys under 'axolotl:' in the recipe against Axolotl's config reference",
         ) from None
-    return dropped
+    # Axolotl's schema ignores unknown keys; what is missing after validation would never have been used.
+    return sorted(k for k, v in cfg.items() if v is not None and k not in validated)

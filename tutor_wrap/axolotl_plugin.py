@@ -74,11 +74,12 @@ class MetricsCallback(TrainerCallback):
 
 class MetricsPlugin(BasePlugin):
     def register(self, cfg):
-        # Loaded inside the trainer, the grandchild of tutor_wrap: accelerate does not pass a SIGTERM on, so the
-        # trainer asks the kernel itself to be stopped when its parent (accelerate) goes.
-        from tutor_wrap.proc import die_with_parent
+        # Inside the trainer (the grandchild of tutor_wrap) accelerate does not pass a SIGTERM on, so the trainer
+        # asks the kernel itself to be stopped when its parent goes. Only there: `plan` registers plugins too.
+        if os.environ.get(ENV_METRICS):
+            from tutor_wrap.proc import die_with_parent
 
-        die_with_parent()
+            die_with_parent()
 
     def add_callbacks_pre_trainer(self, cfg, model):
         path = os.environ.get(ENV_METRICS) or str(Path(cfg.output_dir) / "metrics.jsonl")

@@ -36,37 +36,108 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _plan_table(plan, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("knob", "value", "why"):
+        table.add_column(col)
+    for c in plan.choices:
+        table.add_row(c.knob, str(c.value), c.reason)
+    return table
+
+
+def _memory_table(memory: dict, budget_gib: float | None):
+    from rich.table import Table
+
+    table = Table(title="predicted GPU memory" + (f" (budget {budget_gib:.1f} GiB)" if budget_gib else ""))
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    sums = ("allocated_gib", "reserved_gib", "total_gib")
+    for k, v in memory.items():
+        if isinstance(v, (int, float)) and k not in sums:
+            table.add_row(k.removesuffix("_gib"), f"{v:.2f}")
+    table.add_row("= allocated (torch max_memory_allocated)", f"{memory['allocated_gib']:.2f}")
+    table.add_row("= reserved (torch max_memory_reserved)", f"{memory['reserved_gib']:.2f}")
+    table.add_row("[bold]= total: reserved + CUDA context[/]", f"[bold]{memory['total_gib']:.2f}[/]")
+    return table
+
+
 def cmd_plan(args) -> int:
     from tutor_wrap import atomic, axolotl_config
-    from tutor_wrap.hardware import probe
     from tutor_wrap.planner import make_plan
+    from tutor_wrap.profiles import resolve_hardware
     from tutor_wrap.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    hw = probe()
+    hw = resolve_hardware(args.hardware or recipe.hardware)
     plan = make_plan(recipe, hw)
     model_dir = recipe.base_model_path()
     cfg = axolotl_config.render(recipe, plan, base_model=str(model_dir or recipe.base_model),
                                 dataset_path=recipe.resolve(recipe.dataset.path),
                                 run_dir=Path(args.run_dir or Path("runs") / recipe.name).resolve())
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "axolotl": cfg}, indent=2, default=str))
+        print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": cfg}, indent=2, default=str))
     else:
-        from rich.table import Table
-
         console = _console()
-        table = Table(title=f"plan for {recipe.name}")
-        for col in ("knob", "value", "why"):
-            table.add_column(col)
-        for c in plan.choices:
-            table.add_row(c.knob, str(c.value), c.reason)
-        console.print(table)
+        console.print(_plan_table(plan, f"plan for {recipe.name} on {hw.source}"))
+        if plan.memory:
+            console.print(_memory_table(plan.memory, plan.budget_gib))
     if args.out:
-        if not args.no_validate:
-            axolotl_config.validate(cfg, source=str(recipe.source))
+        dropped = [] if args.no_validate else axolotl_config.validate(cfg, source=str(recipe.source))
+        if dropped:
+            raise TutorWrapError(f"{recipe.source}: Axolotl would silently ignore {', '.join(dropped)}",
+                                 hint="fix the spelling under 'axolotl:' in the recipe")
         atomic.write_text(Path(args.out), axolotl_config.to_yaml(cfg))
-        print(f"wrote {args.out}", file=sys.stderr)
+        print(f"wrote {args.out}" + ("" if args.no_validate else " (validated by Axolotl's schema)"), file=sys.stderr)
+    if plan.verdict == "impractical":
+        print(f"error: training {recipe.name} here is impractical: ~{plan.seconds_per_step:.0f} s per step on "
+              f"{hw.source}", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_estimate(args) -> int:
+    from tutor_wrap.catalog import lookup
+    from tutor_wrap.memory import Knobs, estimate
+
+    targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(
+        t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(","))
+    knobs = Knobs(method=args.method, lora_r=args.lora_r, lora_targets=targets, seq_len=args.seq_len,
+                  micro_batch=args.micro_batch, grad_ckpt=args.grad_ckpt == "on", optimizer=args.optimizer,
+                  attn=args.attn, packing=args.packing == "on", loss=args.loss, dtype=args.dtype)
+    br = estimate(lookup(args.model), knobs)
+    doc = {"model": args.model, "knobs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in knobs.__dict__.items()},
+           **br.to_gib_dict()}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        _console().print(_memory_table(br.to_gib_dict(), None))
+    return 0
+
+
+def cmd_preflight(args) -> int:
+    from tutor_wrap import preflight, software
+    from tutor_wrap.profiles import resolve_hardware, save_profile
+
+    recipe = None
+    if args.recipe:
+        from tutor_wrap.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+    hw = resolve_hardware(args.hardware or (recipe.hardware if recipe else None), args.run_dir)
+    if args.save_profile:
+        save_profile(hw, args.save_profile)
+        print(f"wrote {args.save_profile}", file=sys.stderr)
+    report = preflight.collect(hw, software.collect())
+    if recipe is not None:
+        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        preflight.render(report, _console())
+    bad = not report.get("ok", True) or any(v.get("verdict") == "won't fit" for v in report.get("stages", []))
+    return 1 if bad else 0
 
 
 def cmd_merge(args) -> int:
@@ -135,9 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("recipe", type=Path)
     pl.add_argument("--out", type=Path, help="write the Axolotl YAML here (validated by Axolotl's schema)")
     pl.add_argument("--run-dir", type=Path, default=None)
+    pl.add_argument("--hardware", help="a profile name or file instead of probing this machine")
     pl.add_argument("--no-validate", action="store_true", help="skip Axolotl's schema check (it takes ~10 s)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
+
+    es = sub.add_parser("estimate", help="predict peak GPU memory of an Axolotl run (no torch import)")
+    es.add_argument("--model", required=True, help="catalog id, hub id or a local model folder")
+    es.add_argument("--method", choices=("full", "lora", "lora8bit", "qlora"), default="qlora")
+    es.add_argument("--lora-r", type=int, default=16)
+    es.add_argument("--lora-targets", default="all-linear", help="all-linear or e.g. q,v")
+    es.add_argument("--seq-len", type=int, default=2048)
+    es.add_argument("--micro-batch", type=int, default=1)
+    es.add_argument("--grad-ckpt", choices=("on", "off"), default="on")
+    es.add_argument("--optimizer", choices=("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
+                    default="adamw_bnb_8bit")
+    es.add_argument("--attn", choices=("eager", "sdpa", "flash"), default="sdpa")
+    es.add_argument("--loss", choices=("standard", "cce"), default="standard")
+    es.add_argument("--packing", choices=("on", "off"), default="off")
+    es.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(func=cmd_estimate)
+
+    pf = sub.add_parser("preflight", help="check the machine and software stack (and a recipe's stages) before a run")
+    pf.add_argument("recipe", type=Path, nargs="?")
+    pf.add_argument("--hardware", help="a profile name or file instead of probing this machine")
+    pf.add_argument("--run-dir", type=Path, default=None)
+    pf.add_argument("--save-profile", type=Path, help="write this machine as a hardware profile")
+    pf.add_argument("--json", action="store_true")
+    pf.set_defaults(func=cmd_preflight)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model, checking RAM and disk first")
     m.add_argument("--base", required=True)

@@ -120,53 +120,100 @@ def _adapter_dir(recipe, run_dir: Path | None) -> Path:
     return (Path(run_dir) / "train" / "out").resolve()
 
 
+def _targets(recipe):
+    t = recipe.lora.targets
+    return t if t == "all-linear" else tuple(t)
+
+
+def train_verdict(recipe, hw: Hardware) -> dict:
+    """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time)."""
+    from tutor_wrap.errors import TutorWrapError
+    from tutor_wrap.planner import SAFETY, make_plan
+
+    try:
+        plan = make_plan(recipe, hw)
+    except TutorWrapError as exc:
+        return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
+                "remedy": getattr(exc, "hint", None)}
+    if plan.memory:
+        need = plan.memory["total_gib"] * GIB
+        have = plan.budget_gib / (1 - SAFETY) * GIB
+        return _verdict("train", "VRAM", int(need), int(have), None,
+                        f"{plan.method}, micro-batch {plan.micro_batch_size}, grad ckpt "
+                        f"{'on' if plan.gradient_checkpointing else 'off'}, sequence {plan.sequence_len} "
+                        f"(the memory model's reserved + CUDA context)")
+    if plan.verdict == "impractical":
+        return {"stage": "train", "verdict": "won't fit",
+                "why": f"CPU training impractical: ~{plan.seconds_per_step:.0f} s per optimizer micro-step",
+                "remedy": "train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)"}
+    why = "CPU training" + (f": ~{plan.seconds_per_step:.0f} s per step" if plan.seconds_per_step else "")
+    return {"stage": "train", "verdict": "fits", "why": why}
+
+
+def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
+    """(shard sizes, adapter bytes, bytes per parameter on disk, where the sizes came from)."""
+    import json
+
+    from tutor_wrap.stages import merge as merge_stage
+
+    base = recipe.base_model_path()
+    if base is not None:
+        shards = [p.stat().st_size for p in merge_stage.weight_files(base)]
+        try:
+            cfg = json.loads((base / "config.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            cfg = {}
+        src_bytes = 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
+        adapter = sum(p.stat().st_size for p in _adapter_dir(recipe, run_dir).glob("adapter_model.safetensors"))
+        return shards, adapter, src_bytes, "the real shard sizes"
+    # A hub id: the catalog's parameter count in bf16, in the 5 GB shards Hugging Face checkpoints use.
+    from tutor_wrap.catalog import lookup
+
+    arch = lookup(recipe.base_model)
+    total, shard = arch.total_params * 2, 5 * 10**9
+    shards = [shard] * (total // shard) + ([total % shard] if total % shard else [])
+    adapter = arch.lora_params(recipe.lora.r, _targets(recipe)) * 4
+    return shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, {len(shards)} shards"
+
+
 def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[dict]:
     """Per stage: fits / tight (within 10%) / won't fit, with "needs X GiB / has Y GiB" and the remedy.
 
-    merge: `stages.merge.predict` on the real shard sizes (local base model only; hub ids wait for the catalog).
-    export: disk for the f16 GGUF plus each quant, after the merged model is on the same disk.
-    train: not wired yet (the memory model belongs to the planner).
+    train: the planner's memory model. merge: `stages.merge.predict_sizes` on the real shard sizes (or the
+    catalog's for a hub id). export: disk for the f16 GGUF plus each quant, after the merged model.
     """
-    import json
-
     from tutor_wrap.errors import TutorWrapError
     from tutor_wrap.stages import export as export_stage
     from tutor_wrap.stages import merge as merge_stage
 
-    out: list[dict] = [{"stage": "train", "verdict": "unknown", "why": "memory model not wired"}]
+    out: list[dict] = [train_verdict(recipe, hw)]
     try:
-        base = recipe.base_model_path()
+        shards, adapter, src_bytes, sizes_from = _weights(recipe, run_dir)
     except TutorWrapError as exc:
         return out + [{"stage": s, "verdict": "unknown", "why": str(exc).splitlines()[0]} for s in ("merge", "export")]
-    if base is None:
-        why = f"base model {recipe.base_model} is a hub id: sizes come from the catalog (not wired yet)"
-        return out + [{"stage": s, "verdict": "unknown", "why": why} for s in ("merge", "export")]
     wsl = None
     if hw.wsl and hw.source == "probe":
         from tutor_wrap.probe_host import wsl_info
 
         wsl = wsl_info(hw.ram_total_bytes, hw.swap_total_bytes)
-    weights = sum(p.stat().st_size for p in merge_stage.weight_files(base))
     merged_bytes = 0
     if recipe.method == "full":
         out.append({"stage": "merge", "verdict": "n/a", "why": "a full fine-tune has nothing to merge"})
     else:
-        b = merge_stage.predict(base, _adapter_dir(recipe, run_dir), hw, "memory_efficient")
+        b = merge_stage.predict_sizes(shards, adapter, hw, "memory_efficient")
+        legacy = merge_stage.predict_sizes(shards, adapter, hw, "legacy")
         merged_bytes = b.disk_needed_bytes
         ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
                        _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes, wsl),
-                       f"axolotl merge-lora (memory_efficient) holds the largest shard twice plus the adapter "
-                       f"and ~1.2 GiB of runtime; RAM {_gib(hw.ram_available_bytes)} free + swap {_gib(hw.swap_free_bytes)} free")
+                       f"axolotl merge-lora (memory_efficient) holds the largest shard twice plus the adapter and "
+                       f"~1.2 GiB of runtime (sizes from {sizes_from}); a whole-model (legacy) merge, as in the "
+                       f"seed report, would need {_gib(legacy.predicted_peak_rss_bytes)}; RAM "
+                       f"{_gib(hw.ram_available_bytes)} free + swap {_gib(hw.swap_free_bytes)} free")
         disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,
                         f"free {_gib(max(0, b.disk_needed_bytes - hw.disk_free_bytes * (1 - TIGHT)))} of disk where the run dir is",
                         "the merged model is written at the base model's size")
         out += [ram, disk]
-    try:
-        cfg = json.loads((base / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        cfg = {}
-    src_bytes = 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
-    f16 = int(weights * 2 / src_bytes)
+    f16 = int(sum(shards) * 2 / src_bytes)
     quants = recipe.export.quant_types
     need = int(f16 * (1 + sum(export_stage._SIZE_RATIO.get(q, 0.6) for q in quants)))
     have = max(0, hw.disk_free_bytes - merged_bytes)

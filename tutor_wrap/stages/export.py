@@ -71,7 +71,8 @@ def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str, ctx_len: int) ->
     if meta["eos_token_id"] is None:
         problems.append("no tokenizer.ggml.eos_token_id")
     sample = llamacpp.complete(ll, gguf, "def hello():", n_predict=8, ctx=min(ctx_len, 512))
-    if not sample.text.strip() and not sample.stopped_by_eos:
+    # Whitespace or an immediate EOS is still a model that loads and runs; no tokens at all is not.
+    if not sample.text and not sample.stopped_by_eos and not sample.n_tokens:
         problems.append("generated nothing")
     if problems:
         raise TutorWrapError(f"export: {gguf.name} failed verification: " + "; ".join(problems))

@@ -45,14 +45,19 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 
 def predict(model_dir: Path, adapter_dir: Path, hw: Hardware, method: str) -> MergeBudget:
-    """Peak host RAM of each merge method from the real shard sizes.
+    """Peak host RAM of a merge method, from the real shard sizes on disk."""
+    shards = [p.stat().st_size for p in weight_files(model_dir)]
+    adapter = sum(p.stat().st_size for p in adapter_dir.glob("adapter_model.safetensors"))
+    return predict_sizes(shards, adapter, hw, method)
+
+
+def predict_sizes(shards: list[int], adapter: int, hw: Hardware, method: str) -> MergeBudget:
+    """Peak host RAM of each merge method from shard sizes.
 
     memory_efficient holds one shard, its merged copy and the adapter; legacy holds the whole model plus the
     adapter. A fixed 1.2 GiB covers the Python process with torch and transformers imported (measured here:
     about 1.1 GiB RSS for an idle `axolotl merge-lora` on CPU).
     """
-    shards = [p.stat().st_size for p in weight_files(model_dir)]
-    adapter = sum(p.stat().st_size for p in adapter_dir.glob("adapter_model.safetensors"))
     runtime = int(1.2 * GIB)
     total = sum(shards)
     if method == "legacy":

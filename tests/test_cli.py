@@ -42,3 +42,46 @@ def test_run_dir_that_cannot_be_created(tmp_path):
     proc = cli("run", "recipes/demo.yml", "--run-dir", str(blocker / "run"))
     assert proc.returncode == 1
     assert "is not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_preflight_json_on_this_machine_is_fast_and_matches_psutil():
+    import json
+
+    import psutil
+
+    proc = cli("preflight", "--json")
+    assert proc.returncode in (0, 1), proc.stderr
+    rep = json.loads(proc.stdout)
+    hw = rep["hardware"]
+    assert abs(hw["ram_total_bytes"] - psutil.virtual_memory().total) <= 0.01 * psutil.virtual_memory().total
+    assert abs(hw["swap_total_bytes"] - psutil.swap_memory().total) <= 0.01 * max(1, psutil.swap_memory().total)
+    assert "torch" in json.dumps(rep["software"])
+
+
+def test_preflight_for_the_seed_on_its_machine_reports_the_merge_risk(tmp_path):
+    import json
+
+    proc = cli("preflight", "recipes/python-tutor-llama3-8b-rtx3060.yml", "--hardware", "rtx3060-12gb", "--json",
+               "--save-profile", str(tmp_path / "p.yml"))
+    assert proc.returncode == 1  # a stage won't fit: exit 1, as documented
+    stages = {(s["stage"], s.get("resource")): s for s in json.loads(proc.stdout)["stages"]}
+    assert stages[("train", "VRAM")]["verdict"] == "fits"
+    merge = stages[("merge", "RAM+swap")]
+    assert merge["verdict"] in ("tight", "won't fit") and "wsl --shutdown" in merge["remedy"]
+    assert (tmp_path / "p.yml").read_text().count("RTX 3060") == 1
+
+
+def test_preflight_bad_arguments_exit_2():
+    assert cli("preflight", "--hardware").returncode == 2
+
+
+def test_estimate_answers_json_without_torch():
+    import json
+
+    proc = cli("estimate", "--model", "llama-3-8b", "--method", "qlora", "--lora-r", "32", "--lora-targets", "q,v",
+               "--seq-len", "1024", "--micro-batch", "1", "--grad-ckpt", "on", "--optimizer", "paged_adamw_8bit",
+               "--attn", "sdpa", "--loss", "cce", "--packing", "on", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert 5 < doc["total_gib"] < 12 and doc["knobs"]["lora_targets"] == ["q_proj", "v_proj"]
+    assert cli("estimate", "--model", "no-such-model").returncode == 1

@@ -9,9 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tutor_wrap.stages.train import complete_checkpoints, smaller
+from tutor_wrap.stages.train import classify_failure, complete_checkpoints, smaller
 
 WORDS = "explain the list dict set tuple loop function class value name".split()
 
@@ -125,3 +126,19 @@ def test_one_notch_smaller_keeps_the_effective_batch_then_checkpoints():
     cfg, why = smaller({"micro_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": False})
     assert cfg["gradient_checkpointing"] is True
     assert smaller({"micro_batch_size": 1, "gradient_checkpointing": True}) is None
+
+
+@pytest.mark.parametrize("log, what", [
+    ("RuntimeError: [enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+     "you tried to allocate 33554432 bytes. Error code 12 (Cannot allocate memory)", "out of memory"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+     "11.76 GiB of which 1.02 GiB is free.", "out of memory"),
+    ("ValueError: num_samples should be a positive integer value, but got num_samples=0",
+     "the dataset is empty after Axolotl's length filtering"),
+    ("{'loss': nan, 'grad_norm': nan, 'learning_rate': 0.0002, 'epoch': 0.5}", "the loss became NaN/inf"),
+    ("OSError: /models/llama does not appear to have a file named config.json.", "the base model is missing or unreadable"),
+    ("Segmentation fault (core dumped)", "training crashed"),
+])
+def test_failures_are_named_with_the_next_step(log, what):
+    got, fix = classify_failure(log)
+    assert got == what and fix

@@ -59,6 +59,8 @@ def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path, r
         cfg["num_epochs"] = 1
     else:
         cfg["num_epochs"] = t.epochs
+    if t.tensorboard:
+        cfg["use_tensorboard"] = True
     if t.save_steps:
         cfg["save_steps"] = t.save_steps
     else:

@@ -69,9 +69,12 @@ def cmd_plan(args) -> int:
     from tutor_wrap.profiles import resolve_hardware
     from tutor_wrap.recipe import load_recipe
 
+    from tutor_wrap.lengths import dataset_lengths
+
     recipe = load_recipe(args.recipe)
     hw = resolve_hardware(args.hardware or recipe.hardware)
-    plan = make_plan(recipe, hw)
+    _, lengths = dataset_lengths(recipe)
+    plan = make_plan(recipe, hw, lengths)
     model_dir = recipe.base_model_path()
     cfg = axolotl_config.render(recipe, plan, base_model=str(model_dir or recipe.base_model),
                                 dataset_path=recipe.resolve(recipe.dataset.path),

@@ -134,7 +134,23 @@ def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:
     return 4 * params * tokens / (CPU_FLOPS_PER_CORE * max(1, cores))
 
 
-def make_plan(recipe: Recipe, hw: Hardware) -> Plan:
+def planned_sequence_len(requested: int, lengths: list[int] | None) -> tuple[int, str]:
+    """The recipe's sequence length, shortened to the longest real row (rounded up to 64) when all rows are
+    shorter: memory for activations and logits grows with it, and nothing is gained past the longest row."""
+    if not lengths:
+        return requested, "as the recipe asks (no local tokenizer to measure the rows with)"
+    longest = max(lengths)
+    if longest < requested:
+        planned = min(requested, -(-longest // 64) * 64)
+        return planned, f"the longest row is {longest} tokens (base model's tokenizer): {requested} would only add padding"
+    dropped = sum(n > requested for n in lengths)
+    return requested, f"as the recipe asks; {dropped} of {len(lengths)} rows are longer and will be dropped"
+
+
+def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) -> Plan:
+    seq, seq_reason = planned_sequence_len(recipe.train.sequence_len, lengths)
+    if seq != recipe.train.sequence_len:
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sequence_len": seq})})
     t = recipe.train
     choices: list[Choice] = []
 
@@ -187,7 +203,7 @@ def make_plan(recipe: Recipe, hw: Hardware) -> Plan:
                    + ("; impractical: use a GPU (see the rtx3060-12gb plan)" if verdict == "impractical" else ""))
     accum = max(1, t.batch_size // micro)
     choose("gradient_accumulation_steps", accum, f"keeps the effective batch at {micro * accum} (recipe batch_size {t.batch_size})")
-    choose("sequence_len", t.sequence_len, "as the recipe asks; rows longer than this are dropped (checked before launch)")
+    choose("sequence_len", t.sequence_len, seq_reason)
     return Plan(
         accelerator=accel, method=method, dtype=dtype, micro_batch_size=micro, gradient_accumulation_steps=accum,
         gradient_checkpointing=ckpt, optimizer=opt, attention=attn, sample_packing=packing,

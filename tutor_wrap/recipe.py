@@ -51,6 +51,7 @@ class TrainSpec(_Strict):
     seed: int = 42
     save_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
+    tensorboard: bool = False       # also write TensorBoard event files (train/out/runs/)
 
     @model_validator(mode="before")
     @classmethod

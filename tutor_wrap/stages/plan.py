@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from tutor_wrap import atomic, axolotl_config
-from tutor_wrap.dataset import load_alpaca
+from tutor_wrap.lengths import dataset_lengths
 from tutor_wrap.errors import TutorWrapError
 from tutor_wrap.planner import make_plan
 from tutor_wrap.prompt_format import for_dataset
@@ -41,17 +41,6 @@ def check_base_model(path: Path, *, allow_pickle: bool) -> dict:
     return config
 
 
-def token_lengths(model_dir: Path | None, texts: list[str]) -> list[int] | None:
-    """Token counts with the base model's own tokenizer (the `tokenizers` library: no torch import)."""
-    if model_dir is None or not (model_dir / "tokenizer.json").is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    # +1: Axolotl appends the EOS token to every alpaca row.
-    return [len(e.ids) + 1 for e in tok.encode_batch(texts, add_special_tokens=True)]
-
-
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
     ds = r.resolve(r.dataset.path)
@@ -69,17 +58,15 @@ def run(ctx: Context) -> StageResult:
     model_dir = r.base_model_path()
     if model_dir is not None:
         check_base_model(model_dir, allow_pickle=r.allow_pickle_weights)
-    data = load_alpaca(r.resolve(r.dataset.path))
+    data, lengths = dataset_lengths(r)
     for w in data.warnings:
         ctx.console.print(f"[yellow]warning:[/] {w}")
     fmt = for_dataset(r.dataset.format)
-    texts = [fmt.render(row.instruction, row.input) + row.output for row in data.rows]
-    lengths = token_lengths(model_dir, texts)
-    plan = make_plan(r, ctx.hardware)
-    kept = len(texts)
+    plan = make_plan(r, ctx.hardware, lengths)
+    kept = len(data.rows)
     if lengths is not None:
         too_long = [row.line for row, n in zip(data.rows, lengths) if n > plan.sequence_len]
-        kept = len(texts) - len(too_long)
+        kept = len(data.rows) - len(too_long)
         if kept == 0:
             raise TutorWrapError(
                 f"{data.path}: every row is longer than sequence_len {plan.sequence_len} tokens "
@@ -87,7 +74,7 @@ def run(ctx: Context) -> StageResult:
                 hint=f"raise train.sequence_len in the recipe to at least {min(lengths)} (longest row: {max(lengths)})",
             )
         if too_long:
-            ctx.console.print(f"[yellow]warning:[/] {len(too_long)} of {len(texts)} rows exceed sequence_len "
+            ctx.console.print(f"[yellow]warning:[/] {len(too_long)} of {len(data.rows)} rows exceed sequence_len "
                               f"{plan.sequence_len} tokens and will be dropped (lines {too_long[:5]}...)")
     cfg = axolotl_config.render(r, plan, base_model=str(model_dir or r.base_model),
                                 dataset_path=data.path.resolve(), run_dir=ctx.run.path)
@@ -101,7 +88,7 @@ def run(ctx: Context) -> StageResult:
     atomic.write_text(yml, axolotl_config.to_yaml(cfg))
     plan_json = ctx.run.path / "plan.json"
     atomic.write_json(plan_json, {
-        "plan": plan.to_dict(), "rows": len(texts), "rows_kept": kept,
+        "plan": plan.to_dict(), "rows": len(data.rows), "rows_kept": kept,
         "max_tokens": max(lengths) if lengths else None, "prompt_format": fmt.name,
     })
     table = Table(title="plan", show_lines=False)
@@ -113,5 +100,5 @@ def run(ctx: Context) -> StageResult:
     ctx.console.print(table)
     return StageResult(
         artifacts={"axolotl_yml": ctx.run.rel(yml), "plan_json": ctx.run.rel(plan_json)},
-        info={"rows": len(texts), "rows_kept": kept, "prompt_format": fmt.name},
+        info={"rows": len(data.rows), "rows_kept": kept, "prompt_format": fmt.name},
     )

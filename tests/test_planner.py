@@ -1,0 +1,72 @@
+"""Plans for every shipped recipe on every shipped profile, validated by Axolotl's own schema."""
+
+from pathlib import Path
+
+import pytest
+
+from tutor_wrap import axolotl_config, profiles
+from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.planner import make_plan, planned_sequence_len
+from tutor_wrap.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yml"))
+# The demo's local SmolLM2 folder exists only after `make demo`; the same architecture is in the catalog.
+STAND_IN = {"demo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def recipe_for_planning(path: Path):
+    r = load_recipe(path)
+    try:
+        r.base_model_path()
+    except TutorWrapError:
+        r = r.model_copy(update={"base_model": STAND_IN[r.name]})
+    return r
+
+
+def test_every_recipe_plans_and_validates_on_every_profile(tmp_path):
+    assert len(RECIPES) >= 2 and len(profiles.names()) >= 9
+    for path in RECIPES:
+        r = recipe_for_planning(path)
+        for name in profiles.names():
+            hw = profiles.load_profile(name)
+            try:
+                plan = make_plan(r, hw)
+            except TutorWrapError as exc:  # a model that cannot fit the card is a plan's answer too
+                assert "no plan fits" in str(exc), (path.name, name, exc)
+                continue
+            cfg = axolotl_config.render(r, plan, base_model=r.base_model, dataset_path=r.resolve(r.dataset.path),
+                                        run_dir=tmp_path / r.name)
+            assert axolotl_config.validate(cfg, source=f"{path.name} on {name}") == [], (path.name, name)
+            if plan.memory:
+                assert plan.memory["total_gib"] <= plan.budget_gib, (path.name, name)
+
+
+def test_seed_recipe_fits_the_rtx3060_with_its_breakdown():
+    r = load_recipe(REPO / "recipes/python-tutor-llama3-8b-rtx3060.yml")
+    plan = make_plan(r, profiles.load_profile("rtx3060-12gb"))
+    assert plan.method == "qlora" and plan.dtype == "bf16" and plan.sample_packing
+    assert plan.micro_batch_size * plan.gradient_accumulation_steps == 8  # the recipe's effective batch
+    assert plan.memory["total_gib"] <= plan.budget_gib <= 12
+    for part in ("weights_quantized_gib", "weights_16bit_gib", "adapter_params_grads_optimizer_gib",
+                 "activations_gib", "logits_loss_gib", "cuda_context_gib", "allocator_margin_gib"):
+        assert plan.memory[part] > 0, part
+    assert all(c.reason for c in plan.choices)
+
+
+def test_seed_recipe_on_cpu_only_is_impractical_with_the_time_per_step():
+    r = load_recipe(REPO / "recipes/python-tutor-llama3-8b-rtx3060.yml")
+    plan = make_plan(r, profiles.load_profile("cpu-only"))
+    assert plan.verdict == "impractical" and plan.seconds_per_step > 120
+    assert any(c.knob == "time_per_step" and "impractical" in c.reason for c in plan.choices)
+
+
+def test_cpu_plan_avoids_cuda_only_paths():
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    plan = make_plan(r, profiles.load_profile("cpu-only"))
+    assert (plan.dtype, plan.optimizer, plan.lora_kernels, plan.sample_packing) == ("fp32", "adamw_torch", False, False)
+
+
+@pytest.mark.parametrize("lengths, expected", [(None, 1024), ([100, 173], 192), ([1500, 200], 1024)])
+def test_sequence_len_follows_the_real_rows(lengths, expected):
+    assert planned_sequence_len(1024, lengths)[0] == expected

@@ -248,6 +248,12 @@ def load_recipe(path: Path | str) -> Recipe:
             valid = sorted(parent.model_fields) if parent else []
             valid = [v for v in valid if v != "source"]
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            if not near and loc[:-1] == ():
+                # A top-level key that belongs in a block: `sequence_length:` -> `train.sequence_len`.
+                nested = {f"{name}.{sub}": sub for name in valid if (m := _model_for((name,))) is not None
+                          for sub in m.model_fields if sub != "source"}
+                hit = difflib.get_close_matches(str(loc[-1]), list(nested.values()), n=1)
+                near = [next(k for k, v in nested.items() if v == hit[0])] if hit else []
             hint = (f"did you mean '{near[0]}'? " if near else "") + f"valid keys here: {', '.join(valid)}"
             if loc[:-1] == ():
                 hint += "; Axolotl settings go under 'axolotl:'"

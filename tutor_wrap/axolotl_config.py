@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tutor_wrap.distributed import DEEPSPEED_STAGE, deepspeed_filename, write_deepspeed_config
 from tutor_wrap.errors import TutorWrapError
 from tutor_wrap.planner import Plan
 from tutor_wrap.recipe import Recipe
@@ -20,12 +21,31 @@ CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 _ATTN = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 
 
-def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path, run_dir: Path) -> dict[str, Any]:
+def dataset_entry(recipe: Recipe, dataset_path: Path | None) -> dict[str, Any]:
+    """Axolotl's `datasets:` entry: a local JSONL, or a hub dataset whose columns are mapped onto the alpaca roles.
+
+    A hub dataset uses Axolotl's user-defined type with the alpaca strings taken from prompt_format (the system
+    preamble is part of each turn format, so a row renders exactly as `alpaca` does, with or without an input).
+    """
+    ds = recipe.dataset
+    if not ds.hub:
+        return {"path": str(dataset_path), "type": ds.format, "ds_type": "json"}
+    from tutor_wrap.prompt_format import for_dataset
+
+    fmt = for_dataset(ds.format)
+    f = ds.fields
+    return {"path": ds.hub, "split": ds.hub_split, "type": {
+        "field_instruction": f.get("instruction", "instruction"), "field_input": f.get("input", "input"),
+        "field_output": f.get("output", "output"), "system_prompt": "", "system_format": "{system}",
+        "format": fmt.render("{instruction}", "{input}"), "no_input_format": fmt.render("{instruction}")}}
+
+
+def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path | None, run_dir: Path) -> dict[str, Any]:
     t = recipe.train
     cfg: dict[str, Any] = {
         "base_model": base_model,
         "trust_remote_code": recipe.trust_remote_code,
-        "datasets": [{"path": str(dataset_path), "type": recipe.dataset.format, "ds_type": "json"}],
+        "datasets": [dataset_entry(recipe, dataset_path)],
         "dataset_prepared_path": str(run_dir / "train" / "prepared"),
         "val_set_size": 0,
         "output_dir": str(run_dir / "train" / "out"),
@@ -77,8 +97,29 @@ def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path, r
         # Axolotl turns its Triton LoRA kernels on by itself; they assert CUDA, so say it either way.
         for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel"):
             cfg[k] = plan.lora_kernels
+    if plan.sharding in DEEPSPEED_STAGE:
+        # Generated next to the YAML by write_sidecars(); Axolotl reads it and sets up DeepSpeed itself.
+        cfg["deepspeed"] = str(run_dir / deepspeed_filename(plan.sharding))
+    elif plan.sharding == "ddp" and plan.method != "full":
+        # Every adapter weight takes part in every forward: DDP need not search the graph for unused ones.
+        cfg["ddp_find_unused_parameters"] = False
     cfg.update(recipe.axolotl)
     return cfg
+
+
+def write_sidecars(cfg: dict[str, Any]) -> list[Path]:
+    """Write the files the rendered config points to that tutor_wrap generates (the DeepSpeed ZeRO JSON).
+
+    A `deepspeed:` path the recipe set itself (under `axolotl:`) is the user's file and is left alone.
+    """
+    written = []
+    ds = cfg.get("deepspeed")
+    if isinstance(ds, str):
+        p = Path(ds)
+        sharding = p.name.removeprefix("deepspeed_").removesuffix(".json")
+        if p.name == deepspeed_filename(sharding) and sharding in DEEPSPEED_STAGE:
+            written.append(write_deepspeed_config(p, sharding))
+    return written
 
 
 def to_yaml(cfg: dict[str, Any]) -> str:

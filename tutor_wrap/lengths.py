@@ -24,6 +24,9 @@ def token_lengths(model_dir: Path | None, texts: list[str]) -> list[int] | None:
 
 
 def dataset_lengths(recipe: Recipe) -> tuple[Dataset, list[int] | None]:
+    if recipe.dataset.hub:
+        # A hub dataset is read by Axolotl at train time; there are no local rows to check or measure here.
+        return Dataset(path=None, rows=[], warnings=[]), None
     data = load_alpaca(recipe.resolve(recipe.dataset.path))
     fmt = for_dataset(recipe.dataset.format)
     texts = [fmt.render(row.instruction, row.input) + row.output for row in data.rows]

@@ -44,6 +44,7 @@ class Plan:
     lora_kernels: bool
     loss: str = "standard"          # "standard" | "cce"
     num_processes: int = 1
+    sharding: str = "none"          # "none" | "ddp" | "zero2" | "zero3" (DeepSpeed); see tutor_wrap.distributed
     memory: dict | None = None      # the memory model's breakdown in GiB, for GPU plans
     budget_gib: float | None = None
     seconds_per_step: float | None = None
@@ -69,64 +70,208 @@ def _arch_for(recipe: Recipe):
     return lookup(str(local) if local else recipe.base_model)
 
 
-def _knobs(recipe: Recipe, method: str, dtype: str, attn: str):
+def _knobs(recipe: Recipe, method: str, dtype: str, attn: str, num_gpus: int = 1, sharding: str = "none",
+           eight_bit: bool = True):
     from tutor_wrap.memory import Knobs
 
     targets = recipe.lora.targets if recipe.lora.targets == "all-linear" else tuple(recipe.lora.targets)
     return Knobs(method=method, lora_r=recipe.lora.r, lora_targets=targets, seq_len=recipe.train.sequence_len,
                  micro_batch=recipe.train.micro_batch_size or 1, grad_ckpt=False,
-                 optimizer="adamw_torch" if method == "full" else "adamw_bnb_8bit", attn=attn, packing=True,
-                 dtype=dtype, lora_dropout=recipe.lora.dropout)
+                 optimizer="adamw_torch" if method == "full" or not eight_bit else "adamw_bnb_8bit", attn=attn,
+                 packing=True, dtype=dtype, lora_dropout=recipe.lora.dropout, num_gpus=num_gpus, sharding=sharding)
+
+
+# ---- AMD / ROCm facts (each one is stated as a reason in the plan when it is relied on) -------------------------
+# bf16 by gfx target: CDNA (gfx908 MI100, gfx90a MI200, gfx942 MI300, gfx950 MI350) have bf16 matrix (MFMA) ops;
+# RDNA3 (gfx110x, gfx115x) bf16 WMMA; RDNA4 (gfx120x) too. RDNA2 (gfx103x), Vega (gfx906) have none: fp16.
+_AMD_BF16 = {"gfx908": "MI100, CDNA1", "gfx90a": "MI200, CDNA2", "gfx942": "MI300, CDNA3", "gfx950": "MI350, CDNA4",
+             "gfx1100": "RX 7900, RDNA3", "gfx1101": "RX 7800/7700, RDNA3", "gfx1102": "RX 7600, RDNA3",
+             "gfx1150": "RDNA3.5", "gfx1151": "RDNA3.5", "gfx1200": "RX 9060, RDNA4", "gfx1201": "RX 9070, RDNA4"}
+# bitsandbytes: ROCm binaries on PyPI since 0.49.0 (8-bit optimizers work); the complete ROCm 4-bit path (CDNA
+# warp-64 GEMV fix, RDNA3/4 kernels) since 0.50.0 -- older 4-bit gives NaNs on AMD.
+BNB_ROCM_MIN = (0, 49, 0)
+BNB_ROCM_4BIT_MIN = (0, 50, 0)
+BNB_PINNED = "0.50.2"       # pyproject.toml's pin: what a profile's machine is assumed to run
+
+
+def _version_tuple(v: str | None) -> tuple[int, ...] | None:
+    if not v:
+        return None
+    parts = []
+    for p in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def installed_version(dist: str) -> str | None:
+    """A package's version from its metadata (no import: importing bitsandbytes loads its GPU library)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def rocm_bitsandbytes(hw: Hardware) -> tuple[bool, bool, str]:
+    """(8-bit optimizers usable, 4-bit NF4 usable, reason) for an AMD GPU."""
+    if hw.source == "probe":
+        v = installed_version("bitsandbytes")
+        where = f"bitsandbytes {v} installed" if v else "bitsandbytes is not installed"
+    else:
+        v = BNB_PINNED
+        where = f"profile: assuming the pinned bitsandbytes {v}"
+    t = _version_tuple(v)
+    eight = t is not None and t >= BNB_ROCM_MIN
+    four = t is not None and t >= BNB_ROCM_4BIT_MIN
+    if four:
+        why = f"{where}: ROCm 4-bit NF4 and 8-bit optimizers work from 0.50.0 (ROCm wheels on PyPI since 0.49.0)"
+    elif eight:
+        why = f"{where}: ROCm 8-bit optimizers work (wheels since 0.49.0) but 4-bit needs 0.50.0 (NaNs before)"
+    else:
+        why = f"{where}: ROCm builds of bitsandbytes are on PyPI only from 0.49.0: no 4-bit, no 8-bit optimizer"
+    return eight, four, why
+
+
+def _dtype_for(hw: Hardware) -> tuple[str, str]:
+    reasons, all_bf16 = [], True
+    for g in hw.gpus:
+        if g.vendor == "amd" and g.gfx_target:
+            gfx = g.gfx_target.lower()
+            ok = gfx in _AMD_BF16
+            reasons.append(f"{gfx} ({_AMD_BF16[gfx]}) has bf16 matrix ops" if ok else f"{gfx} has no bf16 matrix ops")
+        else:
+            ok = g.bf16
+        all_bf16 = all_bf16 and ok
+    detail = "; ".join(dict.fromkeys(reasons))
+    if all_bf16:
+        return "bf16", (detail + ": bf16" if detail else "every GPU supports bf16")
+    return "fp16", (detail + ": fp16 with loss scaling" if detail else "a GPU lacks bf16: fp16 with loss scaling")
 
 
 def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
+    from dataclasses import replace
+
+    from tutor_wrap.distributed import LADDER
     from tutor_wrap.memory import estimate, search
 
     t = recipe.train
     gpu = min(hw.gpus, key=lambda g: g.vram_total_bytes)
     vram = gpu.vram_total_bytes
-    rocm = gpu.vendor == "amd"
-    dtype = choose("dtype", "bf16" if all(g.bf16 for g in hw.gpus) else "fp16",
-                   "every GPU supports bf16" if all(g.bf16 for g in hw.gpus) else "a GPU lacks bf16: fp16 with loss scaling")
-    flash = gpu.vendor == "nvidia" and hw.source == "probe" and _has("flash_attn")
+    n = len(hw.gpus)
+    rocm = any(g.vendor == "amd" for g in hw.gpus)
+    dtype_v, dtype_why = _dtype_for(hw)
+    dtype = choose("dtype", dtype_v, dtype_why)
+    flash = not rocm and hw.source == "probe" and _has("flash_attn")
     attn_reason = ("flash-attn is installed for this GPU" if flash else
-                   "flash-attn is usually absent on ROCm: PyTorch SDPA" if rocm else
+                   "flash-attn is usually absent on ROCm (no ROCm wheels on PyPI; source builds only): PyTorch SDPA, "
+                   "which has its own flash/memory-efficient kernels on ROCm" if rocm else
                    "flash-attn is not installed here (or planning for a profile): PyTorch SDPA")
     cce = hw.source == "probe" and _has("cut_cross_entropy")
     arch = _arch_for(recipe)
-    base = _knobs(recipe, recipe.method, dtype, "flash" if flash else "sdpa")
-    allow_qlora = recipe.method in ("qlora", "lora", "lora8bit")
-    options = search(arch, base, vram, allow_qlora=allow_qlora, allow_flash=flash, allow_cce=cce, safety=SAFETY)
-    fitting = [o for o in options if o[1].total <= vram * (1 - SAFETY)]
-    if t.micro_batch_size:
-        fitting = [o for o in fitting if o[0].micro_batch >= t.micro_batch_size] or fitting
-    if not fitting:
-        k, br, _ = options[0] if options else (base, estimate(arch, base), "")
+
+    eight_bit, four_bit, bnb_why = True, True, ""
+    method = recipe.method
+    if rocm:
+        eight_bit, four_bit, bnb_why = rocm_bitsandbytes(hw)
+        choose("bitsandbytes", "4-bit ok" if four_bit else "8-bit only" if eight_bit else "unusable", bnb_why)
+        if method == "qlora" and not four_bit:
+            method = "lora"
+        if method == "lora8bit" and not eight_bit:
+            method = "lora"
+    allow_qlora = method in ("qlora", "lora", "lora8bit") and (four_bit or not rocm)
+    ladder = LADDER if n > 1 else ("none",)
+    attn = "flash" if flash else "sdpa"
+
+    chosen = None
+    misses = []
+    for allow_q in ([False, True] if allow_qlora and method != "qlora" else [allow_qlora]):
+        for sharding in ladder:
+            base = _knobs(recipe, method, dtype, attn, num_gpus=n, sharding=sharding, eight_bit=eight_bit)
+            options = search(arch, base, vram, allow_qlora=allow_q, allow_flash=flash, allow_cce=cce, safety=SAFETY)
+            if not eight_bit:
+                # search() gives adapters an 8-bit AdamW; without a usable bitsandbytes it is the torch one
+                options = [(k2, estimate(arch, k2), w)
+                           for k2, w in ((replace(k, optimizer="adamw_torch"), w) for k, _, w in options)]
+            fitting = [o for o in options if o[1].total <= vram * (1 - SAFETY)]
+            if t.micro_batch_size:
+                fitting = [o for o in fitting if o[0].micro_batch >= t.micro_batch_size] or fitting
+            misses += [o for o in options if o[1].total > vram * (1 - SAFETY)]
+            if fitting:
+                chosen = (sharding, fitting, misses)
+                break
+        if chosen:
+            break
+    if not chosen:
+        misses.sort(key=lambda o: o[1].total)
+        k, br, _ = misses[0] if misses else (base, estimate(arch, base), "")
+        where = f"{gpu.name} ({vram / GIB:.1f} GiB)" + (f" x {n} even with {k.sharding}" if n > 1 else "")
         raise TutorWrapError(
-            f"{recipe.source}: no plan fits {gpu.name} ({vram / GIB:.1f} GiB): the smallest, {k.method} with "
-            f"checkpointing at micro-batch 1 and sequence {k.seq_len}, needs {br.total / GIB:.1f} GiB",
-            hint="lower train.sequence_len, use method: qlora, a smaller lora.r, or a larger GPU",
+            f"{recipe.source}: no plan fits {where}: the smallest, {k.method} with "
+            f"checkpointing at micro-batch 1 and sequence {k.seq_len}, needs {br.total / GIB:.1f} GiB per GPU",
+            hint="lower train.sequence_len, use method: qlora, a smaller lora.r, or a larger GPU"
+                 + (" (on ROCm qlora needs bitsandbytes >= 0.50)" if rocm and not four_bit else ""),
         )
+    sharding, fitting, misses = chosen
     k, br, why = fitting[0]
     if t.micro_batch_size and k.micro_batch > t.micro_batch_size:
-        from dataclasses import replace
-
         k = replace(k, micro_batch=t.micro_batch_size)
         br = estimate(arch, k)
         why = f"micro-batch {k.micro_batch} as the recipe asks: {br.total / GIB:.1f} GiB predicted"
-    method = choose("method", k.method, "as the recipe asks" if k.method == recipe.method else
-                    f"{recipe.method} does not fit {vram / GIB:.0f} GiB; 4-bit NF4 base weights do")
-    choose("micro_batch_size", k.micro_batch, f"largest that fits: {why}")
+    per_step = t.batch_size // n if t.batch_size % n == 0 else 0
+    if not t.micro_batch_size and per_step and per_step % k.micro_batch:
+        # keep micro-batch x accumulation x GPUs equal to the recipe's batch: the largest divisor that fits
+        mb = max(d for d in range(1, k.micro_batch + 1) if per_step % d == 0)
+        k = replace(k, micro_batch=mb)
+        br = estimate(arch, k)
+        why = f"{why}; lowered to {mb} so that it divides batch_size {t.batch_size}: {br.total / GIB:.1f} GiB predicted"
+    if k.method == recipe.method:
+        method_why = "as the recipe asks"
+    elif recipe.method in ("qlora", "lora8bit") and rocm and k.method == "lora":
+        method_why = f"{recipe.method} needs bitsandbytes on ROCm ({bnb_why}); plain LoRA fits"
+    else:
+        method_why = f"{recipe.method} does not fit {vram / GIB:.0f} GiB; 4-bit NF4 base weights do"
+    method = choose("method", k.method, method_why)
+    if n > 1:
+        _choose_sharding(choose, sharding, n, arch, k, vram)
+    choose("micro_batch_size", k.micro_batch, f"largest that fits: {why}" + (" per GPU" if n > 1 else ""))
     choose("gradient_checkpointing", k.grad_ckpt, "needed to fit" if k.grad_ckpt else "not needed: it would cost ~30% speed")
     choose("optimizer", k.optimizer, "8-bit AdamW states: a quarter of the optimizer memory" if "8bit" in k.optimizer
-           else "full fine-tune with the standard optimizer")
+           else "full fine-tune with the standard optimizer" if k.method == "full"
+           else f"torch AdamW: {bnb_why}")
     choose("attention", "flash" if k.attn == "flash" else "sdpa", attn_reason)
     choose("loss", k.loss, "cut cross-entropy is installed: no full logits tensor" if k.loss == "cce"
            else "standard cross-entropy (cut_cross_entropy not installed)")
+    if rocm:
+        kernels, kernels_why = False, ("Axolotl's fused LoRA kernels (Triton, plus direct calls into bitsandbytes' CUDA "
+                                       "dequantize) are built and tested for CUDA: off on ROCm")
+    elif sharding == "zero3":
+        kernels, kernels_why = False, "ZeRO-3 partitions the weights that the fused LoRA kernels read directly: off"
+    else:
+        kernels, kernels_why = True, "fused Triton LoRA kernels on CUDA"
     return {"method": method, "dtype": dtype, "micro": k.micro_batch, "ckpt": k.grad_ckpt, "optimizer": k.optimizer,
             "attention": "flash" if k.attn == "flash" else "sdpa", "loss": k.loss, "packing": True,
-            "memory": br.to_gib_dict(), "budget_gib": round(vram * (1 - SAFETY) / GIB, 2), "kernels": not rocm,
-            "rocm": rocm}
+            "memory": br.to_gib_dict(), "budget_gib": round(vram * (1 - SAFETY) / GIB, 2), "kernels": kernels,
+            "kernels_why": kernels_why, "rocm": rocm, "sharding": sharding}
+
+
+def _choose_sharding(choose, sharding: str, n: int, arch, k, vram: int) -> None:
+    """State why this sharding: what the cheaper ones would need per GPU."""
+    from dataclasses import replace
+
+    from tutor_wrap.distributed import LADDER
+    from tutor_wrap.memory import estimate
+
+    cheaper = LADDER[:LADDER.index(sharding)]
+    needs = ", ".join(f"{s} needs {estimate(arch, replace(k, sharding=s, micro_batch=1)).total / GIB:.1f} GiB"
+                      for s in cheaper)
+    what = {"ddp": f"DDP over {n} GPUs (accelerate launch --multi_gpu --num_processes {n}): the whole model state "
+                   "fits each GPU",
+            "zero2": f"DeepSpeed ZeRO-2 over {n} GPUs: optimizer states and gradients sharded, weights replicated",
+            "zero3": f"DeepSpeed ZeRO-3 over {n} GPUs: weights, gradients and optimizer states sharded"}[sharding]
+    choose("sharding", sharding, what + (f"; with micro-batch 1 {needs} of {vram * (1 - SAFETY) / GIB:.1f} GiB"
+                                         if needs else ""))
 
 
 def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:
@@ -170,9 +315,9 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
                                                        g["attention"], g["loss"])
         packing = choose("sample_packing", True, "packs short rows into full sequences; Axolotl keeps rows apart "
                                                  "with varlen attention or a block-diagonal mask")
-        kernels = choose("lora_kernels", g["kernels"], "fused Triton LoRA kernels on CUDA" if g["kernels"]
-                         else "Axolotl's Triton LoRA kernels are not supported on ROCm here")
+        kernels = choose("lora_kernels", g["kernels"], g["kernels_why"])
         memory, budget = g["memory"], g["budget_gib"]
+        sharding = g["sharding"]
     else:
         method = recipe.method
         if method in ("qlora", "lora8bit"):
@@ -189,6 +334,7 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         packing = choose("sample_packing", False, "off on the CPU: the packed-row attention paths are built for GPUs")
         kernels = choose("lora_kernels", False, "Axolotl's Triton LoRA kernels need CUDA")
         memory, budget = None, None
+        sharding = "none"
         try:
             params = _arch_for(recipe).total_params
         except TutorWrapError:
@@ -201,12 +347,14 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
             choose("time_per_step", f"~{seconds:.0f} s", f"{params / 1e9:.2f}B parameters x {micro * t.sequence_len} "
                    f"tokens on {cores} CPU cores at ~{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each"
                    + ("; impractical: use a GPU (see the rtx3060-12gb plan)" if verdict == "impractical" else ""))
-    accum = max(1, t.batch_size // micro)
-    choose("gradient_accumulation_steps", accum, f"keeps the effective batch at {micro * accum} (recipe batch_size {t.batch_size})")
+    procs = max(1, len(hw.gpus))
+    accum = max(1, t.batch_size // (micro * procs))
+    choose("gradient_accumulation_steps", accum, f"keeps the effective batch at {micro * accum * procs} "
+           f"(recipe batch_size {t.batch_size}" + (f"; micro-batch x accumulation x {procs} GPUs)" if procs > 1 else ")"))
     choose("sequence_len", t.sequence_len, seq_reason)
     return Plan(
         accelerator=accel, method=method, dtype=dtype, micro_batch_size=micro, gradient_accumulation_steps=accum,
         gradient_checkpointing=ckpt, optimizer=opt, attention=attn, sample_packing=packing,
-        sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=max(1, len(hw.gpus)),
+        sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=procs, sharding=sharding,
         memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
     )

@@ -56,6 +56,17 @@ class Alpaca(PromptFormat):
                     f"### Input:\n{input_text}\n\n### Response:\n")
         return f"{ALPACA_SYSTEM_NO_INPUT}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 
+    def serve_fields(self, instruction: str, input_text: str = "") -> tuple[str, str]:
+        """(system, prompt) to send to Ollama so that `template` renders exactly `render(instruction, input_text)`.
+
+        Ollama's single-turn values have only .System and .Prompt, so a row with an input goes in the prompt as
+        "INSTRUCTION\n\n### Input:\nINPUT" and needs the with-input preamble as its system text (the Modelfile's
+        SYSTEM is the no-input one; /api/generate's `system` field overrides it per request).
+        """
+        if input_text:
+            return ALPACA_SYSTEM_WITH_INPUT, f"{instruction}\n\n### Input:\n{input_text}"
+        return ALPACA_SYSTEM_NO_INPUT, instruction
+
 
 # Single-turn serving: Ollama fills .System from SYSTEM and .Prompt from the user's message. Requests with an
 # input field are sent as part of the prompt; training's with-input preamble only applies to rows that had one.
@@ -124,7 +135,7 @@ CHATML = ChatML(
         "{{- if .Messages }}\n"
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
         "{{ .Content }}<|im_end|>\n"
-        "{{ end }}<|im_start|>assistant\n"
+        "{{ end }}<|im_start|>assistant"
         "{{ else }}\n"
         "{{- if .System }}<|im_start|>system\n"
         "{{ .System }}<|im_end|>\n"

@@ -29,8 +29,26 @@ class _Strict(BaseModel):
 
 
 class DatasetSpec(_Strict):
-    path: Path
+    path: Path | None = None          # a local JSONL (relative to the recipe), or:
+    hub: str | None = None            # a Hugging Face dataset id, loaded by Axolotl (must be in the HF cache: offline)
+    split: str = "train"              # hub only: the split to load
+    limit: int | None = Field(None, ge=1)   # hub only: the first N rows of the split
+    # hub only: column names for the alpaca roles, e.g. {instruction: query, output: response}
+    fields: dict[Literal["instruction", "input", "output"], str] = Field(default_factory=dict)
     format: Literal["alpaca"] = "alpaca"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of dataset.path (a local JSONL) or dataset.hub (a Hugging Face dataset id)")
+        if self.path is not None and (self.fields or self.limit or self.split != "train"):
+            raise ValueError("split, limit and fields apply to dataset.hub only")
+        return self
+
+    @property
+    def hub_split(self) -> str:
+        """The split as Axolotl passes it to datasets.load_dataset (slicing syntax for the limit)."""
+        return f"{self.split}[:{self.limit}]" if self.limit else self.split
 
 
 class LoraSpec(_Strict):
@@ -142,7 +160,9 @@ class Recipe(_Strict):
     # Not part of the file: where it came from, for resolving relative paths and for error messages.
     source: Path | None = Field(None, exclude=True)
 
-    def resolve(self, p: Path | str) -> Path:
+    def resolve(self, p: Path | str | None) -> Path | None:
+        if p is None:               # e.g. dataset.path of a hub dataset
+            return None
         p = Path(p).expanduser()
         if p.is_absolute() or self.source is None:
             return p

@@ -43,11 +43,11 @@ def check_base_model(path: Path, *, allow_pickle: bool) -> dict:
 
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
-    ds = r.resolve(r.dataset.path)
+    ds = r.resolve(r.dataset.path)   # None for a hub dataset (its id, split and limit are in the recipe dump)
     return {
         "recipe": r.model_dump(mode="json", include={"base_model", "dataset", "method", "lora", "train", "axolotl",
                                                      "trust_remote_code", "allow_pickle_weights", "hardware"}),
-        "dataset_sha256": file_sha256(ds) if ds.is_file() else None,
+        "dataset_sha256": file_sha256(ds) if ds is not None and ds.is_file() else None,
         "accelerator": ctx.hardware.accelerator,
         "gpus": [g.name for g in ctx.hardware.gpus],
     }
@@ -64,6 +64,9 @@ def run(ctx: Context) -> StageResult:
     fmt = for_dataset(r.dataset.format)
     plan = make_plan(r, ctx.hardware, lengths)
     kept = len(data.rows)
+    if r.dataset.hub:
+        ctx.console.print(f"[yellow]note:[/] dataset {r.dataset.hub} ({r.dataset.hub_split}) is loaded by Axolotl at "
+                          "train time from the Hugging Face cache: its rows are not checked or measured here")
     if lengths is not None:
         too_long = [row.line for row, n in zip(data.rows, lengths) if n > plan.sequence_len]
         kept = len(data.rows) - len(too_long)
@@ -77,7 +80,7 @@ def run(ctx: Context) -> StageResult:
             ctx.console.print(f"[yellow]warning:[/] {len(too_long)} of {len(data.rows)} rows exceed sequence_len "
                               f"{plan.sequence_len} tokens and will be dropped (lines {too_long[:5]}...)")
     cfg = axolotl_config.render(r, plan, base_model=str(model_dir or r.base_model),
-                                dataset_path=data.path.resolve(), run_dir=ctx.run.path)
+                                dataset_path=data.path.resolve() if data.path else None, run_dir=ctx.run.path)
     dropped = axolotl_config.validate(cfg, source=str(r.source))
     if dropped:
         raise TutorWrapError(
@@ -85,6 +88,7 @@ def run(ctx: Context) -> StageResult:
             hint="fix the spelling under 'axolotl:' in the recipe (see Axolotl's config reference)",
         )
     yml = ctx.run.path / "axolotl.yml"
+    sidecars = axolotl_config.write_sidecars(cfg)   # e.g. the DeepSpeed ZeRO JSON the YAML points to
     atomic.write_text(yml, axolotl_config.to_yaml(cfg))
     plan_json = ctx.run.path / "plan.json"
     atomic.write_json(plan_json, {
@@ -99,6 +103,7 @@ def run(ctx: Context) -> StageResult:
         table.add_row(c.knob, str(c.value), c.reason)
     ctx.console.print(table)
     return StageResult(
-        artifacts={"axolotl_yml": ctx.run.rel(yml), "plan_json": ctx.run.rel(plan_json)},
+        artifacts={"axolotl_yml": ctx.run.rel(yml), "plan_json": ctx.run.rel(plan_json),
+                   **{f"sidecar_{p.stem}": ctx.run.rel(p) for p in sidecars}},
         info={"rows": len(data.rows), "rows_kept": kept, "prompt_format": fmt.name},
     )

@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tutor_wrap-installed
 LLAMA  := .cache/llama.cpp/BUILD_OK.json
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test clean-runs
+.PHONY: setup demo test clean-runs go-toolchain
 
 setup: $(STAMP) $(LLAMA)
 
@@ -28,7 +28,12 @@ $(SMOL): $(STAMP)
 demo: $(STAMP) $(LLAMA) $(SMOL)
 	$(VPY) -m tutor_wrap run recipes/demo.yml
 
-test: $(STAMP) $(LLAMA)
+# Go renders Modelfile templates exactly as Ollama does, for the train/serve parity test (Debian's golang-go).
+go-toolchain:
+	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
+	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
+
+test: $(STAMP) $(LLAMA) go-toolchain
 	$(VPY) -m pytest -q
 
 clean-runs:

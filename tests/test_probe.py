@@ -149,3 +149,14 @@ def test_probe_falls_back_to_amd(tmp_path, monkeypatch):
     hw = hardware.probe(tmp_path)
     assert hw.accelerator == "amd" and hw.gpus[0].gfx_target == "gfx1100"
     assert "NVML: no library" in hw.probe_notes
+
+
+def test_cpu_flags_are_read_from_this_machines_cpuinfo():
+    from pathlib import Path
+
+    from tutor_wrap.probe_host import CPU_FLAGS, cpu_flags
+
+    line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+    have = set(line.split(":", 1)[1].split())
+    assert cpu_flags() == [f for f in CPU_FLAGS if f in have]
+    assert cpu_flags("flags\t\t: fpu sse avx2 avx512f amx_tile\n") == ["avx2", "avx512f", "amx_tile"]

@@ -56,9 +56,13 @@ class MetricsCallback(TrainerCallback):
         logs = dict(logs or {})
         row = {"event": "log", "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
                "elapsed_s": round(time.time() - self._t0, 3)}
-        for key in ("loss", "learning_rate", "grad_norm", "train_loss", "train_runtime"):
+        for key in ("loss", "learning_rate", "grad_norm", "train_loss", "train_runtime", "tokens/total",
+                    "tokens/trainable"):
             if key in logs:
-                row[key] = logs[key]
+                try:  # Axolotl logs some numbers as formatted strings ('6.938')
+                    row[key] = float(logs[key])
+                except (TypeError, ValueError):
+                    pass
         tokens = getattr(state, "num_input_tokens_seen", 0)
         if tokens:
             row["tokens_seen"] = int(tokens)

@@ -39,6 +39,8 @@ class Hardware:
     gpus: list[GPU] = field(default_factory=list)
     cpu_physical_cores: int | None = None
     cpu_model: str = ""
+    cpu_flags: list[str] = field(default_factory=list)   # AVX2 / AVX-512 / AMX present
+    mps: bool = False                                     # Apple silicon (PyTorch MPS), noted only
     os: str = ""
     probe_notes: list[str] = field(default_factory=list)   # why a GPU source was skipped, for preflight
 
@@ -63,7 +65,8 @@ class Hardware:
             if bad:
                 raise KeyError(", ".join(sorted(f"gpus.{b}" for b in bad)))
             gpus.append(GPU(**g))
-        return cls(**{**data, "gpus": gpus, "probe_notes": list(data.get("probe_notes") or [])})
+        return cls(**{**data, "gpus": gpus, "probe_notes": list(data.get("probe_notes") or []),
+                      "cpu_flags": list(data.get("cpu_flags") or [])})
 
 
 def probe(run_dir: Path | None = None) -> Hardware:

@@ -243,7 +243,8 @@ def render(report: dict, console) -> None:
                   f"{arch}  bf16={'yes' if g['bf16'] else 'no'}")
     if not hw["gpus"]:
         t.add_row("GPU", "none")
-    t.add_row("CPU", f"{hw.get('cpu_model') or '?'}  {hw['cpu_count']} threads")
+    t.add_row("CPU", f"{hw.get('cpu_model') or '?'}  {hw['cpu_count']} threads  "
+              f"{' '.join(hw.get('cpu_flags') or []) or 'no AVX2'}" + ("  Apple MPS" if hw.get("mps") else ""))
     t.add_row("RAM", f"{_gib(hw['ram_available_bytes'])} free of {_gib(hw['ram_total_bytes'])}")
     t.add_row("swap", f"{_gib(hw['swap_free_bytes'])} free of {_gib(hw['swap_total_bytes'])}")
     t.add_row("disk", f"{_gib(hw['disk_free_bytes'])} free")

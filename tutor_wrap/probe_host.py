@@ -43,6 +43,27 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return m.group(1).strip() if m else (platform.processor() or "")
 
 
+# The instruction sets that decide CPU speed for training and llama.cpp: AVX2/FMA for any useful fp32 GEMM,
+# AVX-512 (and its BF16/VNNI parts) and AMX for the fast bf16/int8 paths on recent Xeons.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return []
+    m = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    have = set(m.group(1).split()) if m else set()
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def apple_mps() -> bool:
+    """Apple silicon: PyTorch's MPS backend exists there (noted only: Axolotl does not train on it here)."""
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
 def existing_dir(path: Path | None) -> Path:
     """The nearest existing ancestor: the run dir may not exist yet, its disk does."""
     where = Path(path) if path else Path.cwd()
@@ -59,6 +80,8 @@ def host(run_dir: Path | None = None) -> dict:
         "cpu_count": os.cpu_count() or 1,
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "mps": apple_mps(),
         "ram_total_bytes": int(vm.total),
         "ram_available_bytes": int(vm.available),
         "swap_total_bytes": int(sw.total),

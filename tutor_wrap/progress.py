@@ -22,7 +22,7 @@ class TrainProgress:
         self._plain_every = plain_every_s
         self._last_plain = 0.0
         self._printed_step = -1
-        self._tokens0: tuple[float, int] | None = None
+        self._tok_rate: float | None = None
         self._bar: Progress | None = None
         self._task = None
         if console.is_terminal:
@@ -57,10 +57,8 @@ class TrainProgress:
             parts.append(f"loss {r['loss']:.4f}")
         if "learning_rate" in r:
             parts.append(f"lr {r['learning_rate']:.2e}")
-        if "tokens_seen" in r and self._tokens0:
-            dt = r["time"] - self._tokens0[0]
-            if dt > 0:
-                parts.append(f"{(r['tokens_seen'] - self._tokens0[1]) / dt:.0f} tok/s")
+        if self._tok_rate:
+            parts.append(f"{self._tok_rate:.0f} tok/s")
         if "gpu_max_reserved_bytes" in r:
             parts.append(f"GPU {r['gpu_max_reserved_bytes'] / GIB:.1f} GiB")
         return "  ".join(parts)
@@ -72,8 +70,9 @@ class TrainProgress:
             if row.get("event") == "begin" and row.get("resumed_from_step"):
                 self.console.print(f"train: resumed at step {row['resumed_from_step']}")
             if row.get("event") == "log":
-                if "tokens_seen" in row and self._tokens0 is None:
-                    self._tokens0 = (row["time"], row["tokens_seen"])
+                # Axolotl logs the tokens of each logging step; rate = those tokens / time since the last log.
+                if "tokens/total" in row and self._last.get("time") and row["time"] > self._last["time"]:
+                    self._tok_rate = row["tokens/total"] / (row["time"] - self._last["time"])
                 self._last = row
             if row.get("event") == "checkpoint":
                 self.console.print(f"train: checkpoint saved at step {row['step']}")

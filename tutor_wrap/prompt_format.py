@@ -135,7 +135,7 @@ CHATML = ChatML(
         "{{- if .Messages }}\n"
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
         "{{ .Content }}<|im_end|>\n"
-        "{{ end }}<|im_start|>assistant"
+        "{{ end }}<|im_start|>assistant\n"
         "{{ else }}\n"
         "{{- if .System }}<|im_start|>system\n"
         "{{ .System }}<|im_end|>\n"

@@ -29,7 +29,12 @@ def cmd_run(args) -> int:
 
     recipe = load_recipe(args.recipe)
     console = _console()
-    manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, until=args.until, console=console)
+    machines = None
+    if args.num_machines > 1:
+        machines = {"num_machines": args.num_machines, "machine_rank": args.machine_rank,
+                    "main_process_ip": args.main_process_ip, "main_process_port": args.main_process_port}
+    manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, until=args.until, machines=machines,
+                            console=console)
     from tutor_wrap.pipeline import default_run_dir
 
     print_summary(manifest, (args.run_dir or default_run_dir(recipe)).resolve(), console)
@@ -87,6 +92,7 @@ def cmd_plan(args) -> int:
         if plan.memory:
             console.print(_memory_table(plan.memory, plan.budget_gib))
     if args.out:
+        axolotl_config.write_sidecars(cfg)  # the DeepSpeed JSON the YAML points to, when the plan shards
         dropped = [] if args.no_validate else axolotl_config.validate(cfg, source=str(recipe.source))
         if dropped:
             raise TutorWrapError(f"{recipe.source}: Axolotl would silently ignore {', '.join(dropped)}",
@@ -203,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, default=None, help="default: runs/<recipe name>/")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and everything after it")
     r.add_argument("--until", choices=STAGES, help="stop after this stage (run again without it to go on)")
+    mm = r.add_argument_group("several machines (run the same command on each, with its own --machine-rank)")
+    mm.add_argument("--num-machines", type=int, default=1)
+    mm.add_argument("--machine-rank", type=int, default=0)
+    mm.add_argument("--main-process-ip")
+    mm.add_argument("--main-process-port", type=int, default=29500)
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the planned knobs and write the Axolotl YAML")

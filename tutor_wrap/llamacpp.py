@@ -138,6 +138,9 @@ def metadata(gguf_path: Path) -> dict:
     }
 
 
+COMPLETION_TRIES = 10
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -149,13 +152,12 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, ctx: int
              timeout: float = 300) -> Completion:
     """Greedy completion of a raw prompt (no chat template), as the model was trained."""
     args = [str(ll.tool("llama-completion")), "-m", str(model), "-p", prompt, "-n", str(n_predict), "-c", str(ctx),
-            "--temp", "0", "--seed", str(seed), "-no-cnv", "--no-display-prompt", "--no-escape", "-t", str(max(1, os.cpu_count() or 1))]
-    # Seen with the pinned build on 2-layer test models: with several threads, llama-completion sometimes exits
-    # with code 0 before writing anything, not even its perf summary (17 of 40 runs with -t 2, 0 of 30 with -t 1).
-    # Such a run is incomplete, not empty: run it again single-threaded.
-    for threads in (None, 1, 1):
-        if threads is not None:
-            args[args.index("-t") + 1] = str(threads)
+            "--temp", "0", "--seed", str(seed), "-no-cnv", "--no-display-prompt", "--no-escape", "--log-colors", "off", "-t", str(max(1, os.cpu_count() or 1))]
+    # llama.cpp's logger (common/log.cpp) pauses and restarts its writer thread when settings such as colours
+    # change; in the pinned build a run sometimes loses everything logged after that, generated text and perf
+    # summary included, and still exits 0 (seen here: 36 of 40 runs with --log-colors on, 6 of 40 with off).
+    # Such a run is incomplete, not empty: it is detected by the missing perf summary and run again.
+    for _ in range(COMPLETION_TRIES):
         proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
         if proc.returncode != 0 or b"common_perf_print" in proc.stderr:
             break
@@ -163,7 +165,7 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, ctx: int
         raise TutorWrapError(f"llama-completion failed on {model.name} (exit {proc.returncode}):\n"
                              + proc.stderr.decode("utf-8", "replace")[-1500:])
     if b"common_perf_print" not in proc.stderr:
-        raise TutorWrapError(f"llama-completion on {model.name} exited without finishing its output, 3 times",
+        raise TutorWrapError(f"llama-completion on {model.name} exited without finishing its output, {COMPLETION_TRIES} times",
                              hint="run it by hand to see why: " + " ".join(args[:3]))
     out = proc.stdout.decode("utf-8", "replace")
     err = proc.stderr.decode("utf-8", "replace")

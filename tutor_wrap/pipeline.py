@@ -36,7 +36,7 @@ def _downstream(name: str) -> list[str]:
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
-                 until: str | None = None, hardware: Hardware | None = None, console: Console | None = None) -> dict:
+                 until: str | None = None, machines: dict | None = None, hardware: Hardware | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     run = RunDir.create(run_dir or default_run_dir(recipe))
     hw = hardware or probe(run.path)
@@ -46,7 +46,7 @@ def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
         run.invalidate_from(_downstream(from_stage))
-    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console)
+    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console, machines=machines)
     for stage in STAGES:
         fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
         rec = run.stage(stage.NAME)

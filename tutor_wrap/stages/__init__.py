@@ -22,6 +22,8 @@ class Context:
     run: RunDir
     hardware: Hardware
     console: Console
+    # Several machines: num_machines, machine_rank, main_process_ip, main_process_port (passed to accelerate).
+    machines: dict | None = None
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,8 @@ _SIZE_RATIO = {"Q8_0": 0.55, "Q6_K": 0.43, "Q5_K_M": 0.37, "Q5_K_S": 0.36, "Q5_0
                "Q4_K_M": 0.32, "Q4_K_S": 0.30, "Q4_0": 0.29, "Q4_1": 0.32, "IQ4_NL": 0.30, "IQ4_XS": 0.28,
                "Q3_K_L": 0.28, "Q3_K_M": 0.26, "Q3_K_S": 0.23, "Q2_K": 0.21}
 _UNSUPPORTED = ("is not supported", "Model ", "NotImplementedError")
+# How a full disk shows up: ENOSPC from Python, numpy's short write in the converter, llama.cpp's write errors.
+_DISK_FULL = re.compile(r"No space left on device|Errno 28|requested and \d+ written|failed to write|short write")
 
 
 def check_convertible(model_dir: Path) -> dict:
@@ -52,7 +55,7 @@ def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: st
         if any(s in text for s in _UNSUPPORTED) and "architecture" in text.lower():
             raise TutorWrapError(f"export: llama.cpp's converter does not support this architecture; log: {log}",
                                  hint="pick a base model llama.cpp supports (Llama, Mistral, Qwen2, Gemma, Phi...)")
-        if "No space left on device" in text:
+        if _DISK_FULL.search(text):
             raise TutorWrapError(f"export: the disk filled up while writing {out.name}; nothing was kept", hint="free disk and re-run")
         raise TutorWrapError(f"export: convert_hf_to_gguf.py failed (exit {proc.returncode}); log: {log}\n{tail(log, 12)}")
     os.replace(tmp, out)
@@ -103,7 +106,7 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
         rc, counts, text = llamacpp.quantize(ll, f16, tmp, q, log)
         if rc != 0 or not tmp.is_file():
             tmp.unlink(missing_ok=True)
-            if "No space left" in text:
+            if _DISK_FULL.search(text):
                 raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
             raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
         os.replace(tmp, out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tutor_wrap import atomic
+from tutor_wrap.distributed import accelerate_args
 from tutor_wrap.errors import TutorWrapError
 from tutor_wrap.metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
 from tutor_wrap.proc import die_with_parent, tail, tool_env
@@ -76,10 +77,10 @@ def inputs(ctx: Context) -> dict:
     return {"axolotl_yml": file_sha256(yml) if yml.exists() else None}
 
 
-def launch_args(cfg_path: Path, num_processes: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "axolotl.cli.train", str(cfg_path)]
+def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None) -> list[str]:
+    # Precision comes from the Axolotl YAML (bf16/fp16 keys), so accelerate's own mixed precision stays off.
+    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(plan, machines),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(cfg_path)]
 
 
 MAX_OOM_RETRIES = 3
@@ -140,10 +141,10 @@ def reap_leftover_trainer(train_dir: Path) -> int:
     return len(pids)
 
 
-def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_path: Path, num_processes: int) -> int:
+def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_path: Path, plan: dict) -> int:
     launch_yml = train_dir / "axolotl.launch.yml"
     atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
-    args = launch_args(launch_yml, num_processes)
+    args = launch_args(launch_yml, plan, ctx.machines)
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -204,7 +205,7 @@ def run(ctx: Context) -> StageResult:
             _note(log, ctx, f"resuming from {resumed_from.name} (the last complete checkpoint): {resumed_from}")
         elif not attempts:
             metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
-        rc = _launch(ctx, launch_cfg, train_dir, log, metrics_path, int(plan.get("num_processes", 1)))
+        rc = _launch(ctx, launch_cfg, train_dir, log, metrics_path, plan)
         knobs = {k: launch_cfg.get(k) for k in ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")}
         if rc == 0:
             attempts.append({**knobs, "outcome": "ok"})

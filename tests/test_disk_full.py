@@ -1,0 +1,38 @@
+"""A disk that fills up during export: a real 2 MB tmpfs, the real converter and quantizer."""
+
+import os
+import subprocess
+
+import pytest
+
+from tutor_wrap import llamacpp
+from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.stages.export import convert_model, export_model
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_converter_running_out_of_disk_leaves_nothing_behind(tiny_model, small_disk, tmp_path):
+    out = small_disk / "tiny-F16.gguf"   # the f16 GGUF is ~3.5 MB: it cannot fit in 2 MB
+    with pytest.raises(TutorWrapError) as exc:
+        convert_model(llamacpp.locate(), tiny_model, out, "f16", tmp_path / "export.log")
+    assert "disk filled up" in str(exc.value) and "nothing was kept" in str(exc.value)
+    assert list(small_disk.iterdir()) == []  # no final file, no .partial
+
+
+def test_export_checks_free_disk_before_writing(tiny_model, small_disk, tmp_path):
+    with pytest.raises(TutorWrapError) as exc:
+        export_model(tiny_model, small_disk, "tiny", ["Q4_K_M"], "cpu", 256, tmp_path / "export.log")
+    assert "needs about" in str(exc.value) and "free" in str(exc.value)
+    assert list(small_disk.iterdir()) == []

@@ -124,3 +124,28 @@ def test_second_run_skips_finished_stages(finished_run, tmp_path):
     proc = run_cli("run", str(recipe), "--run-dir", str(run), cwd=run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("inputs unchanged; skipped") == len(STAGES)
+
+
+def _redone(stdout: str) -> list[str]:
+    return [s for s in STAGES if f"✓ {s}: done before" not in stdout]
+
+
+def test_editing_the_recipe_redoes_exactly_the_stages_it_affects(finished_run):
+    run, _ = finished_run
+    recipe = run.parent / "tiny.yml"
+    data = yaml.safe_load(recipe.read_text())
+    data["ollama"]["parameters"]["temperature"] = 0.7
+    recipe.write_text(yaml.safe_dump(data))
+    proc = run_cli("run", str(recipe), "--run-dir", str(run), cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _redone(proc.stdout) == ["deploy"]
+    assert "PARAMETER temperature 0.7" in (run / "deploy/Modelfile").read_text()
+
+
+def test_from_stage_redoes_it_and_the_stages_that_read_it(finished_run):
+    run, _ = finished_run
+    before = (run / "export/tiny-Q4_K_M.gguf").stat().st_mtime_ns
+    proc = run_cli("run", str(run.parent / "tiny.yml"), "--run-dir", str(run), "--from", "export", cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _redone(proc.stdout) == ["export", "deploy", "eval"]
+    assert (run / "export/tiny-Q4_K_M.gguf").stat().st_mtime_ns > before

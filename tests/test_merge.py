@@ -234,7 +234,7 @@ def test_refusal_for_disk_names_what_to_free(tiny_model, adapter, tmp_path):
 def test_legacy_refusal_points_to_memory_efficient(tmp_path):
     gb = 10**9
     hw = small(load_profile("rtx3060-12gb"), ram_gib=6.8, swap_gib=4.0)
-    shards = [5 * gb, 5 * gb, 5 * gb, 1 * gb]  # an 8B model in bf16
+    shards = [2 * gb] * 8  # an 8B model in bf16, 2 GB shards
     legacy = merge_stage.predict_sizes(shards, 80 * 10**6, hw, "legacy")
     eff = merge_stage.predict_sizes(shards, 80 * 10**6, hw, "memory_efficient")
     assert not legacy.fits and eff.fits  # the seed report's "Killed" merge, and the way out of it
@@ -264,14 +264,43 @@ def test_stage_refusal_leaves_no_merge_dir(tiny_model, adapter, tmp_path):
 
 def test_prediction_uses_the_largest_shard_and_the_whole_model():
     hw = load_profile("cpu-only")
-    mb = 10**6
+    mb, gb = 10**6, 10**9
     shards = [270 * mb] * 5 + [250 * mb]
     eff = merge_stage.predict_sizes(shards, 40 * mb, hw, "memory_efficient")
     legacy = merge_stage.predict_sizes(shards, 40 * mb, hw, "legacy")
-    assert eff.predicted_peak_rss_bytes == merge_stage.predict_sizes([270 * mb], 40 * mb, hw, "memory_efficient").predicted_peak_rss_bytes
-    assert legacy.predicted_peak_rss_bytes > sum(shards)
-    assert eff.predicted_peak_rss_bytes <= 0.5 * legacy.predicted_peak_rss_bytes
+    # the same bytes in shards twice as big: memory_efficient pays 3x the extra shard size, legacy 1x
+    eff2 = merge_stage.predict_sizes([540 * mb] * 2 + [520 * mb], 40 * mb, hw, "memory_efficient")
+    legacy2 = merge_stage.predict_sizes([540 * mb] * 2 + [520 * mb], 40 * mb, hw, "legacy")
+    assert eff2.predicted_peak_rss_bytes - eff.predicted_peak_rss_bytes == pytest.approx(
+        merge_stage.EFFICIENT_SHARD_FACTOR * 270 * mb, rel=1e-6)
+    assert legacy2.predicted_peak_rss_bytes - legacy.predicted_peak_rss_bytes == pytest.approx(
+        merge_stage.LEGACY_SHARD_FACTOR * 270 * mb, rel=1e-6)
+    assert legacy.predicted_peak_rss_bytes > merge_stage.RUNTIME_BYTES + sum(shards)
+    assert eff.predicted_peak_rss_bytes < legacy.predicted_peak_rss_bytes
     assert eff.disk_needed_bytes == legacy.disk_needed_bytes == sum(shards)
+    # same 16 GB model: the memory-efficient peak follows the shard size, legacy does not
+    five = merge_stage.predict_sizes([5 * gb] * 3 + [1 * gb], 0, hw, "memory_efficient").predicted_peak_rss_bytes
+    two = merge_stage.predict_sizes([2 * gb] * 8, 0, hw, "memory_efficient").predicted_peak_rss_bytes
+    assert five - two == pytest.approx(merge_stage.EFFICIENT_SHARD_FACTOR * 3 * gb, rel=1e-6)
+    # calibration points (bench/results/merge-cpu*.csv): (method, total, largest shard, adapter, measured peaks)
+    for method, total, largest, adapter, measured in [
+            ("memory_efficient", 1598154128, 299920280, 32824832, (1778167808, 1852092416)),
+            ("memory_efficient", 1598154080, 598774456, 32824832, (2083778560, 2566361088)),
+            ("memory_efficient", 981536104, 290465472, 17674848, (1432633344, 1750962176)),
+            ("legacy", 1598154128, 299920280, 32824832, (2845405184, 2858446848)),
+            ("legacy", 981536104, 290465472, 17674848, (2177384448, 2104369152))]:
+        n, rest = divmod(total, largest)
+        pred = merge_stage.predict_sizes([largest] * n + [rest], adapter, hw, method).predicted_peak_rss_bytes
+        # never more than 10% under the largest measurement (a refusal must not let a merge be killed) ...
+        assert pred >= 0.9 * max(measured), (method, total, largest)
+        # ... and within the measurements' own spread (up to 23% between identical memory_efficient runs)
+        assert pred <= 1.3 * min(measured), (method, total, largest)
+
+
+def test_prediction_matches_the_tiny_merge(merged, tiny_model):
+    """The runtime constant is the tiny model's measured peak: within 15% here too."""
+    _, report = merged
+    assert abs(report["prediction_error_pct"]) <= 15, report
 
 
 def test_merge_config_pins_the_base_dtype_and_fills_schema_keys(tiny_model, adapter, tmp_path):

@@ -33,16 +33,16 @@ def by(verdicts, stage, resource=None):
     return next(v for v in verdicts if v["stage"] == stage and v.get("resource") == resource)
 
 
-def test_reference_machine_merge_is_tight_and_says_how_to_raise_wsl(tmp_path):
+def test_reference_machine_merge_wont_fit_and_says_how_to_raise_wsl(tmp_path):
     base = fake_model(tmp_path / "llama3-8b")
     v = preflight.stage_verdicts(recipe(base), profiles.load_profile("rtx3060-12gb"))
     train = by(v, "train", "VRAM")
     assert train["resource"] == "VRAM" and train["verdict"] in ("fits", "tight") and train["needs_bytes"] < 12 * GIB
     ram = by(v, "merge", "RAM+swap")
-    # memory_efficient: 1.2 GiB runtime + twice the largest shard (5.0 GB) = 10.5 GiB against 6.8 GiB free RAM +
-    # 4 GiB swap under WSL's default caps: within 10%, so "tight", and the advice is to raise WSL's limits.
-    assert ram["verdict"] == "tight"
-    assert 10 * GIB < ram["needs_bytes"] <= ram["has_bytes"] < 11 * GIB
+    # memory_efficient, calibrated in bench/ (merge_bench.py): 0.75 GiB runtime + 3 x the largest shard (5.0 GB)
+    # = 14.7 GiB against 6.8 GiB free RAM + 4 GiB swap under WSL's default caps: the seed report's killed merge.
+    assert ram["verdict"] == "won't fit"
+    assert 14 * GIB < ram["needs_bytes"] < 15.5 * GIB and ram["has_bytes"] < 11 * GIB
     assert "[wsl2]" in ram["remedy"] and "memory=12GB" in ram["remedy"] and "wsl --shutdown" in ram["remedy"]
     assert by(v, "export", "disk")["verdict"] == "fits"
 

@@ -152,7 +152,7 @@ def cmd_preflight(args) -> int:
 def cmd_merge(args) -> int:
     import yaml
 
-    from tutor_wrap.hardware import probe
+    from tutor_wrap.profiles import resolve_hardware
     from tutor_wrap.stages.merge import merge
 
     out = Path(args.out).resolve()
@@ -160,10 +160,12 @@ def cmd_merge(args) -> int:
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
     cfg.setdefault("base_model", str(Path(args.base).resolve()))
     cfg.setdefault("adapter", "lora")
-    report = merge(Path(args.base).resolve(), Path(args.adapter).resolve(), out, cfg, probe(out.parent),
-                   method=args.method, log=out.parent / f"{out.name}.merge.log")
+    hw = resolve_hardware(args.hardware, out.parent)
+    report = merge(Path(args.base).resolve(), Path(args.adapter).resolve(), out, cfg, hw,
+                   method=args.method, log=out.parent / f"{out.name}.merge.log", verify=not args.no_verify)
     print(json.dumps(report, indent=2) if args.json else
-          f"merged into {out} ({report['method']}, peak RSS {report['measured_peak_rss_bytes'] / 2**30:.2f} GiB)")
+          f"merged into {out} ({report['method']}, peak RSS {report['measured_peak_rss_bytes'] / 2**30:.2f} GiB, "
+          f"verification {(report.get('verification') or {}).get('status', 'off')})")
     return 0
 
 
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--method", choices=("auto", "memory_efficient", "legacy"), default="auto")
+    m.add_argument("--hardware", help="a profile name or file instead of probing this machine (a refusal writes nothing)")
+    m.add_argument("--no-verify", action="store_true", help="skip comparing the merged model with base + adapter")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_merge)
 

@@ -20,10 +20,13 @@ logits (when base + adapter in fp32 fit the RAM budget, else "skipped: needs X G
     Next-token logits of the merged model against base + adapter through PEFT (unmerged), on INPUTS fixed token
     sequences, one model loaded at a time (peak = one fp32 model + the adapter + ~1 GiB runtime). Passes when
     max|merged - reference| <= RTOL_LOGITS[dtype] * max|reference| + 1e-4. With an fp32 merged model the only
-    difference is summation order (measured ~1e-6 relative), so 1e-4 is a wide margin that a dropped adapter
-    still fails. A bf16 merged model rounds every adapted weight once more (relative 2^-9 each); the logits
-    then drift by about 0.3-1% of their largest value (measured, see bench/README.md), so bf16/fp16 get 3e-2:
-    above rounding noise, below an adapter that was not merged or a weight that was changed.
+    difference is summation order (measured ~1e-6 relative on the tiny test model), so 1e-4 is a wide margin
+    that a dropped adapter or a changed weight still fails. A 16-bit merged model rounds every adapted weight once
+    more (relative 2^-9 each, bf16); the logits then drift by a few tenths of a percent per layer: 1.2% of their
+    largest value on bench/merge_bench.py's 13-layer bf16 model (top-1 agreement 99.2%); deeper models should
+    drift more (roughly with sqrt(depth); not measured here). bf16/fp16 get 5e-2: 4x the measured noise, below
+    what an unmerged adapter does to any adapter worth merging (34% on the bench model); a weaker adapter's
+    merge is still checked element by element by the weight check.
     `adapter_effect` (max|reference - base|) is recorded too: a merge that changed nothing fails whenever the
     adapter's own effect exceeds the tolerance, and the report shows by how much.
 
@@ -47,7 +50,7 @@ from pathlib import Path
 GIB = 1024**3
 RUNTIME_BYTES = 1 * GIB          # python + torch + transformers + peft imported, measured ~0.8 GiB
 INPUTS = (4, 32)                 # sequences x tokens of the logits check
-RTOL_LOGITS = {"F32": 1e-4, "BF16": 3e-2, "F16": 3e-2}
+RTOL_LOGITS = {"F32": 1e-4, "BF16": 5e-2, "F16": 5e-2}
 ATOL_LOGITS = 1e-4
 RTOL_WEIGHT = {"F32": 4 * 2.0**-24, "BF16": 4 * 2.0**-8, "F16": 4 * 2.0**-11}  # 4 unit roundoffs
 ATOL_WEIGHT_OF_DELTA = 1e-5
@@ -195,7 +198,8 @@ def check_weights(base: Path, adapter: Path, merged: Path) -> dict:
                                                         f"(max abs diff {float(err.max()):.3g}, "
                                                         f"max |delta| {float(delta.abs().max()):.3g})"})
                 del delta, expected, err, allowed
-            elif not torch.equal(m, b_raw.to(m_raw.dtype).to(torch.float32)):
+            elif not (torch.equal(m_raw, b_raw) if m_raw.dtype == b_raw.dtype
+                      else torch.equal(m, b_raw.to(m_raw.dtype).to(torch.float32))):
                 failures.append({"key": key, "why": f"not adapted but changed (max abs diff {float((m - b).abs().max()):.3g})"})
             del m, b, m_raw, b_raw
     handles.clear()
@@ -251,11 +255,11 @@ def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
     dtype = param_stats(merged)["dtype"] or "F32"
     diff = (got - ref).abs()
     max_abs, ref_max = float(diff.max()), float(ref.abs().max())
-    tol = RTOL_LOGITS.get(dtype, 3e-2) * ref_max + ATOL_LOGITS
+    tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
     return {
         "status": "passed" if max_abs <= tol and torch.isfinite(got).all() else "failed",
         "max_abs_diff": max_abs, "mean_abs_diff": float(diff.mean()), "rel_err": max_abs / ref_max if ref_max else None,
-        "tolerance": tol, "rtol": RTOL_LOGITS.get(dtype, 3e-2), "atol": ATOL_LOGITS, "merged_dtype": dtype,
+        "tolerance": tol, "rtol": RTOL_LOGITS.get(dtype, 5e-2), "atol": ATOL_LOGITS, "merged_dtype": dtype,
         "reference_max_abs": ref_max, "adapter_effect": float((ref - plain).abs().max()),
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab,

@@ -205,8 +205,8 @@ def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[di
         merged_bytes = b.disk_needed_bytes
         ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
                        _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes, wsl),
-                       f"axolotl merge-lora (memory_efficient) holds the largest shard twice plus the adapter and "
-                       f"~1.2 GiB of runtime (sizes from {sizes_from}); a whole-model (legacy) merge, as in the "
+                       f"axolotl merge-lora (memory_efficient) peaks at about 3x the largest shard plus the adapter and "
+                       f"~0.75 GiB of runtime (bench/merge_bench.py) (sizes from {sizes_from}); a whole-model (legacy) merge, as in the "
                        f"seed report, would need {_gib(legacy.predicted_peak_rss_bytes)}; RAM "
                        f"{_gib(hw.ram_available_bytes)} free + swap {_gib(hw.swap_free_bytes)} free")
         disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,

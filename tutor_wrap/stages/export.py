@@ -22,7 +22,6 @@ DEPENDS = ("merge",)
 _SIZE_RATIO = {"Q8_0": 0.55, "Q6_K": 0.43, "Q5_K_M": 0.37, "Q5_K_S": 0.36, "Q5_0": 0.36, "Q5_1": 0.39,
                "Q4_K_M": 0.32, "Q4_K_S": 0.30, "Q4_0": 0.29, "Q4_1": 0.32, "IQ4_NL": 0.30, "IQ4_XS": 0.28,
                "Q3_K_L": 0.28, "Q3_K_M": 0.26, "Q3_K_S": 0.23, "Q2_K": 0.21}
-_UNSUPPORTED = ("is not supported", "Model ", "NotImplementedError")
 # How a full disk shows up: ENOSPC from Python, numpy's short write in the converter, llama.cpp's write errors.
 _DISK_FULL = re.compile(r"No space left on device|Errno 28|requested and \d+ written|failed to write|short write")
 
@@ -52,9 +51,12 @@ def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: st
             raise TutorWrapError("export: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer",
                                  hint="use a newer llama.cpp (LLAMA_CPP_DIR) that knows it, or a base model whose tokenizer "
                                       f"it supports; log: {log}")
-        if any(s in text for s in _UNSUPPORTED) and "architecture" in text.lower():
-            raise TutorWrapError(f"export: llama.cpp's converter does not support this architecture; log: {log}",
-                                 hint="pick a base model llama.cpp supports (Llama, Mistral, Qwen2, Gemma, Phi...)")
+        unsupported = re.search(r"Model (\S+) is not supported", text)
+        if unsupported:
+            raise TutorWrapError(f"export: llama.cpp's converter does not support the architecture "
+                                 f"{unsupported.group(1)} ({model_dir / 'config.json'}); log: {log}",
+                                 hint="pick a base model llama.cpp supports (Llama, Mistral, Qwen2, Gemma, Phi...), "
+                                      "or a newer llama.cpp via LLAMA_CPP_DIR")
         if _DISK_FULL.search(text):
             raise TutorWrapError(f"export: the disk filled up while writing {out.name}; nothing was kept", hint="free disk and re-run")
         raise TutorWrapError(f"export: convert_hf_to_gguf.py failed (exit {proc.returncode}); log: {log}\n{tail(log, 12)}")

@@ -1,7 +1,15 @@
-"""Merge stage: check RAM and disk first, then `axolotl merge-lora`, then fix what it copies from the base.
+"""Merge stage: check RAM and disk first, then `axolotl merge-lora`, then fix what it copies, then verify.
 
-Axolotl copies tokenizer and config files from the *base model* folder; training may have changed the tokenizer
-(added pad or special tokens), so the trained ones are copied over the merged output afterwards.
+1. `choose_method` predicts the peak RSS (`predict_sizes`, from the real shard sizes) and the disk the merged
+   model takes; if that does not fit RAM + swap (as WSL caps them) or the disk, TutorWrapError with the numbers
+   and the remedy, before any file or folder exists.
+2. `axolotl merge-lora` (memory_efficient by default) into a hidden work dir, peak RSS measured by the kernel.
+3. Axolotl copies tokenizer and config files from the *base model* folder; training may have changed the
+   tokenizer (added pad or special tokens), so the trained ones are copied over the merged output; a
+   `quantization_config` (QLoRA base) is removed so the merged model loads as plain weights.
+4. `python -m tutor_wrap.merge_verify` in a subprocess: the merged model against base + adapter through PEFT
+   (logits, fp32) and tensor by tensor. A mismatch fails the stage and nothing is kept; the result goes into
+   merge/report.json under `verification`.
 """
 
 from __future__ import annotations
@@ -46,10 +54,12 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-# Calibrated with bench/merge_bench.py (bench/README.md "Merge benchmark"): see predict_sizes.
-RUNTIME_BYTES = int(0.8 * GIB)     # `axolotl merge-lora` on a tiny model: torch + transformers + axolotl imported
-EFFICIENT_SHARD_FACTOR = 2.0       # memory_efficient: the shard read + its merged copy
-LEGACY_FACTOR = 1.1                # legacy: the whole model in its own dtype, plus save_pretrained's overhead
+# Calibrated with bench/merge_bench.py (bench/README.md "Merge benchmark"); see predict_sizes.
+RUNTIME_BYTES = int(0.75 * GIB)    # `axolotl merge-lora` of the 7 MB test model: 0.75-0.76 GiB peak RSS, either method
+EFFICIENT_TOTAL_FACTOR = 0.0       # memory_efficient: nothing scales with the whole model ...
+EFFICIENT_SHARD_FACTOR = 3.0       # ... the shard being merged, 2-3.4x (see predict_sizes)
+LEGACY_TOTAL_FACTOR = 1.08         # legacy: the whole model in its own dtype, +8%
+LEGACY_SHARD_FACTOR = 1.0          # ... plus save_pretrained's staging of one shard
 ADAPTER_FACTOR = 1.0               # the adapter state dict, loaded whole
 
 
@@ -63,18 +73,25 @@ def predict(model_dir: Path, adapter_dir: Path, hw: Hardware, method: str) -> Me
 def predict_sizes(shards: list[int], adapter: int, hw: Hardware, method: str) -> MergeBudget:
     """Peak host RAM (RSS) of each merge method from shard sizes; disk = the merged model (the base's size).
 
-    memory_efficient = runtime + EFFICIENT_SHARD_FACTOR x largest shard + adapter: Axolotl reads one shard whole,
-    builds its merged copy, writes it and frees both before the next shard; the adapter is loaded once.
-    legacy = runtime + LEGACY_FACTOR x all shards + adapter: the whole model (merge() pins the load dtype to the
-    base's own, so in-memory bytes = bytes on disk) plus save_pretrained's per-shard staging.
-    `runtime` is the RSS of a merge of a 7 MB model. The constants are fitted to bench/merge_bench.py's
-    measurement (1.6 GB bf16 Llama in 6 shards) and checked against the tiny test model.
+    Both methods: runtime + a x all shards + b x largest shard + adapter, fitted to the peak RSS that
+    bench/merge_bench.py measured on synthetic bf16 Llamas (1.6 GB in 6 x 300 MB and in 3 x 600 MB shards,
+    0.98 GB in 4 x 290 MB; two runs each, bench/README.md "Merge benchmark"):
+    memory_efficient: a = 0, b = 3.0. Axolotl reads one shard through a memory map, copies its tensors and
+    builds the merged copies before writing; the measured peak was 2.1-3.4 x the largest shard above the
+    runtime, varying between identical runs by up to 23% (the mapped file pages count in RSS only while the
+    kernel keeps them; other jobs ran on the machine). b = 3.0 sits at the top of that range: a refusal should
+    not be wrong the other way. So the peak follows the *largest shard*, not the model: 16 GB in 5 GB shards
+    needs ~14.8 GiB, in 2 GB shards ~6.4 GiB.
+    legacy: a = 1.08, b = 1.0 (repeatable to 1%): the whole model (merge() pins the load dtype to the base's
+    own, so bytes in memory = bytes on disk) plus one shard of save_pretrained staging.
+    runtime = 0.75 GiB: the peak of merging the 7 MB test model (the imports, either method).
     """
-    total = sum(shards)
+    total, largest = sum(shards), (max(shards) if shards else 0)
     if method == "legacy":
-        peak = RUNTIME_BYTES + int(total * LEGACY_FACTOR) + int(adapter * ADAPTER_FACTOR)
+        peak = RUNTIME_BYTES + LEGACY_TOTAL_FACTOR * total + LEGACY_SHARD_FACTOR * largest
     else:
-        peak = RUNTIME_BYTES + int(EFFICIENT_SHARD_FACTOR * (max(shards) if shards else 0)) + int(adapter * ADAPTER_FACTOR)
+        peak = RUNTIME_BYTES + EFFICIENT_TOTAL_FACTOR * total + EFFICIENT_SHARD_FACTOR * largest
+    peak = int(peak + ADAPTER_FACTOR * adapter)
     usable = hw.ram_available_bytes + hw.swap_free_bytes
     return MergeBudget(method, peak, total, usable, hw.disk_free_bytes)
 

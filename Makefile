@@ -4,12 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tutor_wrap-installed
-LLAMA  := .cache/llama.cpp/BUILD_OK.json
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test clean-runs go-toolchain
+.PHONY: setup demo test clean-runs go-toolchain llamacpp
 
-setup: $(STAMP) $(LLAMA)
+setup: $(STAMP) llamacpp
 
 # torch first, pinned: the CPU wheel on these machines; a bare `torch` requirement could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,13 +18,15 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-$(LLAMA):
-	$(PYTHON) tools/build_llamacpp.py
+# Always asked: the script checks its pinned sdist and every tool it must provide in well under a second, and
+# builds only what is missing (a checkout from before a tool was added gets it).
+llamacpp:
+	@$(PYTHON) tools/build_llamacpp.py
 
 $(SMOL): $(STAMP)
 	$(VPY) tools/fetch_smollm2.py
 
-demo: $(STAMP) $(LLAMA) $(SMOL)
+demo: $(STAMP) llamacpp $(SMOL)
 	$(VPY) -m tutor_wrap run recipes/demo.yml
 
 # Go renders Modelfile templates exactly as Ollama does, for the train/serve parity test (Debian's golang-go).
@@ -33,7 +34,7 @@ go-toolchain:
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
-test: $(STAMP) $(LLAMA) go-toolchain
+test: $(STAMP) llamacpp go-toolchain
 	$(VPY) -m pytest -q
 
 clean-runs:

@@ -16,7 +16,7 @@ STAGES = ["plan", "train", "merge", "export", "deploy", "eval"]
 
 # One short answer to learn: enough signal that a 2-layer model learns to answer and stop within a few steps.
 TRAIN = [{"instruction": f"Say ok to request {i}.", "input": "", "output": "ok"} for i in range(24)]
-EVAL = [{"instruction": f"Say ok to request {i}."} for i in range(100, 104)]
+EVAL = [{"instruction": f"Say ok to request {i}.", "output": "ok"} for i in range(100, 104)]
 
 
 def make_recipe(tmp: Path, model: Path) -> Path:
@@ -89,6 +89,18 @@ def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):
     assert report["files"]["Q4_K_M"]["fallback_tensors"] == 0
 
 
+def test_export_measures_fidelity_to_the_merged_model(finished_run):
+    run, _ = finished_run
+    report = json.loads((run / "export/report.json").read_text())
+    hf = report["fidelity"]["hf_vs_F16"]
+    # The f16 GGUF follows the merged HF model's greedy path: same tokens, stopping at the same place.
+    assert hf["prompts"] == len(EVAL) and hf["agree"] == len(EVAL)
+    q4 = report["files"]["Q4_K_M"]
+    assert q4["perplexity"] > 0 and report["files"]["F16"]["perplexity"] > 0
+    assert abs(q4["perplexity_change_pct"]) < 50
+    assert q4["agreement_with_F16"]["prompts"] == len(EVAL)
+
+
 def test_quantized_model_generates_text(finished_run):
     run, _ = finished_run
     out = llamacpp.complete(llamacpp.locate(), run / "export/tiny-Q4_K_M.gguf",
@@ -114,6 +126,8 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     report = json.loads((run / "eval/report.json").read_text())
     assert report["n_prompts"] == len(EVAL)
     assert report["tuned"]["eos_rate"] > report["base"]["eos_rate"]
+    assert report["tuned"]["heldout_ppl"] > 0 and report["base"]["heldout_ppl"] > 0
+    assert (run / "eval/report.html").read_text().count("<tr>") > len(EVAL)
     assert (run / "eval/report.md").read_text().count("### ") >= len(EVAL)
     assert "eos_rate" in proc.stdout
 

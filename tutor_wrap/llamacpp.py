@@ -171,3 +171,21 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, ctx: int
     n = int(m.group(1))
     # The loop stops early only on an end-of-generation token.
     return Completion(text, n < n_predict, n)
+
+
+def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, timeout: float = 1800) -> tuple[float, float]:
+    """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk."""
+    threads = str(max(1, os.cpu_count() or 1))
+    args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+            "--log-colors", "off", "-t", threads]
+    # Same logger as llama-completion (see `complete`): a run that lost its output is run again.
+    for _ in range(5):
+        proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
+        text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
+        if proc.returncode != 0 or m:
+            break
+    if proc.returncode != 0 or not m:
+        raise TutorWrapError(f"llama-perplexity failed on {model.name} (exit {proc.returncode}):\n{text[-1500:]}",
+                             hint="the reference text may be shorter than two chunks; add rows with outputs to the eval file")
+    return float(m.group(1)), float(m.group(2))

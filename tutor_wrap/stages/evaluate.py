@@ -77,7 +77,8 @@ def render_markdown(report: dict, loss_png: str | None) -> str:
     lines = [f"# Eval: {report['recipe']}", "",
              f"{report['n_prompts']} held-out prompts, temperature 0, seed {report['seed']}, "
              f"{report['quant_type']} GGUFs through llama.cpp, max {report['max_tokens']} tokens.", "",
-             f"Primary metric: **{report['primary_metric']}** (higher is better).", "",
+             f"Primary metric: **{report['primary_metric']}** (higher is better; `heldout_ppl`, the perplexity "
+             "of the held-out prompts with their reference answers, is lower-is-better).", "",
              "| metric | base | tuned | delta |", "|---|---|---|---|"]
     for k in report["base"]:
         b, t = report["base"][k], report["tuned"][k]
@@ -160,6 +161,16 @@ def evaluate(ctx: Context) -> dict:
     jb = run_prompts(ll, base, prompts, spec, ctx_len, fmt)
     jt = run_prompts(ll, tuned, prompts, spec, ctx_len, fmt)
     sb, st = summarize(jb), summarize(jt)
+    # Perplexity of the held-out examples (prompt + reference answer, in the training format; lower is better),
+    # when the eval file has answers. llama-perplexity scores whole chunks, so the prompt's tokens count too.
+    from tutor_wrap.fidelity import reference_text
+    from tutor_wrap.stages.export import ppl_ctx
+
+    ref = reference_text([(p, row.output) for p, row in zip(prompts, data.rows)], eval_dir / "reference.txt")
+    if ref is not None:
+        n_ctx = ppl_ctx(ctx.run.artifact("merge", "model") / "tokenizer.json", ref.read_text("utf-8"))
+        sb["heldout_ppl"] = llamacpp.perplexity(ll, base, ref, ctx=n_ctx)[0]
+        st["heldout_ppl"] = llamacpp.perplexity(ll, tuned, ref, ctx=n_ctx)[0]
     report = {
         "recipe": r.name, "primary_metric": spec.primary_metric, "n_prompts": len(prompts), "quant_type": qt,
         "seed": spec.seed, "max_tokens": spec.max_tokens, "base": sb, "tuned": st,

@@ -117,9 +117,64 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
     return report
 
 
+AGREE_PROMPTS = 5      # greedy agreement is checked on the first few held-out prompts
+AGREE_TOKENS = 16      # ... over this many generated tokens
+
+
+def ppl_ctx(tokenizer_json: Path, text: str) -> int:
+    """A llama-perplexity context that gives at least two chunks of the reference text (at most 128 tokens)."""
+    from tokenizers import Tokenizer
+
+    n = len(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids)
+    ctx = 128
+    while ctx > 16 and 2 * ctx > n:
+        ctx //= 2
+    return ctx
+
+
+def fidelity(recipe, model_dir: Path, out_dir: Path, report: dict) -> dict:
+    """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers."""
+    from tutor_wrap import fidelity as fid
+    from tutor_wrap.dataset import load_alpaca
+    from tutor_wrap.prompt_format import for_dataset
+
+    if recipe.eval is None:
+        return {"skipped": "the recipe has no eval prompts"}
+    fmt = for_dataset(recipe.dataset.format)
+    rows = load_alpaca(recipe.resolve(recipe.eval.prompts), require_output=False).rows
+    prompts = [fmt.render(r.instruction, r.input) for r in rows]
+    ll = llamacpp.locate()
+    tok_json = model_dir / "tokenizer.json"
+    files = report["files"]
+    f16_kind = report["outtype"].upper()
+    f16 = out_dir / files[f16_kind]["path"]
+    few = prompts[:AGREE_PROMPTS]
+    hf = fid.hf_continuations(model_dir, few, AGREE_TOKENS, out_dir / ".hf_greedy.json")
+    ref = fid.gguf_continuations(ll, f16, few, AGREE_TOKENS)
+    result = {"hf_vs_" + f16_kind: fid.agreement(hf, ref, tok_json, AGREE_TOKENS)}
+    ref_file = fid.reference_text([(p, r.output) for p, r in zip(prompts, rows)], out_dir / "reference.txt")
+    ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
+    base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx)[0] if ref_file else None
+    if base_ppl is not None:
+        files[f16_kind]["perplexity"] = base_ppl
+    for q, info in files.items():
+        if q == f16_kind:
+            continue
+        gguf = out_dir / info["path"]
+        info["agreement_with_" + f16_kind] = fid.agreement(fid.gguf_continuations(ll, gguf, few, AGREE_TOKENS), ref,
+                                                           tok_json, AGREE_TOKENS)
+        if ref_file:
+            ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx)[0]
+            info["perplexity"] = ppl
+            info["perplexity_change_pct"] = round(100 * (ppl - base_ppl) / base_ppl, 2)
+    result["reference"] = {"rows_with_answers": sum(bool(r.output) for r in rows), "ppl_ctx": ctx}
+    return result
+
+
 def inputs(ctx: Context) -> dict:
     return {"merge": ctx.run.stage("merge").get("fingerprint"), "quant_types": ctx.recipe.export.quant_types,
-            "accelerator": ctx.hardware.accelerator}
+            "accelerator": ctx.hardware.accelerator,
+            "eval": ctx.recipe.eval.model_dump(mode="json") if ctx.recipe.eval else None}
 
 
 def run(ctx: Context) -> StageResult:
@@ -127,10 +182,21 @@ def run(ctx: Context) -> StageResult:
     out_dir = ctx.run.sub("export")
     report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
                           ctx.recipe.train.sequence_len, out_dir / "export.log")
+    report["fidelity"] = fidelity(ctx.recipe, model_dir, out_dir, report)
     atomic.write_json(out_dir / "report.json", report)
     arts = {"report": ctx.run.rel(out_dir / "report.json")}
     for kind, info in report["files"].items():
         arts[f"gguf_{kind}"] = ctx.run.rel(out_dir / info["path"])
+        agree = next((v for k, v in info.items() if k.startswith("agreement_with_")), None)
         ctx.console.print(f"export: {info['path']}  {info['size_bytes'] / 1e6:.1f} MB  file_type {info['file_type']}"
-                          + (f"  fallback tensors {info['fallback_tensors']}" if "fallback_tensors" in info else ""))
+                          + (f"  fallback tensors {info['fallback_tensors']}" if "fallback_tensors" in info else "")
+                          + (f"  PPL {info['perplexity']:.3f}" if "perplexity" in info else "")
+                          + (f" ({info['perplexity_change_pct']:+.2f}%)" if "perplexity_change_pct" in info else "")
+                          + (f"  greedy agreement with f16 {agree['agree']}/{agree['prompts']} on "
+                             f"{agree['tokens']} tokens" if agree else ""))
+    hf = next((v for k, v in report["fidelity"].items() if k.startswith("hf_vs_")), None)
+    if hf:
+        ctx.console.print(f"export: merged HF model vs {report['outtype'].upper()} GGUF: {hf['agree']}/"
+                          f"{hf['prompts']} prompts agree on the first {hf['tokens']} greedy tokens "
+                          f"(mean matching prefix {hf['mean_matching_prefix']:.1f})")
     return StageResult(arts, info={"llama_cpp": report["llama_cpp"]})

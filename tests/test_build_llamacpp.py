@@ -1,0 +1,39 @@
+"""The llama.cpp build script after an interrupted download: only a verified file carries the final name."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+from tutor_wrap.paths import cache_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("build_llamacpp", REPO / "tools" / "build_llamacpp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_truncated_download_is_fetched_again_and_verified(tmp_path):
+    b = load_script()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    good = cache_dir() / "llama.cpp" / "downloads" / b.SDIST  # `make test` builds llama.cpp before the tests
+    data = good.read_bytes()
+    (downloads / b.SDIST).write_bytes(data[: len(data) // 3])          # cut off mid-download
+    (downloads / (b.SDIST + ".part")).write_bytes(data[: len(data) // 5])
+    final = b.download(tmp_path)                                      # the real PyPI download
+    assert final == downloads / b.SDIST and b.sha256_of(final) == b.SHA256
+    assert not (downloads / (b.SDIST + ".part")).exists()
+
+
+def test_extraction_lands_whole_or_not_at_all(tmp_path):
+    b = load_script()
+    tarball = cache_dir() / "llama.cpp" / "downloads" / b.SDIST
+    b.extract(tarball, tmp_path)
+    src = tmp_path / "src"
+    assert (src / "convert_hf_to_gguf.py").is_file() and (src / b.SOURCE_MARKER).is_file()
+    assert not list(tmp_path.glob("src.tmp-*"))
+    shutil.rmtree(src)

@@ -143,12 +143,12 @@ def test_nvidia_smi_fallback_runs_the_binary(tmp_path, monkeypatch):
 
 
 def test_probe_falls_back_to_amd(tmp_path, monkeypatch):
+    # This machine really has no NVML library and no amdsmi module: the probe falls through to rocm-smi, whose
+    # recorded output (a real RX 7900 XT) the stand-in binary replays.
     _fake_tool(tmp_path, monkeypatch, "rocm-smi", "rocm_smi_rx7900xt.json")
-    monkeypatch.setattr(probe_nvidia, "probe", lambda: ([], ["NVML: no library"]))
-    monkeypatch.setattr(probe_amd, "from_amdsmi", lambda: ([], "amdsmi: ModuleNotFoundError"))
     hw = hardware.probe(tmp_path)
     assert hw.accelerator == "amd" and hw.gpus[0].gfx_target == "gfx1100"
-    assert "NVML: no library" in hw.probe_notes
+    assert any(n.startswith("NVML:") for n in hw.probe_notes)
 
 
 def test_cpu_flags_are_read_from_this_machines_cpuinfo():

@@ -62,42 +62,37 @@ def test_rdna2_without_bf16_gets_fp16():
     assert plan.dtype == "fp16" and "gfx1030" in reason(plan, "dtype")
 
 
-def _probed_radeon(monkeypatch, bnb_version):
-    monkeypatch.setattr(planner, "installed_version", lambda dist: bnb_version if dist == "bitsandbytes" else None)
-    monkeypatch.setattr(planner, "_has", lambda module: False)
-    return replace(profiles.load_profile("radeon-rx7900xtx-24gb"), source="probe")
+def _probed_radeon(bnb_version):
+    # What the probe records on a ROCm machine with this bitsandbytes installed (and no flash-attn).
+    return replace(profiles.load_profile("radeon-rx7900xtx-24gb"), source="probe", packages={"bitsandbytes": bnb_version})
 
 
-def test_probe_reads_the_installed_bitsandbytes(monkeypatch):
-    plan = make_plan(load_recipe(RADEON_RECIPE), _probed_radeon(monkeypatch, "0.50.2"))
+def test_probe_reads_the_installed_bitsandbytes():
+    plan = make_plan(load_recipe(RADEON_RECIPE), _probed_radeon("0.50.2"))
     assert plan.method == "qlora" and "bitsandbytes 0.50.2 installed" in reason(plan, "bitsandbytes")
 
 
-def test_old_bitsandbytes_on_rocm_means_no_4bit(monkeypatch):
+def test_old_bitsandbytes_on_rocm_means_no_4bit():
     # 0.49.x: ROCm wheels (8-bit optimizers) but not the fixed 4-bit path; QLoRA becomes LoRA if that fits
     r = load_recipe(MI300X_RECIPE).model_copy(update={"method": "qlora"})
-    hw = replace(profiles.load_profile("mi300x-192gb"), source="probe")
-    monkeypatch.setattr(planner, "installed_version", lambda dist: "0.49.1")
-    monkeypatch.setattr(planner, "_has", lambda module: False)
+    hw = replace(profiles.load_profile("mi300x-192gb"), source="probe", packages={"bitsandbytes": "0.49.1"})
     plan = make_plan(r, hw)
     assert plan.method == "lora" and plan.optimizer == "adamw_bnb_8bit"
     assert "4-bit needs 0.50.0" in reason(plan, "bitsandbytes")
     assert "bitsandbytes" in reason(plan, "method")
 
 
-def test_no_rocm_bitsandbytes_means_torch_adamw(monkeypatch):
+def test_no_rocm_bitsandbytes_means_torch_adamw():
     r = load_recipe(MI300X_RECIPE)
-    hw = replace(profiles.load_profile("mi300x-192gb"), source="probe")
-    monkeypatch.setattr(planner, "installed_version", lambda dist: "0.48.2")
-    monkeypatch.setattr(planner, "_has", lambda module: False)
+    hw = replace(profiles.load_profile("mi300x-192gb"), source="probe", packages={"bitsandbytes": "0.48.2"})
     plan = make_plan(r, hw)
     assert plan.method == "lora" and plan.optimizer == "adamw_torch"
     assert "0.49.0" in reason(plan, "optimizer")
 
 
-def test_qlora_on_a_24gb_radeon_without_4bit_support_says_why(monkeypatch):
+def test_qlora_on_a_24gb_radeon_without_4bit_support_says_why():
     # An 8B model in 16-bit LoRA does not fit 24 GB; without 4-bit there is no plan, and the hint says why.
-    hw = _probed_radeon(monkeypatch, "0.48.2")
+    hw = _probed_radeon("0.48.2")
     r = load_recipe(RADEON_RECIPE).model_copy(
         update={"train": load_recipe(RADEON_RECIPE).train.model_copy(update={"sequence_len": 8192})})
     with pytest.raises(TutorWrapError) as e:

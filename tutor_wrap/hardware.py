@@ -41,6 +41,9 @@ class Hardware:
     cpu_model: str = ""
     cpu_flags: list[str] = field(default_factory=list)   # AVX2 / AVX-512 / AMX present
     mps: bool = False                                     # Apple silicon (PyTorch MPS), noted only
+    # Versions of the packages the planner's choices depend on (bitsandbytes, flash-attn, cut-cross-entropy), from
+    # package metadata; a profile may list them, else the planner assumes the project's pins.
+    packages: dict[str, str] = field(default_factory=dict)
     os: str = ""
     probe_notes: list[str] = field(default_factory=list)   # why a GPU source was skipped, for preflight
 
@@ -66,7 +69,7 @@ class Hardware:
                 raise KeyError(", ".join(sorted(f"gpus.{b}" for b in bad)))
             gpus.append(GPU(**g))
         return cls(**{**data, "gpus": gpus, "probe_notes": list(data.get("probe_notes") or []),
-                      "cpu_flags": list(data.get("cpu_flags") or [])})
+                      "cpu_flags": list(data.get("cpu_flags") or []), "packages": dict(data.get("packages") or {})})
 
 
 def probe(run_dir: Path | None = None) -> Hardware:
@@ -78,7 +81,23 @@ def probe(run_dir: Path | None = None) -> Hardware:
     if not gpus:
         amd, amd_notes = probe_amd.probe()
         gpus, notes = amd, notes + amd_notes
-    return Hardware(source="probe", gpus=gpus, probe_notes=notes, **h)
+    return Hardware(source="probe", gpus=gpus, probe_notes=notes, packages=planner_packages(), **h)
+
+
+PLANNER_PACKAGES = ("bitsandbytes", "flash-attn", "cut-cross-entropy")
+
+
+def planner_packages() -> dict[str, str]:
+    """Installed versions read from metadata: importing bitsandbytes or flash_attn would load GPU libraries."""
+    from importlib import metadata
+
+    found = {}
+    for dist in PLANNER_PACKAGES:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def describe(hw: Hardware) -> str:

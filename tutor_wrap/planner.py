@@ -8,7 +8,6 @@ the plan carries an estimate of the time per step so a person sees when CPU trai
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from importlib.util import find_spec
 
 from tutor_wrap.errors import TutorWrapError
 from tutor_wrap.hardware import GIB, Hardware
@@ -55,14 +54,6 @@ class Plan:
         return asdict(self)
 
 
-def _has(module: str) -> bool:
-    # find_spec reads the file system only; importing flash_attn would pull in torch and take seconds.
-    try:
-        return find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def _arch_for(recipe: Recipe):
     from tutor_wrap.catalog import lookup
 
@@ -104,20 +95,10 @@ def _version_tuple(v: str | None) -> tuple[int, ...] | None:
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def installed_version(dist: str) -> str | None:
-    """A package's version from its metadata (no import: importing bitsandbytes loads its GPU library)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def rocm_bitsandbytes(hw: Hardware) -> tuple[bool, bool, str]:
     """(8-bit optimizers usable, 4-bit NF4 usable, reason) for an AMD GPU."""
-    if hw.source == "probe":
-        v = installed_version("bitsandbytes")
+    if hw.source == "probe" or "bitsandbytes" in hw.packages:
+        v = hw.packages.get("bitsandbytes")
         where = f"bitsandbytes {v} installed" if v else "bitsandbytes is not installed"
     else:
         v = BNB_PINNED
@@ -163,12 +144,12 @@ def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
     rocm = any(g.vendor == "amd" for g in hw.gpus)
     dtype_v, dtype_why = _dtype_for(hw)
     dtype = choose("dtype", dtype_v, dtype_why)
-    flash = not rocm and hw.source == "probe" and _has("flash_attn")
+    flash = not rocm and "flash-attn" in hw.packages
     attn_reason = ("flash-attn is installed for this GPU" if flash else
                    "flash-attn is usually absent on ROCm (no ROCm wheels on PyPI; source builds only): PyTorch SDPA, "
                    "which has its own flash/memory-efficient kernels on ROCm" if rocm else
                    "flash-attn is not installed here (or planning for a profile): PyTorch SDPA")
-    cce = hw.source == "probe" and _has("cut_cross_entropy")
+    cce = "cut-cross-entropy" in hw.packages
     arch = _arch_for(recipe)
 
     eight_bit, four_bit, bnb_why = True, True, ""

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from tutor_wrap.hardware import GIB, probe
-    from tutor_wrap.stages.merge import merge, predict_sizes, weight_files
+    from tutor_wrap.stages.merge import merge, weight_files
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def test_base_image_is_pinned(path):
 def test_runs_as_a_non_root_user(path):
     users = [a.split()[0] for i, a in instructions(path) if i == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), path.name
-    assert any(i == "RUN" and f"useradd" in a and users[-1] in a for i, a in instructions(path))
+    assert any(i == "RUN" and "useradd" in a and users[-1] in a for i, a in instructions(path))
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

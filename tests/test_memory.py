@@ -7,7 +7,7 @@ import pytest
 
 from tutor_wrap.catalog import lookup
 from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.memory import GiB, Breakdown, Knobs, estimate, fits, search
+from tutor_wrap.memory import GiB, Knobs, estimate, fits, search
 
 RTX3060 = 12 * GiB      # 12288 MiB card
 

@@ -1,7 +1,6 @@
 """Stage verdicts from real file sizes: a fake 8B checkpoint (sparse shards) against the shipped machines."""
 
 import json
-import os
 
 from tutor_wrap import preflight, profiles
 from tutor_wrap.hardware import GIB

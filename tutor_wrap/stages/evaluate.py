@@ -13,7 +13,7 @@ from tutor_wrap import atomic, llamacpp
 from tutor_wrap.dataset import load_alpaca
 from tutor_wrap.errors import TutorWrapError
 from tutor_wrap.prompt_format import PromptFormat, for_dataset
-from tutor_wrap.recipe import EvalChecks, EvalSpec, Recipe
+from tutor_wrap.recipe import EvalChecks, EvalSpec
 from tutor_wrap.rundir import file_sha256
 from tutor_wrap.stages import Context, StageResult
 from tutor_wrap.stages.export import export_model

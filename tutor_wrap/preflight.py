@@ -154,6 +154,7 @@ def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
     """(shard sizes, adapter bytes, bytes per parameter on disk, where the sizes came from)."""
     import json
 
+    from tutor_wrap.stages import export as export_stage
     from tutor_wrap.stages import merge as merge_stage
 
     base = recipe.base_model_path()
@@ -163,7 +164,7 @@ def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
             cfg = json.loads((base / "config.json").read_text("utf-8"))
         except (OSError, ValueError):
             cfg = {}
-        src_bytes = 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
+        src_bytes = export_stage.source_bytes_per_param(cfg)
         adapter = sum(p.stat().st_size for p in _adapter_dir(recipe, run_dir).glob("adapter_model.safetensors"))
         return shards, adapter, src_bytes, "the real shard sizes"
     # A hub id: the catalog's parameter count in bf16, in the 5 GB shards Hugging Face checkpoints use.
@@ -213,9 +214,8 @@ def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[di
                         f"free {_gib(max(0, b.disk_needed_bytes - hw.disk_free_bytes * (1 - TIGHT)))} of disk where the run dir is",
                         "the merged model is written at the base model's size")
         out += [ram, disk]
-    f16 = int(sum(shards) * 2 / src_bytes)
     quants = recipe.export.quant_types
-    need = int(f16 * (1 + sum(export_stage._SIZE_RATIO.get(q, 0.6) for q in quants)))
+    f16, need = export_stage.disk_needed(sum(shards), src_bytes, quants)
     have = max(0, hw.disk_free_bytes - merged_bytes)
     out.append(_verdict("export", "disk", need, have,
                         f"free {_gib(max(0, need - have * (1 - TIGHT)))} of disk where the run dir is, or drop quant types",

@@ -26,6 +26,17 @@ _SIZE_RATIO = {"Q8_0": 0.55, "Q6_K": 0.43, "Q5_K_M": 0.37, "Q5_K_S": 0.36, "Q5_0
 _DISK_FULL = re.compile(r"No space left on device|Errno 28|requested and \d+ written|failed to write|short write")
 
 
+def source_bytes_per_param(cfg: dict) -> int:
+    """Bytes per weight as stored: fp32 checkpoints are twice the size of the f16 GGUF made from them."""
+    return 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
+
+
+def disk_needed(weights_bytes: int, src_bytes: int, quant_types: list[str]) -> tuple[int, int]:
+    """(f16 GGUF bytes, bytes for the f16 plus every quant): the estimate both export and preflight check."""
+    f16 = int(weights_bytes * 2 / src_bytes)
+    return f16, int(f16 * (1 + sum(_SIZE_RATIO.get(q, 0.6) for q in quant_types)))
+
+
 def check_convertible(model_dir: Path) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text("utf-8"))
     if "quantization_config" in cfg:
@@ -90,9 +101,7 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
     cfg = check_convertible(model_dir)
     outtype = outtype_for(cfg, accelerator)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    bytes_per_param_src = 4 if str(cfg.get("torch_dtype") or cfg.get("dtype")) == "float32" else 2
-    f16_size = int(weights * 2 / bytes_per_param_src)
-    need = f16_size * (1 + sum(_SIZE_RATIO.get(q, 0.6) for q in quant_types))
+    f16_size, need = disk_needed(weights, source_bytes_per_param(cfg), quant_types)
     free = shutil.disk_usage(out_dir).free
     if need > free:
         raise TutorWrapError(f"export needs about {need / GIB:.1f} GiB of disk (f16 {f16_size / GIB:.1f} GiB + quants); "

@@ -33,6 +33,6 @@ def test_converter_running_out_of_disk_leaves_nothing_behind(tiny_model, small_d
 
 def test_export_checks_free_disk_before_writing(tiny_model, small_disk, tmp_path):
     with pytest.raises(TutorWrapError) as exc:
-        export_model(tiny_model, small_disk, "tiny", ["Q4_K_M"], "cpu", 256, tmp_path / "export.log")
+        export_model(tiny_model, small_disk, "tiny", ["Q4_K_M"], "cpu", tmp_path / "export.log")
     assert "needs about" in str(exc.value) and "free" in str(exc.value)
     assert list(small_disk.iterdir()) == []

@@ -104,7 +104,7 @@ def test_export_measures_fidelity_to_the_merged_model(finished_run):
 def test_quantized_model_generates_text(finished_run):
     run, _ = finished_run
     out = llamacpp.complete(llamacpp.locate(), run / "export/tiny-Q4_K_M.gguf",
-                            "Below is an instruction", n_predict=8, ctx=256)
+                            "Below is an instruction", n_predict=8)
     assert out.text.strip() or out.stopped_by_eos
 
 

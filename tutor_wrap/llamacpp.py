@@ -145,14 +145,13 @@ class Completion:
     n_tokens: int | None
 
 
-def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, ctx: int | None = None, seed: int = 0,
-             timeout: float = 300) -> Completion:
+def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout: float = 300) -> Completion:
     """Greedy (temperature 0) completion of a raw prompt, no chat template, as the model was trained.
 
     Runs `llama-simple`, which samples greedily and writes with printf. `llama-completion` prints through an
     asynchronous logger that, in the pinned build, sometimes drops everything after start-up and still exits 0
-    (seen here: 9 of 30 runs on a tiny model; 0 of 30 with llama-simple). The context is sized by the tool to
-    prompt + n_predict, so `ctx` and `seed` (greedy needs none) are accepted for the callers' sake only.
+    (seen here: 9 of 30 runs on a tiny model; 0 of 30 with llama-simple). The tool sizes the context to
+    prompt + n_predict, and greedy decoding needs no seed.
     """
     args = [str(ll.tool("llama-simple")), "-m", str(model), "-n", str(n_predict), prompt]
     proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)

@@ -64,11 +64,11 @@ def summarize(judged: list[Judged]) -> dict[str, float]:
     return out
 
 
-def run_prompts(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], spec: EvalSpec, ctx_len: int,
+def run_prompts(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], spec: EvalSpec,
                 fmt: PromptFormat) -> list[Judged]:
     out = []
     for p in prompts:
-        c = llamacpp.complete(ll, gguf, p, n_predict=spec.max_tokens, ctx=ctx_len, seed=spec.seed)
+        c = llamacpp.complete(ll, gguf, p, n_predict=spec.max_tokens)
         out.append(judge(c.text, c.stopped_by_eos, fmt, spec.checks))
     return out
 
@@ -151,15 +151,14 @@ def evaluate(ctx: Context) -> dict:
     if base_dir is None:
         raise TutorWrapError("eval needs the base model on disk to build its GGUF", hint="set base_model to a local folder")
     ctx.console.print(f"eval: building the base model's {qt} GGUF for the comparison")
-    base_report = export_model(base_dir, eval_dir, "base", [qt], ctx.hardware.accelerator, r.train.sequence_len,
+    base_report = export_model(base_dir, eval_dir, "base", [qt], ctx.hardware.accelerator,
                                eval_dir / "base-export.log")
     base = eval_dir / base_report["files"][qt]["path"]
     ll = llamacpp.locate()
     prompts = [fmt.render(row.instruction, row.input) for row in data.rows]
-    ctx_len = r.train.sequence_len + spec.max_tokens
     ctx.console.print(f"eval: {len(prompts)} prompts x 2 models, temperature 0")
-    jb = run_prompts(ll, base, prompts, spec, ctx_len, fmt)
-    jt = run_prompts(ll, tuned, prompts, spec, ctx_len, fmt)
+    jb = run_prompts(ll, base, prompts, spec, fmt)
+    jt = run_prompts(ll, tuned, prompts, spec, fmt)
     sb, st = summarize(jb), summarize(jt)
     # Perplexity of the held-out examples (prompt + reference answer, in the training format; lower is better),
     # when the eval file has answers. llama-perplexity scores whole chunks, so the prompt's tokens count too.

@@ -74,7 +74,7 @@ def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: st
     os.replace(tmp, out)
 
 
-def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str, ctx_len: int) -> dict:
+def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str) -> dict:
     meta = llamacpp.metadata(gguf)
     want = llamacpp.FILE_TYPES[expect_type]
     problems = []
@@ -86,7 +86,7 @@ def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str, ctx_len: int) ->
         problems.append("no tokenizer.ggml.model")
     if meta["eos_token_id"] is None:
         problems.append("no tokenizer.ggml.eos_token_id")
-    sample = llamacpp.complete(ll, gguf, "def hello():", n_predict=8, ctx=min(ctx_len, 512))
+    sample = llamacpp.complete(ll, gguf, "def hello():", n_predict=8)
     # Whitespace or an immediate EOS is still a model that loads and runs; no tokens at all is not.
     if not sample.text and not sample.stopped_by_eos and not sample.n_tokens:
         problems.append("generated nothing")
@@ -95,7 +95,7 @@ def verify(ll: llamacpp.LlamaCpp, gguf: Path, expect_type: str, ctx_len: int) ->
     return {**meta, "size_bytes": gguf.stat().st_size, "sample": sample.text[:200]}
 
 
-def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[str], accelerator: str, ctx_len: int,
+def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[str], accelerator: str,
                  log: Path) -> dict:
     ll = llamacpp.locate()
     cfg = check_convertible(model_dir)
@@ -109,7 +109,7 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
     report = {"llama_cpp": ll.version, "outtype": outtype, "files": {}}
     f16 = out_dir / f"{stem}-{outtype.upper()}.gguf"
     convert_model(ll, model_dir, f16, outtype, log)
-    report["files"][outtype.upper()] = {"path": f16.name, **verify(ll, f16, outtype.upper(), ctx_len)}
+    report["files"][outtype.upper()] = {"path": f16.name, **verify(ll, f16, outtype.upper())}
     for q in quant_types:
         out = out_dir / f"{stem}-{q}.gguf"
         tmp = out.with_name(f".{out.name}.partial")
@@ -122,7 +122,7 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
             raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
         os.replace(tmp, out)
         report["files"][q] = {"path": out.name, "tensor_types": counts, "fallback_tensors": llamacpp.fallback_count(text),
-                              **verify(ll, out, q, ctx_len)}
+                              **verify(ll, out, q)}
     return report
 
 
@@ -190,7 +190,7 @@ def run(ctx: Context) -> StageResult:
     model_dir = ctx.run.artifact("merge", "model")
     out_dir = ctx.run.sub("export")
     report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
-                          ctx.recipe.train.sequence_len, out_dir / "export.log")
+                          out_dir / "export.log")
     report["fidelity"] = fidelity(ctx.recipe, model_dir, out_dir, report)
     atomic.write_json(out_dir / "report.json", report)
     arts = {"report": ctx.run.rel(out_dir / "report.json")}

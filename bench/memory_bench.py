@@ -1,4 +1,4 @@
-"""Compare tutor_wrap.memory.estimate with published peak-memory figures (bench/memory_devset.csv).
+"""Compare tutor_wrap.planning.memory.estimate with published peak-memory figures (bench/memory_devset.csv).
 
     python bench/memory_bench.py [--csv PATH] [--markdown]
 
@@ -20,8 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tutor_wrap.catalog import Architecture, lookup  # noqa: E402
-from tutor_wrap.memory import GiB, Knobs, estimate  # noqa: E402
+from tutor_wrap.models.catalog import Architecture, lookup  # noqa: E402
+from tutor_wrap.core.units import GIB as GiB  # noqa: E402
+from tutor_wrap.planning.memory import Knobs, estimate  # noqa: E402
 
 # Models of the dev set that are not in the built-in catalog (public config.json values).
 EXTRA = {

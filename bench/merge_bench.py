@@ -7,7 +7,7 @@ Builds (once, cached in --work) a synthetic Llama: random init, bf16, safetensor
 intermediate 5632, 13 layers, 16 heads, vocab 32000: 0.80 B parameters, 1.60 GB), and a LoRA adapter for it made
 with PEFT (r 16, alpha 32, all linear layers, B matrices initialised non-zero so the merge changes every adapted
 weight). Then, for each method, runs the project's own merge code path (`tutor_wrap.stages.merge.merge`: the
-budget check, `axolotl merge-lora` under `tutor_wrap.rss.run_measured`, the tokenizer copy and the verification
+budget check, `axolotl merge-lora` under `tutor_wrap.core.rss.run_measured`, the tokenizer copy and the verification
 subprocess) and prints method, predicted peak RSS, measured peak RSS, error %, and the memory_efficient / legacy
 ratio. Writes the rows to the CSV and the exact command, versions and machine to a sidecar JSON beside it.
 
@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, default=REPO / "bench" / "results" / "merge-cpu.csv")
     args = ap.parse_args(argv)
 
-    from tutor_wrap.hardware import GIB, probe
-    from tutor_wrap.stages.merge import merge, weight_files
+    from tutor_wrap.core.units import GIB
+    from tutor_wrap.machine.probe import probe
+    from tutor_wrap.models.files import weight_files
+    from tutor_wrap.stages.merge import merge
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

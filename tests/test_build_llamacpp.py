@@ -4,7 +4,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from tutor_wrap.paths import cache_dir
+from tutor_wrap.core.paths import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from tutor_wrap.catalog import CATALOG, from_config, known_ids, lookup
-from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.models.catalog import CATALOG, from_config, known_ids, lookup
+from tutor_wrap.core.errors import TutorWrapError
 
 # Published parameter counts (model cards / safetensors metadata of the Hugging Face checkpoints).
 KNOWN_TOTALS = {
@@ -120,7 +120,7 @@ def test_config_missing_field():
 
 
 def test_no_heavy_imports():
-    code = ("import tutor_wrap.memory, tutor_wrap.catalog, sys; "
+    code = ("import tutor_wrap.planning.memory, tutor_wrap.models.catalog, sys; "
             "assert 'torch' not in sys.modules; assert 'transformers' not in sys.modules; "
             "assert 'axolotl' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from tutor_wrap.dataset import load_alpaca
-from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.data.alpaca import load_alpaca
+from tutor_wrap.core.errors import TutorWrapError
 
 
 def row(i="Explain x", o="Like this."):

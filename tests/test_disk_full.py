@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from tutor_wrap import llamacpp
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.stages.export import convert_model, export_model
+from tutor_wrap.backends import llamacpp
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.backends.gguf_export import convert_model, export_model
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tutor_wrap import llamacpp, modelfile
+from tutor_wrap.backends import llamacpp, modelfile
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["plan", "train", "merge", "export", "deploy", "eval"]
@@ -154,6 +154,19 @@ def test_editing_the_recipe_redoes_exactly_the_stages_it_affects(finished_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _redone(proc.stdout) == ["deploy"]
     assert "PARAMETER temperature 0.7" in (run / "deploy/Modelfile").read_text()
+
+
+def test_editing_eval_settings_redoes_only_eval(finished_run):
+    """Export reads the eval prompts file (fidelity), not the rest of `eval:`: max_tokens redoes eval alone."""
+    run, _ = finished_run
+    recipe = run.parent / "tiny.yml"
+    data = yaml.safe_load(recipe.read_text())
+    data["eval"]["max_tokens"] = 10
+    recipe.write_text(yaml.safe_dump(data))
+    proc = run_cli("run", str(recipe), "--run-dir", str(run), cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _redone(proc.stdout) == ["eval"]
+    assert json.loads((run / "eval/report.json").read_text())["max_tokens"] == 10
 
 
 def test_from_stage_redoes_it_and_the_stages_that_read_it(finished_run):

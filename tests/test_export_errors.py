@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from tutor_wrap import llamacpp
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.stages.export import check_convertible, convert_model
+from tutor_wrap.backends import llamacpp
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.backends.gguf_export import check_convertible, convert_model
 
 
 def test_an_architecture_the_converter_does_not_know_is_named(tiny_model, tmp_path):

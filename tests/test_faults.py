@@ -10,7 +10,7 @@ from pathlib import Path
 
 from test_e2e import STAGES, make_recipe
 
-from tutor_wrap import llamacpp, modelfile
+from tutor_wrap.backends import llamacpp, modelfile
 
 
 def _status(manifest: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for tutor_wrap.modelfile: quoting round trips, Ollama parser fidelity, rejection with line numbers.
+"""Tests for tutor_wrap.backends.modelfile: quoting round trips, Ollama parser fidelity, rejection with line numbers.
 
 ``_ollama_model`` below models ollama/ollama parser/parser.go ParseFile (commit fb3076099687) one rune at a
 time, as a separate implementation. It is structured like the Go state machine and unlike our line-oriented
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap.modelfile import (
+from tutor_wrap.backends.modelfile import (
     Command,
     ModelfileError,
     ModelfileSpec,

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap import axolotl_config, profiles
-from tutor_wrap.catalog import lookup
-from tutor_wrap.distributed import accelerate_args, deepspeed_config
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.memory import Knobs, estimate
-from tutor_wrap.planner import SAFETY, make_plan
-from tutor_wrap.recipe import load_recipe
+from tutor_wrap.backends import axolotl_config
+from tutor_wrap.machine import profiles
+from tutor_wrap.models.catalog import lookup
+from tutor_wrap.planning.distributed import accelerate_args, deepspeed_config
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.memory import Knobs, estimate
+from tutor_wrap.planning.planner import SAFETY, make_plan
+from tutor_wrap.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "recipes" / "python-tutor-llama3-8b-rtx3060.yml"

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap.prompt_format import (ALPACA, ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT, CHATML, LLAMA3,
-                                      for_chat_template, for_dataset)
+from tutor_wrap.data.alpaca import ALPACA, ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM_WITH_INPUT
+from tutor_wrap.data.chat_templates import CHATML, LLAMA3, for_chat_template
+from tutor_wrap.data.formats import get as for_dataset
 
 GO_SOURCE = Path(__file__).resolve().parent / "go" / "render_template.go"
 GO_INSTALL = "apt-get update && apt-get install -y golang-go"
@@ -279,12 +280,12 @@ def test_format_lookup_and_stops():
     with pytest.raises(ValueError, match="chat_template"):
         for_chat_template("vicuna")
     assert CHATML.stops[0] == "<|im_end|>" and LLAMA3.stops[0] == "<|eot_id|>"
-    assert ALPACA.stops == ()
+    assert ALPACA.stops == ("### Instruction:", "### Input:")
 
 
 @pytest.mark.parametrize("fmt", [ALPACA, CHATML, LLAMA3], ids=lambda f: f.name)
 def test_templates_are_valid_modelfile_values(fmt):
-    from tutor_wrap import modelfile
+    from tutor_wrap.backends import modelfile
 
     spec = modelfile.ModelfileSpec(from_path="./m.gguf", template=fmt.template, system=fmt.system or None,
                                    stops=fmt.stops)

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap import axolotl_config, profiles
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.planner import make_plan, planned_sequence_len
-from tutor_wrap.recipe import load_recipe
+from tutor_wrap.backends import axolotl_config
+from tutor_wrap.machine import profiles
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.planner import make_plan, planned_sequence_len
+from tutor_wrap.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))

@@ -2,9 +2,10 @@
 
 import json
 
-from tutor_wrap import preflight, profiles
-from tutor_wrap.hardware import GIB
-from tutor_wrap.recipe import Recipe
+from tutor_wrap.planning import preflight
+from tutor_wrap.machine import profiles
+from tutor_wrap.core.units import GIB
+from tutor_wrap.recipe.schema import Recipe
 
 
 def fake_model(root, shard_bytes=(4_976_698_672, 4_999_802_720, 4_915_916_176, 1_168_138_808)):
@@ -51,7 +52,7 @@ def test_native_linux_remedy_is_a_swapfile(tmp_path):
     hw = profiles.load_profile("cpu-only")
     tight = hw.__class__(**{**hw.to_dict(), "gpus": [], "ram_available_bytes": 8 * GIB, "swap_free_bytes": 0})
     ram = by(preflight.stage_verdicts(recipe(base), tight), "merge", "RAM+swap")
-    assert ram["verdict"] == "won't fit" and ram["remedy"].startswith("add swap: sudo bash tools/make_swapfile.sh ")
+    assert ram["verdict"] == "won't fit" and ram["remedy"].startswith("add ") and "of swap: sudo bash tools/make_swapfile.sh " in ram["remedy"]
 
 
 def test_tight_and_fits_and_disk(tmp_path):
@@ -88,12 +89,16 @@ def test_report_is_json_and_renders(tmp_path):
 
     from rich.console import Console
 
-    from tutor_wrap import hardware, software
+    from tutor_wrap.machine import software
+    from tutor_wrap.machine.probe import probe
+    from tutor_wrap.runtime.tables import preflight_tables
 
-    rep = preflight.collect(hardware.probe(), software.collect())
+    rep = preflight.collect(probe(), software.collect())
     rep["stages"] = preflight.stage_verdicts(recipe(fake_model(tmp_path / "m")), profiles.load_profile("rtx3060-12gb"))
     json.dumps(rep)
     out = StringIO()
-    preflight.render(rep, Console(file=out, width=140))
+    console = Console(file=out, width=140)
+    for table in preflight_tables(rep):
+        console.print(table)
     text = out.getvalue()
     assert "machine" in text and "software" in text and "stages" in text

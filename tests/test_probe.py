@@ -9,14 +9,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tutor_wrap import hardware, probe_amd, probe_host, probe_nvidia
+from dataclasses import replace
+
+from tutor_wrap.machine import amd, hardware, host, nvidia, probe
 
 FIX = Path(__file__).parent / "fixtures"
 MIB = 1024**2
 
 
 def test_nvidia_csv_any_column_order_titanv_rtx5880():
-    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_titanv_rtx5880.csv").read_text())
+    gpus = nvidia.parse_query_csv((FIX / "nvidia_smi_query_titanv_rtx5880.csv").read_text())
     assert [g.name for g in gpus] == ["NVIDIA TITAN V", "NVIDIA RTX 5880 Ada Generation"]
     assert [g.compute_capability for g in gpus] == ["7.0", "8.9"]
     assert [g.bf16 for g in gpus] == [False, True]          # Volta has no bf16, Ada has
@@ -25,7 +27,7 @@ def test_nvidia_csv_any_column_order_titanv_rtx5880():
 
 
 def test_nvidia_csv_eight_a800_with_memory():
-    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_8x_a800.csv").read_text())
+    gpus = nvidia.parse_query_csv((FIX / "nvidia_smi_query_8x_a800.csv").read_text())
     assert len(gpus) == 8
     assert {g.name for g in gpus} == {"NVIDIA A800-SXM4-80GB"}
     assert all(g.vram_total_bytes == 81920 * MIB for g in gpus)
@@ -34,23 +36,23 @@ def test_nvidia_csv_eight_a800_with_memory():
 
 
 def test_nvidia_csv_blackwell_cc_12():
-    (g,) = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_rtx5080.csv").read_text())
+    (g,) = nvidia.parse_query_csv((FIX / "nvidia_smi_query_rtx5080.csv").read_text())
     assert (g.name, g.vram_total_bytes, g.vram_free_bytes, g.compute_capability, g.bf16) == (
         "NVIDIA GeForce RTX 5080", 16303 * MIB, 10379 * MIB, "12.0", True)
 
 
 def test_nvidia_csv_unified_memory_na_and_repeated_headers():
-    gpus = probe_nvidia.parse_query_csv((FIX / "nvidia_smi_query_gb10_srun.csv").read_text())
+    gpus = nvidia.parse_query_csv((FIX / "nvidia_smi_query_gb10_srun.csv").read_text())
     assert len(gpus) == 4                                     # the repeated header rows are not GPUs
     assert all(g.name == "NVIDIA GB10" and g.vram_total_bytes == 0 and g.vram_free_bytes is None for g in gpus)
 
 
 def test_nvidia_csv_empty():
-    assert probe_nvidia.parse_query_csv("") == []
+    assert nvidia.parse_query_csv("") == []
 
 
 def test_rocm_smi_json_rx7900xt():
-    (g,) = probe_amd.parse_rocm_smi_json((FIX / "rocm_smi_rx7900xt.json").read_text())
+    (g,) = amd.parse_rocm_smi_json((FIX / "rocm_smi_rx7900xt.json").read_text())
     assert g.vendor == "amd" and g.name == "Radeon RX 7900 XT"
     assert g.vram_total_bytes == 21458059264
     assert g.vram_free_bytes == 21458059264 - 27856896
@@ -60,43 +62,43 @@ def test_rocm_smi_json_rx7900xt():
 def test_rocm_smi_json_with_leading_warning_lines():
     text = "WARNING: AMD GPU device(s) is/are in a low-power state. Check power control/runtime_status\n\n" + (
         FIX / "rocm_smi_rx7900xt.json").read_text()
-    assert probe_amd.parse_rocm_smi_json(text)[0].gfx_target == "gfx1100"
+    assert amd.parse_rocm_smi_json(text)[0].gfx_target == "gfx1100"
 
 
 @pytest.mark.parametrize("gfx,bf16", [("gfx942", True), ("gfx90a", True), ("gfx1100", True), ("gfx1201", True),
                                       ("gfx1030", False), ("gfx906", False), (None, False)])
 def test_amd_bf16_by_gfx_target(gfx, bf16):
-    assert probe_amd.bf16_for(gfx) is bf16
+    assert amd.bf16_for(gfx) is bf16
 
 
 @pytest.mark.parametrize("name", ["proc_version_wsl2_5.4.72.txt", "proc_version_wsl2_4.19.128.txt",
                                   "uname_wsl2_5.15.133.1.txt"])
 def test_wsl_detected_from_recorded_kernel_strings(name):
-    assert probe_host.is_wsl((FIX / name).read_text())
+    assert host.is_wsl((FIX / name).read_text())
 
 
 def test_wsl_osrelease_and_plain_linux():
-    assert probe_host.is_wsl("5.15.153.1-microsoft-standard-WSL2")
-    assert not probe_host.is_wsl("6.8.0-45-generic")
+    assert host.is_wsl("5.15.153.1-microsoft-standard-WSL2")
+    assert not host.is_wsl("6.8.0-45-generic")
 
 
 def test_wslconfig_from_microsoft_docs_example():
-    cfg = probe_host.parse_wslconfig((FIX / "wslconfig_msdocs_example.ini").read_text())
+    cfg = host.parse_wslconfig((FIX / "wslconfig_msdocs_example.ini").read_text())
     assert cfg["memory"] == "4GB" and cfg["memory_bytes"] == 4 * 1024**3
     assert cfg["swap"] == "8GB" and cfg["swap_bytes"] == 8 * 1024**3
 
 
 def test_wslconfig_ignores_other_sections():
-    assert probe_host.parse_wslconfig("[experimental]\nmemory=4GB\n") == {}
+    assert host.parse_wslconfig("[experimental]\nmemory=4GB\n") == {}
 
 
 def test_meminfo_parser_matches_proc():
-    info = probe_host.parse_meminfo(Path("/proc/meminfo").read_text())
+    info = host.parse_meminfo(Path("/proc/meminfo").read_text())
     assert info["MemTotal"] == psutil.virtual_memory().total
 
 
 def test_cpu_model_from_cpuinfo_line():
-    assert probe_host.cpu_model("processor\t: 0\nmodel name\t: AMD Ryzen 7 5700G with Radeon Graphics\n") == \
+    assert host.cpu_model("processor\t: 0\nmodel name\t: AMD Ryzen 7 5700G with Radeon Graphics\n") == \
         "AMD Ryzen 7 5700G with Radeon Graphics"
 
 
@@ -105,8 +107,8 @@ def _close(a: int, b: int, rel: float = 0.01) -> bool:
 
 
 def test_real_probe_matches_proc_meminfo_and_statvfs(tmp_path):
-    hw = hardware.probe(tmp_path / "not" / "yet")       # a run dir that does not exist yet: its disk counts
-    info = probe_host.parse_meminfo(Path("/proc/meminfo").read_text())
+    hw = probe.probe(tmp_path / "not" / "yet")       # a run dir that does not exist yet: its disk counts
+    info = host.parse_meminfo(Path("/proc/meminfo").read_text())
     vm = psutil.virtual_memory()
     assert hw.source == "probe" and hw.cpu_count == os.cpu_count()
     assert hw.ram_total_bytes == info["MemTotal"] == vm.total
@@ -114,15 +116,14 @@ def test_real_probe_matches_proc_meminfo_and_statvfs(tmp_path):
     assert hw.swap_total_bytes == info["SwapTotal"]
     assert _close(hw.swap_free_bytes, info["SwapFree"])
     assert _close(hw.disk_free_bytes, shutil.disk_usage(tmp_path).free)
-    assert hw.wsl == probe_host.is_wsl(Path("/proc/sys/kernel/osrelease").read_text())
-    if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/kfd") and not os.path.exists("/dev/nvidiactl"):
-        assert hw.gpus == [] and hw.accelerator == "cpu"
+    assert hw.wsl == host.is_wsl(Path("/proc/sys/kernel/osrelease").read_text())
+    assert hw.accelerator == (hw.gpus[0].vendor if hw.gpus else "cpu")   # whatever this machine has
     assert hardware.Hardware.from_dict(hw.to_dict()) == hw
 
 
 def test_probe_and_preflight_modules_do_not_import_torch():
-    code = ("import tutor_wrap.hardware, tutor_wrap.software, tutor_wrap.preflight, tutor_wrap.profiles, sys; "
-            "import tutor_wrap.hardware as h, tutor_wrap.software as s, tutor_wrap.preflight as p; "
+    code = ("import sys, tutor_wrap.machine.profiles; "
+            "import tutor_wrap.machine.probe as h, tutor_wrap.machine.software as s, tutor_wrap.planning.preflight as p; "
             "p.collect(h.probe(), s.collect()); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -138,23 +139,32 @@ def _fake_tool(tmp_path, monkeypatch, name, fixture):
 
 def test_nvidia_smi_fallback_runs_the_binary(tmp_path, monkeypatch):
     _fake_tool(tmp_path, monkeypatch, "nvidia-smi", "nvidia_smi_query_8x_a800.csv")
-    gpus, why = probe_nvidia.from_nvidia_smi()
+    gpus, why = nvidia.from_nvidia_smi()
     assert why is None and len(gpus) == 8
 
 
-def test_probe_falls_back_to_amd(tmp_path, monkeypatch):
-    # This machine really has no NVML library and no amdsmi module: the probe falls through to rocm-smi, whose
-    # recorded output (a real RX 7900 XT) the stand-in binary replays.
+def test_rocm_smi_fallback_runs_the_binary(tmp_path, monkeypatch):
+    # The recorded output of a real RX 7900 XT, replayed by a stand-in rocm-smi on PATH.
     _fake_tool(tmp_path, monkeypatch, "rocm-smi", "rocm_smi_rx7900xt.json")
-    hw = hardware.probe(tmp_path)
-    assert hw.accelerator == "amd" and hw.gpus[0].gfx_target == "gfx1100"
-    assert any(n.startswith("NVML:") for n in hw.probe_notes)
+    gpus, why = amd.from_rocm_smi()
+    assert why is None and gpus[0].vendor == "amd" and gpus[0].gfx_target == "gfx1100"
+
+
+def test_probe_takes_the_first_vendor_that_finds_gpus(tmp_path, monkeypatch):
+    """The vendor order decides, whatever GPU this machine has: a vendor that finds nothing passes its notes on."""
+    _fake_tool(tmp_path, monkeypatch, "rocm-smi", "rocm_smi_rx7900xt.json")
+    no_nvidia = replace(nvidia.VENDOR, probe=lambda: ([], ["NVML: no library"]))
+    rocm_smi_only = replace(amd.VENDOR, probe=lambda: (amd.from_rocm_smi()[0], []))
+    gpus, notes = probe.probe_gpus([no_nvidia, rocm_smi_only])
+    assert [g.gfx_target for g in gpus] == ["gfx1100"] and notes == ["NVML: no library"]
+    gpus, notes = probe.probe_gpus([rocm_smi_only, no_nvidia])
+    assert gpus[0].vendor == "amd" and notes == []            # the first vendor with GPUs ends the search
 
 
 def test_cpu_flags_are_read_from_this_machines_cpuinfo():
     from pathlib import Path
 
-    from tutor_wrap.probe_host import CPU_FLAGS, cpu_flags
+    from tutor_wrap.machine.host import CPU_FLAGS, cpu_flags
 
     line = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
     have = set(line.split(":", 1)[1].split())

@@ -1,4 +1,4 @@
-from tutor_wrap.proc import redact, tool_env
+from tutor_wrap.core.proc import redact, tool_env
 
 
 def test_tokens_and_secrets_are_redacted():

@@ -2,9 +2,12 @@
 
 import pytest
 
-from tutor_wrap import preflight, profiles
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.hardware import GIB, Hardware, probe
+from tutor_wrap.planning import preflight
+from tutor_wrap.machine import profiles
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.units import GIB
+from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.machine.probe import probe
 
 SHIPPED = {"rtx3060-12gb", "rtx4090-24gb", "a100-80gb", "h100-80gb", "mi300x-192gb", "radeon-rx7900xtx-24gb",
            "cpu-only", "2x-rtx4090-24gb", "8x-h100-80gb"}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tutor_wrap.prompt_format import ALPACA
+from tutor_wrap.data.alpaca import ALPACA
 
 ROWS = [
     {"instruction": "Explain Python lists.", "input": "", "output": "A list holds items.\n\n```python\nx = [1]\n```"},

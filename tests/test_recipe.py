@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.recipe import load_recipe
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tutor_wrap import axolotl_config, planner, profiles
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.planner import make_plan
-from tutor_wrap.recipe import load_recipe
+from tutor_wrap.backends import axolotl_config
+from tutor_wrap.data import formats
+from tutor_wrap.machine import amd
+from tutor_wrap.machine import profiles
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.planner import make_plan
+from tutor_wrap.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RADEON_RECIPE = REPO / "recipes" / "llama3-8b-metamathqa-radeon.yml"
@@ -102,7 +105,7 @@ def test_qlora_on_a_24gb_radeon_without_4bit_support_says_why():
 def test_the_assumed_bitsandbytes_is_pyprojects_pin():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text("utf-8"))["project"]["dependencies"]
     pin = next(re.search(r"==(\S+)", d).group(1) for d in deps if d.startswith("bitsandbytes"))
-    assert planner.BNB_PINNED == pin
+    assert amd.BNB_PINNED == pin
 
 
 def test_nvidia_plans_keep_the_cuda_paths():
@@ -119,10 +122,8 @@ def test_hub_dataset_recipe_rules(tmp_path):
         load_recipe(bad)
     r = load_recipe(RADEON_RECIPE)
     assert r.dataset.hub_split == "train[:10000]" and r.resolve(r.dataset.path) is None
-    entry = axolotl_config.dataset_entry(r, None)
-    from tutor_wrap.prompt_format import for_dataset
-
-    fmt = for_dataset("alpaca")
+    fmt = formats.get("alpaca")
+    entry = fmt.axolotl_dataset(r.dataset, None)
     # Axolotl's user-defined type renders a row exactly like the alpaca format eval and the Modelfile use
     assert entry["type"]["no_input_format"].format(instruction="Q") == fmt.render("Q")
     assert entry["type"]["format"].format(instruction="Q", input="C") == fmt.render("Q", "C")

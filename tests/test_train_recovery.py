@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tutor_wrap.stages.train import classify_failure, complete_checkpoints, smaller
+from tutor_wrap.backends.axolotl_train import classify_failure, complete_checkpoints, smaller
 
 WORDS = "explain the list dict set tuple loop function class value name".split()
 

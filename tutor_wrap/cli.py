@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from tutor_wrap.errors import TutorWrapError
+from tutor_wrap.core.errors import TutorWrapError
 
+# The stage names, for --from/--until (pipeline.STAGE_NAMES; spelled here so `--help` imports nothing heavy).
 STAGES = ("plan", "train", "merge", "export", "deploy", "eval")
 
 
@@ -24,8 +25,8 @@ def _console():
 
 def cmd_run(args) -> int:
     from tutor_wrap.pipeline import run_pipeline
-    from tutor_wrap.recipe import load_recipe
-    from tutor_wrap.report import print_summary
+    from tutor_wrap.recipe.load import load_recipe
+    from tutor_wrap.runtime.report import print_summary
 
     recipe = load_recipe(args.recipe)
     console = _console()
@@ -35,69 +36,33 @@ def cmd_run(args) -> int:
                     "main_process_ip": args.main_process_ip, "main_process_port": args.main_process_port}
     manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, until=args.until, machines=machines,
                             console=console)
-    from tutor_wrap.pipeline import default_run_dir
-
-    print_summary(manifest, (args.run_dir or default_run_dir(recipe)).resolve(), console)
+    print_summary(manifest, (args.run_dir or recipe.default_run_dir()).resolve(), console)
     return 0
 
 
-def _plan_table(plan, title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("knob", "value", "why"):
-        table.add_column(col)
-    for c in plan.choices:
-        table.add_row(c.knob, str(c.value), c.reason)
-    return table
-
-
-def _memory_table(memory: dict, budget_gib: float | None):
-    from rich.table import Table
-
-    table = Table(title="predicted GPU memory" + (f" (budget {budget_gib:.1f} GiB)" if budget_gib else ""))
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    sums = ("allocated_gib", "reserved_gib", "total_gib")
-    for k, v in memory.items():
-        if isinstance(v, (int, float)) and k not in sums:
-            table.add_row(k.removesuffix("_gib"), f"{v:.2f}")
-    table.add_row("= allocated (torch max_memory_allocated)", f"{memory['allocated_gib']:.2f}")
-    table.add_row("= reserved (torch max_memory_reserved)", f"{memory['reserved_gib']:.2f}")
-    table.add_row("[bold]= total: reserved + CUDA context[/]", f"[bold]{memory['total_gib']:.2f}[/]")
-    return table
-
-
 def cmd_plan(args) -> int:
-    from tutor_wrap import atomic, axolotl_config
-    from tutor_wrap.planner import make_plan
-    from tutor_wrap.profiles import resolve_hardware
-    from tutor_wrap.recipe import load_recipe
-
-    from tutor_wrap.lengths import dataset_lengths
+    from tutor_wrap.machine.profiles import resolve_hardware
+    from tutor_wrap.recipe.load import load_recipe
+    from tutor_wrap.runtime.tables import memory_table, plan_table
+    from tutor_wrap.stages import plan as plan_stage
 
     recipe = load_recipe(args.recipe)
     hw = resolve_hardware(args.hardware or recipe.hardware)
-    _, lengths = dataset_lengths(recipe)
-    plan = make_plan(recipe, hw, lengths)
-    model_dir = recipe.base_model_path()
-    cfg = axolotl_config.render(recipe, plan, base_model=str(model_dir or recipe.base_model),
-                                dataset_path=recipe.resolve(recipe.dataset.path),
-                                run_dir=Path(args.run_dir or Path("runs") / recipe.name).resolve())
+    p = plan_stage.prepare(recipe, hw, args.run_dir or recipe.default_run_dir())
+    plan = p.plan
     if args.json:
-        print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": cfg}, indent=2, default=str))
+        print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": p.config}, indent=2, default=str))
     else:
         console = _console()
-        console.print(_plan_table(plan, f"plan for {recipe.name} on {hw.source}"))
+        console.print(plan_table(plan, f"plan for {recipe.name} on {hw.source}"))
         if plan.memory:
-            console.print(_memory_table(plan.memory, plan.budget_gib))
+            console.print(memory_table(plan.memory, plan.budget_gib))
+    for note in p.notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.out:
-        axolotl_config.write_sidecars(cfg)  # the DeepSpeed JSON the YAML points to, when the plan shards
-        dropped = [] if args.no_validate else axolotl_config.validate(cfg, source=str(recipe.source))
-        if dropped:
-            raise TutorWrapError(f"{recipe.source}: Axolotl would silently ignore {', '.join(dropped)}",
-                                 hint="fix the spelling under 'axolotl:' in the recipe")
-        atomic.write_text(Path(args.out), axolotl_config.to_yaml(cfg))
+        if not args.no_validate:
+            plan_stage.validate(recipe, p.config)
+        plan_stage.write_config(p.config, Path(args.out))
         print(f"wrote {args.out}" + ("" if args.no_validate else " (validated by Axolotl's schema)"), file=sys.stderr)
     if plan.verdict == "impractical":
         print(f"error: training {recipe.name} here is impractical: ~{plan.seconds_per_step:.0f} s per step on "
@@ -107,8 +72,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from tutor_wrap.catalog import lookup
-    from tutor_wrap.memory import Knobs, estimate
+    from tutor_wrap.models.catalog import lookup
+    from tutor_wrap.planning.memory import Knobs, estimate
+    from tutor_wrap.runtime.tables import memory_table
 
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(
         t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(","))
@@ -121,17 +87,19 @@ def cmd_estimate(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        _console().print(_memory_table(br.to_gib_dict(), None))
+        _console().print(memory_table(br.to_gib_dict(), None))
     return 0
 
 
 def cmd_preflight(args) -> int:
-    from tutor_wrap import preflight, software
-    from tutor_wrap.profiles import resolve_hardware, save_profile
+    from tutor_wrap.machine import software
+    from tutor_wrap.machine.profiles import resolve_hardware, save_profile
+    from tutor_wrap.planning import preflight
+    from tutor_wrap.runtime.tables import preflight_tables
 
     recipe = None
     if args.recipe:
-        from tutor_wrap.recipe import load_recipe
+        from tutor_wrap.recipe.load import load_recipe
 
         recipe = load_recipe(args.recipe)
     hw = resolve_hardware(args.hardware or (recipe.hardware if recipe else None), args.run_dir)
@@ -144,60 +112,41 @@ def cmd_preflight(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
-        preflight.render(report, _console())
+        console = _console()
+        for table in preflight_tables(report):
+            console.print(table)
+        if not report.get("ok", True):
+            console.print("[bold red]preflight found errors: fix them before `run`[/]")
     bad = not report.get("ok", True) or any(v.get("verdict") == "won't fit" for v in report.get("stages", []))
     return 1 if bad else 0
 
 
 def cmd_merge(args) -> int:
-    import yaml
-
-    from tutor_wrap.profiles import resolve_hardware
-    from tutor_wrap.stages.merge import merge
+    from tutor_wrap.machine.profiles import resolve_hardware
+    from tutor_wrap.stages.merge import merge_folder
 
     out = Path(args.out).resolve()
-    cfg_path = Path(args.adapter) / "axolotl.yml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-    cfg.setdefault("base_model", str(Path(args.base).resolve()))
-    cfg.setdefault("adapter", "lora")
     hw = resolve_hardware(args.hardware, out.parent)
-    report = merge(Path(args.base).resolve(), Path(args.adapter).resolve(), out, cfg, hw,
-                   method=args.method, log=out.parent / f"{out.name}.merge.log", verify=not args.no_verify)
+    report = merge_folder(Path(args.base).resolve(), Path(args.adapter).resolve(), out, hw, method=args.method,
+                          verify=not args.no_verify)
     print(json.dumps(report, indent=2) if args.json else
           f"merged into {out} ({report['method']}, peak RSS {report['measured_peak_rss_bytes'] / 2**30:.2f} GiB, "
           f"verification {(report.get('verification') or {}).get('status', 'off')})")
     return 0
 
 
-def _recipe_of_run(run_dir: Path):
-    from tutor_wrap.recipe import load_recipe
-    from tutor_wrap.rundir import RunDir
-
-    run = RunDir(Path(run_dir).resolve())
-    path = run.manifest().get("recipe_path")
-    if not path:
-        raise TutorWrapError(f"{run.path}: no manifest.json with a recipe", hint="pass a run directory made by `run`")
-    return run, load_recipe(path)
-
-
 def cmd_deploy(args) -> int:
-    from tutor_wrap.hardware import probe
-    from tutor_wrap.stages import Context, deploy
+    from tutor_wrap.pipeline import run_stage_of
 
-    run, recipe = _recipe_of_run(args.run_dir)
-    if args.name:
-        recipe = recipe.model_copy(update={"ollama": recipe.ollama.model_copy(update={"model": args.name})})
-    res = deploy.run(Context(recipe, run, probe(run.path), _console()))
+    res = run_stage_of(args.run_dir, "deploy", _console(), ollama_name=args.name)
     print(json.dumps(res.info))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from tutor_wrap.hardware import probe
-    from tutor_wrap.stages import Context, evaluate
+    from tutor_wrap.pipeline import run_stage_of
 
-    run, recipe = _recipe_of_run(args.run_dir)
-    evaluate.run(Context(recipe, run, probe(run.path), _console()))
+    run_stage_of(args.run_dir, "eval", _console())
     return 0
 
 

@@ -6,20 +6,20 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.hardware import Hardware, describe, probe
-from tutor_wrap.recipe import Recipe
-from tutor_wrap.rundir import RunDir, fingerprint
-from tutor_wrap.stages import Context, StageResult
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.machine.hardware import Hardware, describe
+from tutor_wrap.machine.profiles import resolve_hardware
+from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.core.hashing import fingerprint
+from tutor_wrap.runtime.rundir import RunDir
 from tutor_wrap.stages import deploy, evaluate, export, merge, plan, train
+from tutor_wrap.stages.base import Context, StageResult
 
+# The stages in order. Adding one: a module in stages/ with NAME, DEPENDS, inputs() and run(), and a place here.
 STAGES = (plan, train, merge, export, deploy, evaluate)
 STAGE_NAMES = tuple(s.NAME for s in STAGES)
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    return Path("runs") / recipe.name
 
 
 def _artifacts_present(run: RunDir, rec: dict) -> bool:
@@ -38,9 +38,9 @@ def _downstream(name: str) -> list[str]:
 def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
                  until: str | None = None, machines: dict | None = None, hardware: Hardware | None = None, console: Console | None = None) -> dict:
     console = console or Console()
-    run = RunDir.create(run_dir or default_run_dir(recipe))
-    hw = hardware or probe(run.path)
-    console.print(f"[bold]tutor_wrap[/] {recipe.name} -> {run.path}\nmachine: {describe(hw)}")
+    run = RunDir.create(run_dir or recipe.default_run_dir())
+    hw = hardware or resolve_hardware(recipe.hardware, run.path)
+    console.print(f"[bold]tutor_wrap[/] {escape(recipe.name)} -> {escape(str(run.path))}\nmachine: {escape(describe(hw))}")
     run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict())
     if from_stage:
         if from_stage not in STAGE_NAMES:
@@ -69,3 +69,18 @@ def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str
         if stage.NAME == until:
             break
     return run.manifest()
+
+
+def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str | None = None) -> StageResult:
+    """One stage on a finished run (the `deploy` and `eval` commands), with the recipe the run recorded."""
+    from tutor_wrap.recipe.load import load_recipe
+
+    run = RunDir(Path(run_dir).resolve())
+    path = run.manifest().get("recipe_path")
+    if not path:
+        raise TutorWrapError(f"{run.path}: no manifest.json with a recipe", hint="pass a run directory made by `run`")
+    recipe = load_recipe(path)
+    if ollama_name:
+        recipe = recipe.model_copy(update={"ollama": recipe.ollama.model_copy(update={"model": ollama_name})})
+    stage = next(s for s in STAGES if s.NAME == name)
+    return stage.run(Context(recipe, run, resolve_hardware(recipe.hardware, run.path), console))

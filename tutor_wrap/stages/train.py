@@ -3,142 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from tutor_wrap import atomic
-from tutor_wrap.distributed import accelerate_args
-from tutor_wrap.errors import TutorWrapError
-from tutor_wrap.metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
-from tutor_wrap.proc import die_with_parent, tail, tool_env
-from tutor_wrap.progress import TrainProgress
-from tutor_wrap.rundir import file_sha256
-from tutor_wrap.stages import Context, StageResult
+from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
+from tutor_wrap.backends.axolotl_train import (MAX_OOM_RETRIES, classify_failure, complete_checkpoints, launch_args,
+                                               reap_leftover_trainer, smaller)
+from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.hashing import file_sha256
+from tutor_wrap.core.proc import die_with_parent, tail, tool_env
+from tutor_wrap.runtime.progress import TrainProgress
+from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "train"
 DEPENDS = ("plan",)
-
-# Ordered: the first pattern found in the log's tail names the failure.
-FAILURES = [
-    (re.compile(r"OutOfMemoryError|CUDA out of memory|HIP out of memory|DefaultCPUAllocator: can't allocate|"
-                r"Cannot allocate memory|std::bad_alloc|MemoryError"),
-     "out of memory", "use a smaller plan: lower train.micro_batch_size or train.sequence_len, or method: qlora"),
-    (re.compile(r"num_samples should be a positive integer value"),
-     "the dataset is empty after Axolotl's length filtering", "raise train.sequence_len or shorten the rows"),
-    (re.compile(r"(?i)loss[^\n]{0,40}\b(nan|inf)\b|non-finite loss"),
-     "the loss became NaN/inf", "lower train.learning_rate (e.g. halve it) and check the data for empty outputs"),
-    (re.compile(r"(?i)(OSError|FileNotFoundError|EnvironmentError).{0,200}(config\.json|safetensors|tokenizer)"),
-     "the base model is missing or unreadable", "check base_model in the recipe points at a complete model folder"),
-    (re.compile(r"ValidationError|ValueError: .*(config|cfg)"),
-     "Axolotl rejected the config", "see the log; fix the key under 'axolotl:' in the recipe"),
-]
-
-
-def classify_failure(log_text: str) -> tuple[str, str]:
-    for pattern, what, fix in FAILURES:
-        if pattern.search(log_text):
-            return what, fix
-    return "training crashed", "read the log above; re-running `run` resumes from the last complete checkpoint"
-
-
-def complete_checkpoints(out_dir: Path) -> list[Path]:
-    """Checkpoints that were written to the end, newest first.
-
-    The Trainer writes a checkpoint folder file by file; a kill in the middle leaves a folder that looks like a
-    checkpoint. Only folders holding weights, optimizer, scheduler and a parseable trainer_state.json count.
-    """
-    found = []
-    for d in out_dir.glob("checkpoint-*"):
-        if not d.name.split("-")[-1].isdigit():
-            continue
-        weights = [d / "adapter_model.safetensors", d / "model.safetensors", d / "model.safetensors.index.json"]
-        needed = [d / "optimizer.pt", d / "scheduler.pt", d / "trainer_state.json"]
-        if not any(w.is_file() and w.stat().st_size > 0 for w in weights):
-            continue
-        if not all(p.is_file() and p.stat().st_size > 0 for p in needed):
-            continue
-        try:
-            json.loads((d / "trainer_state.json").read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        found.append(d)
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
 def inputs(ctx: Context) -> dict:
     yml = ctx.run.path / "axolotl.yml"
     return {"axolotl_yml": file_sha256(yml) if yml.exists() else None}
-
-
-def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None) -> list[str]:
-    # Precision comes from the Axolotl YAML (bf16/fp16 keys), so accelerate's own mixed precision stays off.
-    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(plan, machines),
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(cfg_path)]
-
-
-MAX_OOM_RETRIES = 3
-
-
-def smaller(cfg: dict) -> tuple[dict, str] | None:
-    """One notch down after an out-of-memory: halve the micro-batch (keeping the effective batch through
-    gradient accumulation), then turn on gradient checkpointing; None when nothing is left to give."""
-    micro = int(cfg.get("micro_batch_size") or 1)
-    accum = int(cfg.get("gradient_accumulation_steps") or 1)
-    if micro > 1:
-        return ({**cfg, "micro_batch_size": micro // 2, "gradient_accumulation_steps": accum * 2},
-                f"micro_batch_size {micro} -> {micro // 2}, gradient_accumulation_steps {accum} -> {accum * 2}")
-    if not cfg.get("gradient_checkpointing"):
-        return {**cfg, "gradient_checkpointing": True}, "gradient_checkpointing off -> on"
-    return None
-
-
-def _group_members(pgid: int, marker: str) -> list[int]:
-    """Live processes of process group `pgid` whose command line mentions `marker` (our launch YAML)."""
-    pids = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.getpgid(int(d.name)) == pgid and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(d.name))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
-def reap_leftover_trainer(train_dir: Path) -> int:
-    """Stop a trainer that outlived an earlier `run` (killed with -9, say) before it races this one.
-
-    Each launch starts a new process group and records it; anything still alive in that group that runs our
-    launch YAML is ours to stop. Returns how many processes were stopped.
-    """
-    rec = train_dir / "trainer.json"
-    if not rec.exists():
-        return 0
-    try:
-        info = json.loads(rec.read_text("utf-8"))
-        pgid, marker = int(info["pgid"]), str(info["launch_yml"])
-    except (OSError, ValueError, KeyError):
-        return 0
-    pids = _group_members(pgid, marker)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        while time.time() < deadline and (pids := _group_members(pgid, marker)):
-            time.sleep(0.2)
-    rec.unlink(missing_ok=True)
-    return len(pids)
 
 
 def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_path: Path, plan: dict) -> int:

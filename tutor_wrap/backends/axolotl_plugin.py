@@ -1,0 +1,90 @@
+"""An Axolotl plugin that writes one JSON line per logging step: the structured source for live progress.
+
+Runs inside the training process (loaded by Axolotl from `plugins:` in the YAML), so it may import torch freely.
+Parsing tqdm from the log would break on every Axolotl release; a TrainerCallback sees the real numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from axolotl.integrations.base import BasePlugin
+from transformers import TrainerCallback
+
+from tutor_wrap.backends.axolotl_metrics import ENV_METRICS
+
+
+def _gpu_mem() -> dict:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {
+                "gpu_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+                "gpu_max_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            }
+    except Exception:  # metrics must never break training
+        pass
+    return {}
+
+
+class MetricsCallback(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.time()
+        self._is_main = int(os.environ.get("RANK", "0")) == 0
+
+    def _write(self, obj: dict) -> None:
+        if not self._is_main:
+            return
+        obj["time"] = round(time.time(), 3)
+        # Append + flush per line: a reader sees whole lines, and a crash loses at most the line being written.
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(obj) + "\n")
+            fh.flush()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.time()
+        self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps,
+                     "resumed_from_step": state.global_step or None})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        row = {"event": "log", "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+               "elapsed_s": round(time.time() - self._t0, 3)}
+        for key in ("loss", "learning_rate", "grad_norm", "train_loss", "train_runtime", "tokens/total",
+                    "tokens/trainable"):
+            if key in logs:
+                try:  # Axolotl logs some numbers as formatted strings ('6.938')
+                    row[key] = float(logs[key])
+                except (TypeError, ValueError):
+                    pass
+        tokens = getattr(state, "num_input_tokens_seen", 0)
+        if tokens:
+            row["tokens_seen"] = int(tokens)
+        row.update(_gpu_mem())
+        self._write(row)
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write({"event": "checkpoint", "step": state.global_step})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write({"event": "end", "step": state.global_step, "max_steps": state.max_steps})
+
+
+class MetricsPlugin(BasePlugin):
+    def register(self, cfg):
+        # Inside the trainer (the grandchild of tutor_wrap) accelerate does not pass a SIGTERM on, so the trainer
+        # asks the kernel itself to be stopped when its parent goes. Only there: `plan` registers plugins too.
+        if os.environ.get(ENV_METRICS):
+            from tutor_wrap.core.proc import die_with_parent
+
+            die_with_parent()
+
+    def add_callbacks_pre_trainer(self, cfg, model):
+        path = os.environ.get(ENV_METRICS) or str(Path(cfg.output_dir) / "metrics.jsonl")
+        return [MetricsCallback(Path(path))]

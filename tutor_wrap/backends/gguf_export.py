@@ -1,0 +1,96 @@
+"""HF model folder -> f16 GGUF (llama.cpp's converter) -> each quant type (llama-quantize).
+
+Used by the export stage for the fine-tuned model and by eval for the base model's GGUF of the same type.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from tutor_wrap.backends import llamacpp
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.proc import tail
+from tutor_wrap.core.units import GIB
+from tutor_wrap.models.files import source_bytes_per_param, weight_files
+from tutor_wrap.planning.budgets import disk_needed
+
+# How a full disk shows up: ENOSPC from Python, numpy's short write in the converter, llama.cpp's write errors.
+_DISK_FULL = re.compile(r"No space left on device|Errno 28|requested and \d+ written|failed to write|short write")
+
+
+def check_convertible(model_dir: Path) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text("utf-8"))
+    if "quantization_config" in cfg:
+        raise TutorWrapError(f"{model_dir / 'config.json'} still carries a quantization_config; llama.cpp's converter "
+                             "fails on it", hint="merge into a 16-bit base (the merge stage strips it; re-run `--from merge`)")
+    return cfg
+
+
+def outtype_for(cfg: dict, accelerator: str) -> str:
+    """bf16 only when the model is bf16 and a GPU will run it; f16 is what CPUs and Ollama run everywhere."""
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
+    return "bf16" if dtype == "bfloat16" and accelerator != "cpu" else "f16"
+
+
+def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> None:
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.unlink(missing_ok=True)
+    proc = llamacpp.convert(ll, model_dir, tmp, outtype, log)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        text = tail(log, 60)
+        if "BPE pre-tokenizer was not recognized" in text:
+            raise TutorWrapError("export: llama.cpp's converter does not recognise this tokenizer's pre-tokenizer",
+                                 hint="use a newer llama.cpp (LLAMA_CPP_DIR) that knows it, or a base model whose tokenizer "
+                                      f"it supports; log: {log}")
+        unsupported = re.search(r"Model (\S+) is not supported", text)
+        if unsupported:
+            raise TutorWrapError(f"export: llama.cpp's converter does not support the architecture "
+                                 f"{unsupported.group(1)} ({model_dir / 'config.json'}); log: {log}",
+                                 hint="pick a base model llama.cpp supports (Llama, Mistral, Qwen2, Gemma, Phi...), "
+                                      "or a newer llama.cpp via LLAMA_CPP_DIR")
+        if _DISK_FULL.search(text):
+            raise TutorWrapError(f"export: the disk filled up while writing {out.name}; nothing was kept", hint="free disk and re-run")
+        raise TutorWrapError(f"export: convert_hf_to_gguf.py failed (exit {proc.returncode}); log: {log}\n{tail(log, 12)}")
+    os.replace(tmp, out)
+
+
+def gguf_facts(gguf: Path) -> dict:
+    return {**llamacpp.metadata(gguf), "size_bytes": gguf.stat().st_size}
+
+
+def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[str], accelerator: str,
+                 log: Path) -> dict:
+    """The f16 (or bf16) GGUF of `model_dir` and each quant type, each written under a temporary name and renamed
+    when complete; disk is checked first. The report lists each file with its metadata (checks/gguf.py verifies it)."""
+    ll = llamacpp.locate()
+    cfg = check_convertible(model_dir)
+    outtype = outtype_for(cfg, accelerator)
+    weights = sum(p.stat().st_size for p in weight_files(model_dir))
+    f16_size, need = disk_needed(weights, source_bytes_per_param(cfg), quant_types)
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise TutorWrapError(f"export needs about {need / GIB:.1f} GiB of disk (f16 {f16_size / GIB:.1f} GiB + quants); "
+                             f"{free / GIB:.1f} GiB free in {out_dir}", hint="free disk space or move the run dir")
+    report = {"llama_cpp": ll.version, "outtype": outtype, "files": {}}
+    f16 = out_dir / f"{stem}-{outtype.upper()}.gguf"
+    convert_model(ll, model_dir, f16, outtype, log)
+    report["files"][outtype.upper()] = {"path": f16.name, **gguf_facts(f16)}
+    for q in quant_types:
+        out = out_dir / f"{stem}-{q}.gguf"
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp.unlink(missing_ok=True)
+        rc, counts, text = llamacpp.quantize(ll, f16, tmp, q, log)
+        if rc != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            if _DISK_FULL.search(text):
+                raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
+            raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
+        os.replace(tmp, out)
+        report["files"][q] = {"path": out.name, "tensor_types": counts, "fallback_tensors": llamacpp.fallback_count(text),
+                              **gguf_facts(out)}
+    return report

@@ -1,0 +1,119 @@
+"""Drive llama.cpp's real tools: convert_hf_to_gguf.py, llama-quantize, llama-simple, llama-perplexity; read GGUF
+metadata. Where the tools are is a machine fact (machine/tools.py: `locate`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.proc import run_logged
+from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
+
+
+def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> subprocess.CompletedProcess:
+    return run_logged([sys.executable, str(ll.converter), str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                      log, env=ll.env())
+
+
+def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, dict[str, int], str]:
+    """Run llama-quantize; return (exit code, tensor-type counts, raw output) for the fallback report."""
+    threads = str(max(1, os.cpu_count() or 1))
+    proc = subprocess.run([str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads],
+                          capture_output=True, text=True, env=ll.env(), check=False)
+    text = proc.stdout + proc.stderr
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(text)
+    return proc.returncode, tensor_type_counts(out) if proc.returncode == 0 else {}, text
+
+
+def fallback_count(quant_output: str) -> int:
+    """How many tensors llama-quantize could not give the requested type (row size not a multiple of 256)."""
+    return len(re.findall(r"(?i)fallback|using fallback quantization|not divisible by", quant_output))
+
+
+def tensor_type_counts(gguf_path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(str(gguf_path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def metadata(gguf_path: Path) -> dict:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(gguf_path))
+
+    def get(key):
+        f = r.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = get("general.architecture")
+    return {
+        "architecture": arch,
+        "file_type": get("general.file_type"),
+        "context_length": get(f"{arch}.context_length"),
+        "tokenizer_model": get("tokenizer.ggml.model"),
+        "tokenizer_pre": get("tokenizer.ggml.pre"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "tensor_count": len(r.tensors),
+    }
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    stopped_by_eos: bool
+    n_tokens: int | None
+
+
+def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout: float = 300) -> Completion:
+    """Greedy (temperature 0) completion of a raw prompt, no chat template, as the model was trained.
+
+    Runs `llama-simple`, which samples greedily and writes with printf. `llama-completion` prints through an
+    asynchronous logger that, in the pinned build, sometimes drops everything after start-up and still exits 0
+    (seen here: 9 of 30 runs on a tiny model; 0 of 30 with llama-simple). The tool sizes the context to
+    prompt + n_predict, and greedy decoding needs no seed.
+    """
+    args = [str(ll.tool("llama-simple")), "-m", str(model), "-n", str(n_predict), prompt]
+    proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
+    err = proc.stderr.decode("utf-8", "replace")
+    m = re.search(r"decoded (\d+) tokens", err)
+    if proc.returncode != 0 or m is None:
+        raise TutorWrapError(f"llama-simple failed on {model.name} (exit {proc.returncode}):\n" + err[-1500:])
+    out = proc.stdout.decode("utf-8", "replace")
+    # llama-simple echoes the prompt (after BOS text and, for SentencePiece vocabularies, a leading space).
+    start = out.find(prompt)
+    if start < 0:
+        raise TutorWrapError(f"llama-simple on {model.name}: the echoed prompt does not match the prompt sent",
+                             hint="the tokenizer does not round-trip this prompt; check the GGUF's tokenizer")
+    text = out[start + len(prompt):]
+    text = text[:-1] if text.endswith("\n") else text  # the newline llama-simple prints at the end
+    n = int(m.group(1))
+    # The loop stops early only on an end-of-generation token.
+    return Completion(text, n < n_predict, n)
+
+
+def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, timeout: float = 1800) -> tuple[float, float]:
+    """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk."""
+    threads = str(max(1, os.cpu_count() or 1))
+    args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+            "--log-colors", "off", "-t", threads]
+    # Same logger as llama-completion (see `complete`): a run that lost its output is run again.
+    for _ in range(5):
+        proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
+        text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
+        if proc.returncode != 0 or m:
+            break
+    if proc.returncode != 0 or not m:
+        raise TutorWrapError(f"llama-perplexity failed on {model.name} (exit {proc.returncode}):\n{text[-1500:]}",
+                             hint="the reference text may be shorter than two chunks; add rows with outputs to the eval file")
+    return float(m.group(1)), float(m.group(2))

@@ -1,0 +1,62 @@
+"""Ollama: the Modelfile that speaks the training format, `ollama create`, and a smoke run.
+
+The Modelfile's grammar and quoting live in modelfile.py; this module decides what goes in it.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from tutor_wrap.backends import modelfile
+from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.data.format import Format
+from tutor_wrap.machine import tools
+
+
+def eos_text(model_dir: Path) -> str | None:
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    eos = cfg.get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def build_spec(fmt: Format, gguf_rel: str, *, system: str | None, parameters: dict, num_ctx: int,
+               eos: str | None) -> modelfile.ModelfileSpec:
+    """TEMPLATE and SYSTEM from the training format, stops = EOS + the format's, the user's parameters."""
+    params: list[tuple[str, object]] = [("num_ctx", num_ctx)]
+    params += [(k, v) for k, v in parameters.items() if k not in ("num_ctx", "stop")]
+    return modelfile.ModelfileSpec(from_path=gguf_rel, template=fmt.template, system=system or fmt.system,
+                                   parameters=tuple(params), stops=fmt.serving_stops(eos))
+
+
+def write_modelfile(spec: modelfile.ModelfileSpec, path: Path) -> str:
+    text = modelfile.render(spec)
+    modelfile.validate(text, path.parent)  # before anything is written
+    atomic.write_text(path, text)
+    return text
+
+
+def quoted(args: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def create(modelfile_path: Path, name: str, smoke_prompt: str) -> dict:
+    """`ollama create` then `ollama run` once where Ollama is installed; else the commands to run, unrun."""
+    create_args = ["ollama", "create", name, "-f", str(modelfile_path)]
+    run_args = ["ollama", "run", name, smoke_prompt]
+    exe = tools.ollama()
+    if exe is None:
+        return {"status": "ready to create", "commands": [create_args, run_args]}
+    proc = subprocess.run([exe, *create_args[1:]], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise TutorWrapError(f"deploy: `ollama create` failed: {proc.stderr.strip()[-800:]}",
+                             hint="check the Modelfile with `python -m tutor_wrap deploy RUN_DIR` and Ollama's version")
+    smoke = subprocess.run([exe, *run_args[1:]], capture_output=True, text=True, check=False, timeout=600)
+    return {"status": "created", "commands": [create_args, run_args], "smoke_output": smoke.stdout[-2000:],
+            "smoke_rc": smoke.returncode}

@@ -1,0 +1,100 @@
+"""Does a GGUF behave like the model it came from? Greedy agreement and perplexity on held-out references.
+
+Agreement is counted in tokens of the model's own tokenizer (tokenizer.json through `tokenizers`, no torch):
+two greedy continuations agree on the first N tokens, or on how many leading tokens when they part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tutor_wrap.backends import hf_generate, llamacpp
+from tutor_wrap.core import atomic
+
+
+def reference_text(prompts_and_answers: list[tuple[str, str]], path: Path) -> Path | None:
+    """The held-out prompts with their reference answers, in the training format, one after another."""
+    rows = [p + a for p, a in prompts_and_answers if a]
+    if not rows:
+        return None
+    atomic.write_text(path, "\n\n".join(rows) + "\n")
+    return path
+
+
+def _ids(tokenizer_json: Path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def matching_prefix(a: list[int], b: list[int], n: int) -> int:
+    k = 0
+    for x, y in zip(a[:n], b[:n]):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
+def agreement(texts_a: list[str], texts_b: list[str], tokenizer_json: Path, n: int) -> dict:
+    """Per prompt: do the two continuations agree on their first n tokens (or stop at the same place before)?"""
+    ids = _ids(tokenizer_json)
+    pairs = [(ids(a)[:n], ids(b)[:n]) for a, b in zip(texts_a, texts_b)]
+    prefixes = [matching_prefix(a, b, n) for a, b in pairs]
+    return {"prompts": len(pairs), "tokens": n, "agree": sum(a == b for a, b in pairs),
+            "mean_matching_prefix": sum(prefixes) / max(1, len(prefixes)), "per_prompt": prefixes}
+
+
+def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n: int) -> list[str]:
+    return [llamacpp.complete(ll, gguf, p, n_predict=n).text for p in prompts]
+
+
+AGREE_PROMPTS = 5      # greedy agreement is checked on the first few held-out prompts
+AGREE_TOKENS = 16      # ... over this many generated tokens
+
+
+def ppl_ctx(tokenizer_json: Path, text: str) -> int:
+    """A llama-perplexity context that gives at least two chunks of the reference text (at most 128 tokens)."""
+    from tokenizers import Tokenizer
+
+    n = len(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids)
+    ctx = 128
+    while ctx > 16 and 2 * ctx > n:
+        ctx //= 2
+    return ctx
+
+
+def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list[tuple[str, str]]) -> dict:
+    """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers.
+
+    `examples` are held-out (prompt in the training format, reference answer or ""); `report` is the export's,
+    whose `files` entries get each quant's agreement and perplexity.
+    """
+    prompts = [p for p, _ in examples]
+    ll = llamacpp.locate()
+    tok_json = model_dir / "tokenizer.json"
+    files = report["files"]
+    f16_kind = report["outtype"].upper()
+    f16 = out_dir / files[f16_kind]["path"]
+    few = prompts[:AGREE_PROMPTS]
+    hf = hf_generate.continuations(model_dir, few, AGREE_TOKENS, out_dir / ".hf_greedy.json")
+    ref = gguf_continuations(ll, f16, few, AGREE_TOKENS)
+    result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS)}
+    ref_file = reference_text(examples, out_dir / "reference.txt")
+    ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
+    base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx)[0] if ref_file else None
+    if base_ppl is not None:
+        files[f16_kind]["perplexity"] = base_ppl
+    for q, info in files.items():
+        if q == f16_kind:
+            continue
+        gguf = out_dir / info["path"]
+        info["agreement_with_" + f16_kind] = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS), ref,
+                                                           tok_json, AGREE_TOKENS)
+        if ref_file:
+            ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx)[0]
+            info["perplexity"] = ppl
+            info["perplexity_change_pct"] = round(100 * (ppl - base_ppl) / base_ppl, 2)
+    result["reference"] = {"rows_with_answers": sum(bool(a) for _, a in examples), "ppl_ctx": ctx}
+    return result

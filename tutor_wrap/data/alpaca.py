@@ -1,0 +1,126 @@
+"""Alpaca rows (instruction, input, output): reading, the training prompt, Axolotl's entry, Ollama's template.
+
+The strings follow Axolotl 0.19's `AlpacaPrompter` (instruct style) exactly; the parity tests in tests/ check them
+against what Axolotl really tokenizes, so a change in Axolotl shows up as a failing test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.data.format import Dataset, Format
+from tutor_wrap.data.jsonl import line_numbers, read_objects
+
+ALPACA_SYSTEM_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_SYSTEM_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+_EXAMPLE = '{"instruction": "...", "input": "", "output": "..."}'
+
+
+@dataclass(frozen=True)
+class AlpacaRow:
+    line: int
+    instruction: str
+    input: str
+    output: str
+
+
+def load_alpaca(path: Path, *, require_output: bool = True, key: str = "dataset.path") -> Dataset[AlpacaRow]:
+    path = Path(path)
+    rows: list[AlpacaRow] = []
+    missing: dict[str, list[int]] = {}
+    needed = ("instruction", "output") if require_output else ("instruction",)
+    for n, obj in read_objects(path, example=_EXAMPLE, key=key):
+        absent = [k for k in needed if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+        for k in absent:
+            missing.setdefault(k, []).append(n)
+        if absent:
+            continue
+        inp = obj.get("input") or ""
+        if not isinstance(inp, str):
+            missing.setdefault("input (as a string)", []).append(n)
+            continue
+        rows.append(AlpacaRow(n, obj["instruction"], inp, obj.get("output", "")))
+    if missing:
+        k, lines = next(iter(missing.items()))
+        raise TutorWrapError(
+            f"{path}: line {line_numbers(lines)}: missing or empty '{k}'",
+            hint="every Alpaca row needs a non-empty 'instruction' and 'output' ('input' may be empty)",
+        )
+    if not rows:
+        raise TutorWrapError(f"{path}: the dataset is empty", hint="add at least one Alpaca row")
+    warnings = []
+    seen: set[tuple[str, str, str]] = set()
+    dups = []
+    for r in rows:
+        k3 = (r.instruction.strip(), r.input.strip(), r.output.strip())
+        if k3 in seen:
+            dups.append(r.line)
+        seen.add(k3)
+    if dups:
+        warnings.append(f"{path}: line {line_numbers(dups)} duplicate an earlier row (they weigh twice in training)")
+    return Dataset(path, rows, warnings)
+
+
+class Alpaca(Format[AlpacaRow]):
+    name = "alpaca"
+    system = ALPACA_SYSTEM_NO_INPUT
+    # Single-turn serving: Ollama fills .System from SYSTEM and .Prompt from the user's message. Requests with an
+    # input field are sent as part of the prompt (see serve_fields).
+    template = "{{ if .System }}{{ .System }}\n\n{{ end }}### Instruction:\n{{ .Prompt }}\n\n### Response:\n{{ .Response }}"
+    section_markers = ("### Instruction:", "### Input:", "### Response:")
+    # A runaway answer starts a new instruction or input; "### Response:" only follows one of them.
+    stops = ("### Instruction:", "### Input:")
+
+    def render(self, instruction: str, input_text: str = "") -> str:
+        if input_text:
+            return (f"{ALPACA_SYSTEM_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
+                    f"### Input:\n{input_text}\n\n### Response:\n")
+        return f"{ALPACA_SYSTEM_NO_INPUT}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
+    def serve_fields(self, instruction: str, input_text: str = "") -> tuple[str, str]:
+        """(system, prompt) to send to Ollama so that `template` renders exactly `render(instruction, input_text)`.
+
+        Ollama's single-turn values have only .System and .Prompt, so a row with an input goes in the prompt as
+        "INSTRUCTION\n\n### Input:\nINPUT" and needs the with-input preamble as its system text (the Modelfile's
+        SYSTEM is the no-input one; /api/generate's `system` field overrides it per request).
+        """
+        if input_text:
+            return ALPACA_SYSTEM_WITH_INPUT, f"{instruction}\n\n### Input:\n{input_text}"
+        return ALPACA_SYSTEM_NO_INPUT, instruction
+
+    def read(self, path: Path, *, require_output: bool = True, key: str = "dataset.path") -> Dataset[AlpacaRow]:
+        return load_alpaca(path, require_output=require_output, key=key)
+
+    def prompt(self, row: AlpacaRow) -> str:
+        return self.render(row.instruction, row.input)
+
+    def answer(self, row: AlpacaRow) -> str:
+        return row.output
+
+    def title(self, row: AlpacaRow) -> str:
+        return row.instruction
+
+    def axolotl_dataset(self, spec: Any, path: Path | None) -> dict[str, Any]:
+        """A local JSONL as Axolotl's `alpaca` type, or a hub dataset whose columns are mapped onto the alpaca roles.
+
+        A hub dataset uses Axolotl's user-defined type with these strings (the system preamble is part of each
+        turn format, so a row renders exactly as `alpaca` does, with or without an input).
+        """
+        if not spec.hub:
+            return {"path": str(path), "type": "alpaca", "ds_type": "json"}
+        f = spec.fields
+        return {"path": spec.hub, "split": spec.hub_split, "type": {
+            "field_instruction": f.get("instruction", "instruction"), "field_input": f.get("input", "input"),
+            "field_output": f.get("output", "output"), "system_prompt": "", "system_format": "{system}",
+            "format": self.render("{instruction}", "{input}"), "no_input_format": self.render("{instruction}")}}
+
+
+ALPACA = Alpaca()

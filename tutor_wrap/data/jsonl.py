@@ -1,0 +1,48 @@
+"""JSON Lines reading with errors that name the file and the lines: shared by every dataset format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tutor_wrap.core.errors import TutorWrapError
+
+
+def line_numbers(lines: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(n) for n in lines[:limit])
+    return shown + (f" and {len(lines) - limit} more" if len(lines) > limit else "")
+
+
+def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; one TutorWrapError for a missing file, bad UTF-8, lines that
+    are not JSON or not objects. `example` is one valid line, shown in the fix; `key` is the recipe key naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise TutorWrapError(f"dataset {path} does not exist", hint=f"check {key} in the recipe (relative to the recipe file)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise TutorWrapError(f"{path}:{line}: not UTF-8 text", hint="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    out: list[tuple[int, dict]] = []
+    bad_json: list[int] = []
+    not_obj: list[int] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            bad_json.append(n)
+            continue
+        if not isinstance(obj, dict):
+            not_obj.append(n)
+            continue
+        out.append((n, obj))
+    if bad_json:
+        raise TutorWrapError(f"{path}: not JSON Lines: line {line_numbers(bad_json)} is not valid JSON",
+                             hint=f"each line must be one JSON object, e.g. {example}")
+    if not_obj:
+        raise TutorWrapError(f"{path}: line {line_numbers(not_obj)} is not a JSON object", hint="each line must be one {...} object")
+    return out

@@ -1,0 +1,1 @@
+"""Machine facts: the Hardware record, the probe (one module per GPU vendor), saved profiles, the software stack."""

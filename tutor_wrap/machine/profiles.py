@@ -1,0 +1,93 @@
+"""Saved machines: plan and preflight for a machine you are not on (the recipe's `hardware:` key).
+
+A profile is the `Hardware` record as YAML; the shipped ones live in tutor_wrap/profiles/*.yml. Sizes are bytes,
+or strings with a binary unit ("12288MiB", "7.5GiB") for hand-written files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.machine.hardware import Hardware
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+_UNIT = {"B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+_SIZE_KEYS = ("ram_total_bytes", "ram_available_bytes", "swap_total_bytes", "swap_free_bytes", "disk_free_bytes",
+              "vram_total_bytes", "vram_free_bytes")
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yml"))
+
+
+def _size(value, where: str) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    m = re.match(r"^\s*([\d.]+)\s*([KMGT]iB|B)\s*$", str(value), re.I)
+    if not m:
+        raise TutorWrapError(f"{where}: {value!r} is not a size", hint="write bytes (12884901888) or e.g. 12288MiB / 12GiB")
+    return int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+
+
+def _sizes(d: dict, where: str) -> dict:
+    return {k: (_size(v, f"{where}: {k}") if k in _SIZE_KEYS else v) for k, v in d.items()}
+
+
+def _resolve(name_or_file: str | Path) -> tuple[Path, str]:
+    p = Path(name_or_file).expanduser()
+    if p.suffix in (".yml", ".yaml") or p.is_file():
+        if not p.is_file():
+            raise TutorWrapError(f"hardware profile {p} does not exist", hint=f"shipped profiles: {', '.join(names())}")
+        return p, p.stem
+    shipped = PROFILE_DIR / f"{name_or_file}.yml"
+    if not shipped.is_file():
+        raise TutorWrapError(f"unknown hardware profile {name_or_file!r}",
+                             hint=f"use one of {', '.join(names())}, or a path to a .yml saved with save_profile")
+    return shipped, str(name_or_file)
+
+
+def load_profile(name_or_file: str | Path) -> Hardware:
+    """A shipped profile by name (`rtx3060-12gb`) or a YAML file; `source` is set to the profile's name."""
+    path, name = _resolve(name_or_file)
+    try:
+        data = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise TutorWrapError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise TutorWrapError(f"{path}: a profile is a mapping of Hardware fields")
+    data = _sizes(data, str(path))
+    data["gpus"] = [_sizes(g, f"{path}: gpus[{i}]") for i, g in enumerate(data.get("gpus") or [])]
+    data.pop("source", None)
+    try:
+        hw = Hardware.from_dict({"source": name, **data})
+    except KeyError as exc:
+        raise TutorWrapError(f"{path}: unknown key(s) {exc.args[0]}",
+                             hint="keys are the fields of tutor_wrap.machine.hardware.Hardware and GPU") from None
+    except TypeError as exc:
+        raise TutorWrapError(f"{path}: {exc}", hint="required: cpu_count, ram_*_bytes, swap_*_bytes, disk_free_bytes") from None
+    return hw
+
+
+def save_profile(hw: Hardware, path: str | Path) -> Path:
+    """Write `hw` as a profile (e.g. `probe()` on the training box, to plan from a laptop). Probe notes are
+    dropped: they describe the probing machine, not the hardware."""
+    path = Path(path)
+    data = replace(hw, source=path.stem, probe_notes=[]).to_dict()
+    data.pop("probe_notes")
+    atomic.write_text(path, "# tutor_wrap hardware profile (sizes in bytes)\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def resolve_hardware(spec: str | None, run_dir: Path | None = None) -> Hardware:
+    """The recipe's `hardware:` value: "auto" (or empty) probes this machine, anything else is a profile."""
+    if not spec or spec == "auto":
+        from tutor_wrap.machine.probe import probe
+
+        return probe(run_dir)
+    return load_profile(spec)

@@ -1,0 +1,83 @@
+"""Where the external tools are: llama.cpp (converter, quantizer, generators) and Ollama.
+
+llama.cpp search order: `LLAMA_CPP_DIR` (a llama.cpp checkout with a build), tools on PATH plus
+`LLAMA_CPP_CONVERTER`, then the project's managed build from the pinned llama-cpp-python sdist
+(`tools/build_llamacpp.py`). Finding them reads files only; running them is backends/llamacpp.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.paths import REPO_DIR, cache_dir
+from tutor_wrap.core.proc import tool_env
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    converter: Path
+    gguf_py: Path | None
+    bin_dir: Path
+    version: str
+
+    def tool(self, name: str) -> Path:
+        p = self.bin_dir / name
+        if not p.is_file():
+            raise TutorWrapError(f"llama.cpp tool {name} not found in {self.bin_dir}",
+                                 hint="run `python tools/build_llamacpp.py` (or `make setup`)")
+        return p
+
+    def env(self) -> dict[str, str]:
+        extra = {}
+        if self.gguf_py is not None:
+            # The converter must use the gguf-py it ships with: the PyPI gguf may lag its architectures.
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.gguf_py), os.environ.get("PYTHONPATH")]))
+        return tool_env(extra)
+
+
+def _from_dir(root: Path, version: str) -> LlamaCpp | None:
+    conv = root / "convert_hf_to_gguf.py"
+    for bin_dir in (root / "build" / "bin", root / "bin", root):
+        if conv.is_file() and (bin_dir / "llama-quantize").is_file():
+            gguf_py = root / "gguf-py"
+            return LlamaCpp(conv, gguf_py if gguf_py.is_dir() else None, bin_dir, version)
+    return None
+
+
+def locate() -> LlamaCpp:
+    env_dir = os.environ.get("LLAMA_CPP_DIR")
+    if env_dir:
+        found = _from_dir(Path(env_dir).expanduser(), f"LLAMA_CPP_DIR={env_dir}")
+        if found is None:
+            raise TutorWrapError(f"LLAMA_CPP_DIR={env_dir} has no convert_hf_to_gguf.py and built llama-quantize",
+                                 hint="build it there (cmake -B build && cmake --build build) or unset LLAMA_CPP_DIR")
+        return found
+    on_path = shutil.which("llama-quantize")
+    conv_env = os.environ.get("LLAMA_CPP_CONVERTER")
+    if on_path and conv_env and Path(conv_env).is_file():
+        conv = Path(conv_env)
+        gguf_py = conv.parent / "gguf-py"
+        return LlamaCpp(conv, gguf_py if gguf_py.is_dir() else None, Path(on_path).parent, "PATH")
+    managed = cache_dir() / "llama.cpp"
+    marker = managed / "BUILD_OK.json"
+    if marker.is_file():
+        info = json.loads(marker.read_text("utf-8"))
+        found = _from_dir(managed / "src", f"llama-cpp-python {info.get('llama_cpp_python')} "
+                                            f"(llama.cpp {info.get('llama_cpp_build')})")
+        if found is not None:
+            return found
+    raise TutorWrapError(
+        "llama.cpp was not found (LLAMA_CPP_DIR, llama-quantize on PATH with LLAMA_CPP_CONVERTER, or the managed build)",
+        hint=f"run `{sys.executable} {REPO_DIR / 'tools' / 'build_llamacpp.py'}` (about 7 min on 2 cores, once)",
+    )
+
+
+def ollama() -> str | None:
+    """The ollama binary on PATH, if any."""
+    return shutil.which("ollama")

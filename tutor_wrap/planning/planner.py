@@ -1,0 +1,297 @@
+"""Recipe + Hardware -> Plan: the training knobs, each with the reason it was chosen, and the memory breakdown.
+
+On a GPU the knobs come from a search over the memory model (tutor_wrap.planning.memory): the fastest combination whose
+predicted peak fits the card with a safety margin. On the CPU they come from rules (fp32, no CUDA kernels), and
+the plan carries an estimate of the time per step so a person sees when CPU training is impractical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.units import GIB
+from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.machine.vendors import by_name
+from tutor_wrap.recipe.schema import Recipe
+
+SAFETY = 0.10            # fraction of VRAM the plan leaves free (allocator spikes, other processes)
+# Effective CPU training throughput per physical core, in FLOP/s, for fp32 LoRA through PyTorch on x86.
+# Measured here: SmolLM2-135M LoRA, micro-batch 4, ~600 real tokens/step, ~6 s/step on 2 cores
+# (4 x 135e6 x 600 / 6 / 2 = ~27 GFLOP/s per core).
+CPU_FLOPS_PER_CORE = 27e9
+IMPRACTICAL_S_PER_STEP = 120
+
+
+@dataclass(frozen=True)
+class Choice:
+    knob: str
+    value: object
+    reason: str
+
+
+@dataclass
+class Plan:
+    accelerator: str
+    method: str
+    dtype: str                      # "fp32" | "fp16" | "bf16"
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    optimizer: str
+    attention: str                  # "sdpa" | "flash" | "eager"
+    sample_packing: bool
+    sequence_len: int
+    lora_kernels: bool
+    loss: str = "standard"          # "standard" | "cce"
+    num_processes: int = 1
+    sharding: str = "none"          # "none" | "ddp" | "zero2" | "zero3" (DeepSpeed); see tutor_wrap.planning.distributed
+    memory: dict | None = None      # the memory model's breakdown in GiB, for GPU plans
+    budget_gib: float | None = None
+    seconds_per_step: float | None = None
+    verdict: str = "fits"           # "fits" | "impractical"
+    choices: list[Choice] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _arch_for(recipe: Recipe):
+    from tutor_wrap.models.catalog import lookup
+
+    local = recipe.base_model_path()
+    return lookup(str(local) if local else recipe.base_model)
+
+
+def _knobs(recipe: Recipe, method: str, dtype: str, attn: str, num_gpus: int = 1, sharding: str = "none",
+           eight_bit: bool = True):
+    from tutor_wrap.planning.memory import Knobs
+
+    targets = recipe.lora.targets if recipe.lora.targets == "all-linear" else tuple(recipe.lora.targets)
+    return Knobs(method=method, lora_r=recipe.lora.r, lora_targets=targets, seq_len=recipe.train.sequence_len,
+                 micro_batch=recipe.train.micro_batch_size or 1, grad_ckpt=False,
+                 optimizer="adamw_torch" if method == "full" or not eight_bit else "adamw_bnb_8bit", attn=attn,
+                 packing=True, dtype=dtype, lora_dropout=recipe.lora.dropout, num_gpus=num_gpus, sharding=sharding)
+
+
+def _dtype_for(hw: Hardware) -> tuple[str, str]:
+    reasons, all_bf16 = [], True
+    for g in hw.gpus:
+        vendor = by_name(g.vendor)
+        detail = vendor.bf16_detail(g)
+        if detail:
+            reasons.append(detail)
+        all_bf16 = all_bf16 and vendor.has_bf16(g)
+    detail = "; ".join(dict.fromkeys(reasons))
+    if all_bf16:
+        return "bf16", (detail + ": bf16" if detail else "every GPU supports bf16")
+    return "fp16", (detail + ": fp16 with loss scaling" if detail else "a GPU lacks bf16: fp16 with loss scaling")
+
+
+def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
+    from dataclasses import replace
+
+    from tutor_wrap.planning.distributed import LADDER
+    from tutor_wrap.planning.memory import estimate, search
+
+    t = recipe.train
+    gpu = min(hw.gpus, key=lambda g: g.vram_total_bytes)
+    vram = gpu.vram_total_bytes
+    n = len(hw.gpus)
+    vendor = by_name(gpu.vendor)
+    dtype_v, dtype_why = _dtype_for(hw)
+    dtype = choose("dtype", dtype_v, dtype_why)
+    flash = vendor.flash_attn_wheels and "flash-attn" in hw.packages
+    attn_reason = ("flash-attn is installed for this GPU" if flash else
+                   vendor.no_flash_attn_reason if not vendor.flash_attn_wheels else
+                   "flash-attn is not installed here (or planning for a profile): PyTorch SDPA")
+    cce = "cut-cross-entropy" in hw.packages
+    arch = _arch_for(recipe)
+
+    eight_bit, four_bit, bnb_why = True, True, ""
+    method = recipe.method
+    bnb = vendor.bitsandbytes(hw)
+    if bnb is not None:
+        eight_bit, four_bit, bnb_why = bnb.eight_bit, bnb.four_bit, bnb.reason
+        choose("bitsandbytes", "4-bit ok" if four_bit else "8-bit only" if eight_bit else "unusable", bnb_why)
+        if method == "qlora" and not four_bit:
+            method = "lora"
+        if method == "lora8bit" and not eight_bit:
+            method = "lora"
+    allow_qlora = method in ("qlora", "lora", "lora8bit") and four_bit
+    ladder = LADDER if n > 1 else ("none",)
+    attn = "flash" if flash else "sdpa"
+
+    chosen = None
+    misses = []
+    for allow_q in ([False, True] if allow_qlora and method != "qlora" else [allow_qlora]):
+        for sharding in ladder:
+            base = _knobs(recipe, method, dtype, attn, num_gpus=n, sharding=sharding, eight_bit=eight_bit)
+            options = search(arch, base, vram, allow_qlora=allow_q, allow_flash=flash, allow_cce=cce, safety=SAFETY)
+            if not eight_bit:
+                # search() gives adapters an 8-bit AdamW; without a usable bitsandbytes it is the torch one
+                options = [(k2, estimate(arch, k2), w)
+                           for k2, w in ((replace(k, optimizer="adamw_torch"), w) for k, _, w in options)]
+            fitting = [o for o in options if o[1].total <= vram * (1 - SAFETY)]
+            if t.micro_batch_size:
+                fitting = [o for o in fitting if o[0].micro_batch >= t.micro_batch_size] or fitting
+            misses += [o for o in options if o[1].total > vram * (1 - SAFETY)]
+            if fitting:
+                chosen = (sharding, fitting, misses)
+                break
+        if chosen:
+            break
+    if not chosen:
+        misses.sort(key=lambda o: o[1].total)
+        k, br, _ = misses[0] if misses else (base, estimate(arch, base), "")
+        where = f"{gpu.name} ({vram / GIB:.1f} GiB)" + (f" x {n} even with {k.sharding}" if n > 1 else "")
+        raise TutorWrapError(
+            f"{recipe.source}: no plan fits {where}: the smallest, {k.method} with "
+            f"checkpointing at micro-batch 1 and sequence {k.seq_len}, needs {br.total / GIB:.1f} GiB per GPU",
+            hint="lower train.sequence_len, use method: qlora, a smaller lora.r, or a larger GPU"
+                 + (vendor.qlora_hint if not four_bit else ""),
+        )
+    sharding, fitting, misses = chosen
+    k, br, why = fitting[0]
+    if t.micro_batch_size and k.micro_batch > t.micro_batch_size:
+        k = replace(k, micro_batch=t.micro_batch_size)
+        br = estimate(arch, k)
+        why = f"micro-batch {k.micro_batch} as the recipe asks: {br.total / GIB:.1f} GiB predicted"
+    per_step = t.batch_size // n if t.batch_size % n == 0 else 0
+    if not t.micro_batch_size and per_step and per_step % k.micro_batch:
+        # keep micro-batch x accumulation x GPUs equal to the recipe's batch: the largest divisor that fits
+        mb = max(d for d in range(1, k.micro_batch + 1) if per_step % d == 0)
+        k = replace(k, micro_batch=mb)
+        br = estimate(arch, k)
+        why = f"{why}; lowered to {mb} so that it divides batch_size {t.batch_size}: {br.total / GIB:.1f} GiB predicted"
+    if k.method == recipe.method:
+        method_why = "as the recipe asks"
+    elif recipe.method in ("qlora", "lora8bit") and bnb is not None and k.method == "lora":
+        method_why = f"{recipe.method} needs bitsandbytes on {vendor.runtime} ({bnb_why}); plain LoRA fits"
+    else:
+        method_why = f"{recipe.method} does not fit {vram / GIB:.0f} GiB; 4-bit NF4 base weights do"
+    method = choose("method", k.method, method_why)
+    if n > 1:
+        _choose_sharding(choose, sharding, n, arch, k, vram)
+    choose("micro_batch_size", k.micro_batch, f"largest that fits: {why}" + (" per GPU" if n > 1 else ""))
+    choose("gradient_checkpointing", k.grad_ckpt, "needed to fit" if k.grad_ckpt else "not needed: it would cost ~30% speed")
+    choose("optimizer", k.optimizer, "8-bit AdamW states: a quarter of the optimizer memory" if "8bit" in k.optimizer
+           else "full fine-tune with the standard optimizer" if k.method == "full"
+           else f"torch AdamW: {bnb_why}")
+    choose("attention", "flash" if k.attn == "flash" else "sdpa", attn_reason)
+    choose("loss", k.loss, "cut cross-entropy is installed: no full logits tensor" if k.loss == "cce"
+           else "standard cross-entropy (cut_cross_entropy not installed)")
+    if not vendor.lora_kernels:
+        kernels, kernels_why = False, vendor.lora_kernels_reason
+    elif sharding == "zero3":
+        kernels, kernels_why = False, "ZeRO-3 partitions the weights that the fused LoRA kernels read directly: off"
+    else:
+        kernels, kernels_why = True, vendor.lora_kernels_reason
+    return {"method": method, "dtype": dtype, "micro": k.micro_batch, "ckpt": k.grad_ckpt, "optimizer": k.optimizer,
+            "attention": "flash" if k.attn == "flash" else "sdpa", "loss": k.loss, "packing": True,
+            "memory": br.to_gib_dict(), "budget_gib": round(vram * (1 - SAFETY) / GIB, 2), "kernels": kernels,
+            "kernels_why": kernels_why, "sharding": sharding}
+
+
+def _choose_sharding(choose, sharding: str, n: int, arch, k, vram: int) -> None:
+    """State why this sharding: what the cheaper ones would need per GPU."""
+    from dataclasses import replace
+
+    from tutor_wrap.planning.distributed import LADDER
+    from tutor_wrap.planning.memory import estimate
+
+    cheaper = LADDER[:LADDER.index(sharding)]
+    needs = ", ".join(f"{s} needs {estimate(arch, replace(k, sharding=s, micro_batch=1)).total / GIB:.1f} GiB"
+                      for s in cheaper)
+    what = {"ddp": f"DDP over {n} GPUs (accelerate launch --multi_gpu --num_processes {n}): the whole model state "
+                   "fits each GPU",
+            "zero2": f"DeepSpeed ZeRO-2 over {n} GPUs: optimizer states and gradients sharded, weights replicated",
+            "zero3": f"DeepSpeed ZeRO-3 over {n} GPUs: weights, gradients and optimizer states sharded"}[sharding]
+    choose("sharding", sharding, what + (f"; with micro-batch 1 {needs} of {vram * (1 - SAFETY) / GIB:.1f} GiB"
+                                         if needs else ""))
+
+
+def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:
+    # LoRA: forward 2*N*T plus backward through the frozen weights 2*N*T (no weight gradients for them).
+    return 4 * params * tokens / (CPU_FLOPS_PER_CORE * max(1, cores))
+
+
+def planned_sequence_len(requested: int, lengths: list[int] | None) -> tuple[int, str]:
+    """The recipe's sequence length, shortened to the longest real row (rounded up to 64) when all rows are
+    shorter: memory for activations and logits grows with it, and nothing is gained past the longest row."""
+    if not lengths:
+        return requested, "as the recipe asks (no local tokenizer to measure the rows with)"
+    longest = max(lengths)
+    if longest < requested:
+        planned = min(requested, -(-longest // 64) * 64)
+        return planned, f"the longest row is {longest} tokens (base model's tokenizer): {requested} would only add padding"
+    dropped = sum(n > requested for n in lengths)
+    return requested, f"as the recipe asks; {dropped} of {len(lengths)} rows are longer and will be dropped"
+
+
+def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) -> Plan:
+    seq, seq_reason = planned_sequence_len(recipe.train.sequence_len, lengths)
+    if seq != recipe.train.sequence_len:
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sequence_len": seq})})
+    t = recipe.train
+    choices: list[Choice] = []
+
+    def choose(knob: str, value, reason: str):
+        choices.append(Choice(knob, value, reason))
+        return value
+
+    on_gpu = bool(hw.gpus)
+    accel = hw.accelerator
+    choose("accelerator", accel, f"{hw.source} shows {len(hw.gpus)} GPU(s)" if on_gpu else
+           f"{hw.source} shows no GPU: training runs on the CPU")
+    seconds = None
+    verdict = "fits"
+    if on_gpu:
+        g = _gpu_plan(recipe, hw, choose)
+        method, dtype, micro, ckpt, opt, attn, loss = (g["method"], g["dtype"], g["micro"], g["ckpt"], g["optimizer"],
+                                                       g["attention"], g["loss"])
+        packing = choose("sample_packing", True, "packs short rows into full sequences; Axolotl keeps rows apart "
+                                                 "with varlen attention or a block-diagonal mask")
+        kernels = choose("lora_kernels", g["kernels"], g["kernels_why"])
+        memory, budget = g["memory"], g["budget_gib"]
+        sharding = g["sharding"]
+    else:
+        method = recipe.method
+        if method in ("qlora", "lora8bit"):
+            method = choose("method", "lora", f"{recipe.method} needs bitsandbytes on a GPU; on the CPU plain LoRA is used")
+        else:
+            choose("method", method, "as the recipe asks")
+        dtype = choose("dtype", "fp32", "CPU: fp16 matmuls fall to a naive kernel (about 20x slower), bf16 is emulated")
+        micro = choose("micro_batch_size", t.micro_batch_size or min(t.batch_size, 4),
+                       "as the recipe asks" if t.micro_batch_size else "CPU default: small batches, no VRAM to fill")
+        ckpt = choose("gradient_checkpointing", False, "CPU RAM holds the activations; recomputation would only slow it")
+        opt = choose("optimizer", "adamw_torch", "8-bit optimizers need bitsandbytes on a GPU")
+        attn = choose("attention", "sdpa", "PyTorch's SDPA; the CPU has no flash attention")
+        loss = "standard"
+        packing = choose("sample_packing", False, "off on the CPU: the packed-row attention paths are built for GPUs")
+        kernels = choose("lora_kernels", False, "Axolotl's Triton LoRA kernels need CUDA")
+        memory, budget = None, None
+        sharding = "none"
+        try:
+            params = _arch_for(recipe).total_params
+        except TutorWrapError:
+            params = None
+        if params:
+            cores = getattr(hw, "cpu_physical_cores", None) or hw.cpu_count
+            seconds = cpu_seconds_per_step(params, micro * t.sequence_len, cores)
+            if seconds > IMPRACTICAL_S_PER_STEP:
+                verdict = "impractical"
+            choose("time_per_step", f"~{seconds:.0f} s", f"{params / 1e9:.2f}B parameters x {micro * t.sequence_len} "
+                   f"tokens on {cores} CPU cores at ~{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each"
+                   + ("; impractical: use a GPU (see the rtx3060-12gb plan)" if verdict == "impractical" else ""))
+    procs = max(1, len(hw.gpus))
+    accum = max(1, t.batch_size // (micro * procs))
+    choose("gradient_accumulation_steps", accum, f"keeps the effective batch at {micro * accum * procs} "
+           f"(recipe batch_size {t.batch_size}" + (f"; micro-batch x accumulation x {procs} GPUs)" if procs > 1 else ")"))
+    choose("sequence_len", t.sequence_len, seq_reason)
+    return Plan(
+        accelerator=accel, method=method, dtype=dtype, micro_batch_size=micro, gradient_accumulation_steps=accum,
+        gradient_checkpointing=ckpt, optimizer=opt, attention=attn, sample_packing=packing,
+        sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=procs, sharding=sharding,
+        memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
+    )

@@ -1,0 +1,170 @@
+"""Preflight: before anything runs, what this machine and this environment can and cannot do, with the fix.
+
+`collect(hw, software)` -> a JSON-able report (hardware, software, findings); `stage_verdicts(recipe, hw)` adds
+per-stage fits / tight / won't fit with numbers (runtime/tables.py prints both).
+Nothing here imports torch: preflight must answer in about a second on a machine where torch is broken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.units import GIB, gib
+from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.machine.host import wsl_limits
+from tutor_wrap.machine.software import Finding, check_stack
+from tutor_wrap.machine.vendors import by_name
+from tutor_wrap.models.catalog import lookup
+from tutor_wrap.models.files import read_config, source_bytes_per_param, weight_files
+from tutor_wrap.planning import budgets
+from tutor_wrap.planning.planner import SAFETY, make_plan
+
+TIGHT = 0.10          # within 10% of what is available counts as tight
+LOW_DISK = 30 * GIB   # below this a 7-8B merge + GGUF export cannot fit at all
+
+
+def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
+    out: list[Finding] = []
+    if not hw.gpus:
+        out.append(Finding("warning", "no GPU found: training runs on the CPU, practical only for models of a few "
+                           "hundred million parameters" + (f" ({'; '.join(hw.probe_notes)})" if hw.probe_notes else "")))
+        if hw.wsl and not Path("/usr/lib/wsl/lib").is_dir():
+            out.append(Finding("warning", "WSL without /usr/lib/wsl/lib: the Windows GPU driver is not exposed to Linux",
+                               "install the current NVIDIA driver in Windows (not inside WSL), then `wsl --update`"))
+    for i, g in enumerate(hw.gpus):
+        no_bf16 = by_name(g.vendor).no_bf16_finding(g)
+        if no_bf16:
+            out.append(Finding("info", f"GPU {i} {g.name} {no_bf16}"))
+        if g.vram_total_bytes and g.vram_free_bytes is not None and g.vram_free_bytes < 0.8 * g.vram_total_bytes:
+            out.append(Finding("warning", f"GPU {i} {g.name}: only {gib(g.vram_free_bytes)} of {gib(g.vram_total_bytes)} "
+                               "VRAM free; other processes hold the rest", f"close them ({by_name(g.vendor).smi} lists them)"))
+    if hw.disk_free_bytes < LOW_DISK:
+        out.append(Finding("warning", f"only {gib(hw.disk_free_bytes)} of disk free where the run dir goes; a 7-8B "
+                           "merge plus GGUF export needs about 30 GiB", "free disk or pass --run-dir on a bigger disk"))
+    if hw.wsl:
+        granted = f"WSL grants {gib(hw.ram_total_bytes)} of RAM and {gib(hw.swap_total_bytes)} of swap (/proc/meminfo)"
+        src = (wsl or {}).get("wslconfig")
+        vals = (wsl or {}).get("wslconfig_values") or {}
+        if src and ("memory" in vals or "swap" in vals):
+            granted += f", set in {src} (memory={vals.get('memory', 'default')}, swap={vals.get('swap', 'default')})"
+        else:
+            granted += ("; with no .wslconfig WSL takes 50% of the Windows RAM and swap of 25% of it "
+                        "(Microsoft's documented defaults)")
+        out.append(Finding("info", granted, "to give WSL more: " + budgets.wsl_raise(hw, wsl)))
+    return out
+
+
+def collect(hw: Hardware, software: dict) -> dict:
+    """The report: hardware as probed (or the profile), the installed stack, and every finding with its fix."""
+    wsl = wsl_limits(hw)
+    findings = check_stack(software, hw.accelerator) + hardware_findings(hw, wsl)
+    order = {"error": 0, "warning": 1, "info": 2}
+    findings.sort(key=lambda f: order.get(f.severity, 3))
+    return {"hardware": hw.to_dict(), "accelerator": hw.accelerator, "wsl": wsl, "software": software,
+            "findings": [f.to_dict() for f in findings],
+            "ok": not any(f.severity == "error" for f in findings)}
+
+
+# ---------------------------------------------------------------------------------------------- stage verdicts
+
+
+def _verdict(stage: str, resource: str, need: int, have: int, remedy: str | None, why: str) -> dict:
+    if need <= have * (1 - TIGHT):
+        verdict = "fits"
+    elif need <= have:
+        verdict = "tight"
+    else:
+        verdict = "won't fit"
+    return {"stage": stage, "resource": resource, "verdict": verdict, "needs_bytes": int(need), "has_bytes": int(have),
+            "needs": gib(need), "has": gib(have), "why": why, "remedy": remedy if verdict != "fits" else None}
+
+
+def _ram_remedy(hw: Hardware, deficit: int) -> str:
+    # "tight" gets a margin's worth of advice too
+    return budgets.ram_remedy(hw, max(deficit, int(TIGHT * hw.ram_total_bytes)))
+
+
+def _adapter_dir(recipe, run_dir: Path | None) -> Path:
+    """The trained adapter if a run already has one (its size counts); before training it is absent (0 bytes)."""
+    return (Path(run_dir or recipe.default_run_dir()) / "train" / "out").resolve()
+
+
+def _targets(recipe):
+    t = recipe.lora.targets
+    return t if t == "all-linear" else tuple(t)
+
+
+def train_verdict(recipe, hw: Hardware) -> dict:
+    """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time)."""
+    try:
+        plan = make_plan(recipe, hw)
+    except TutorWrapError as exc:
+        return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
+                "remedy": getattr(exc, "hint", None)}
+    if plan.memory:
+        need = plan.memory["total_gib"] * GIB
+        have = plan.budget_gib / (1 - SAFETY) * GIB
+        return _verdict("train", "VRAM", int(need), int(have), None,
+                        f"{plan.method}, micro-batch {plan.micro_batch_size}, grad ckpt "
+                        f"{'on' if plan.gradient_checkpointing else 'off'}, sequence {plan.sequence_len} "
+                        f"(the memory model's reserved + CUDA context)")
+    if plan.verdict == "impractical":
+        return {"stage": "train", "verdict": "won't fit",
+                "why": f"CPU training impractical: ~{plan.seconds_per_step:.0f} s per optimizer micro-step",
+                "remedy": "train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)"}
+    why = "CPU training" + (f": ~{plan.seconds_per_step:.0f} s per step" if plan.seconds_per_step else "")
+    return {"stage": "train", "verdict": "fits", "why": why}
+
+
+def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
+    """(shard sizes, adapter bytes, bytes per parameter on disk, where the sizes came from)."""
+    base = recipe.base_model_path()
+    if base is not None:
+        shards = [p.stat().st_size for p in weight_files(base)]
+        src_bytes = source_bytes_per_param(read_config(base))
+        adapter = sum(p.stat().st_size for p in _adapter_dir(recipe, run_dir).glob("adapter_model.safetensors"))
+        return shards, adapter, src_bytes, "the real shard sizes"
+    # A hub id: the catalog's parameter count in bf16, in the 5 GB shards Hugging Face checkpoints use.
+    arch = lookup(recipe.base_model)
+    total, shard = arch.total_params * 2, 5 * 10**9
+    shards = [shard] * (total // shard) + ([total % shard] if total % shard else [])
+    adapter = arch.lora_params(recipe.lora.r, _targets(recipe)) * 4
+    return shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, {len(shards)} shards"
+
+
+def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[dict]:
+    """Per stage: fits / tight (within 10%) / won't fit, with "needs X GiB / has Y GiB" and the remedy.
+
+    train: the planner's memory model. merge: `budgets.predict_sizes` on the real shard sizes (or the
+    catalog's for a hub id). export: disk for the f16 GGUF plus each quant, after the merged model.
+    """
+    out: list[dict] = [train_verdict(recipe, hw)]
+    try:
+        shards, adapter, src_bytes, sizes_from = _weights(recipe, run_dir)
+    except TutorWrapError as exc:
+        return out + [{"stage": s, "verdict": "unknown", "why": str(exc).splitlines()[0]} for s in ("merge", "export")]
+    merged_bytes = 0
+    if recipe.method == "full":
+        out.append({"stage": "merge", "verdict": "n/a", "why": "a full fine-tune has nothing to merge"})
+    else:
+        b = budgets.predict_sizes(shards, adapter, hw, "memory_efficient")
+        legacy = budgets.predict_sizes(shards, adapter, hw, "legacy")
+        merged_bytes = b.disk_needed_bytes
+        ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
+                       _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes),
+                       f"axolotl merge-lora (memory_efficient) peaks at about 3x the largest shard plus the adapter and "
+                       f"~0.75 GiB of runtime (bench/merge_bench.py) (sizes from {sizes_from}); a whole-model (legacy) merge, as in the "
+                       f"seed report, would need {gib(legacy.predicted_peak_rss_bytes)}; RAM "
+                       f"{gib(hw.ram_available_bytes)} free + swap {gib(hw.swap_free_bytes)} free")
+        disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,
+                        f"free {gib(max(0, b.disk_needed_bytes - hw.disk_free_bytes * (1 - TIGHT)))} of disk where the run dir is",
+                        "the merged model is written at the base model's size")
+        out += [ram, disk]
+    quants = recipe.export.quant_types
+    f16, need = budgets.disk_needed(sum(shards), src_bytes, quants)
+    have = max(0, hw.disk_free_bytes - merged_bytes)
+    out.append(_verdict("export", "disk", need, have,
+                        f"free {gib(max(0, need - have * (1 - TIGHT)))} of disk where the run dir is, or drop quant types",
+                        f"f16 GGUF {gib(f16)} + {', '.join(quants)}; disk left after the merged model: {gib(have)}"))
+    return out

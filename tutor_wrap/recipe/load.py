@@ -1,0 +1,109 @@
+"""Loading a recipe file: YAML in, a `Recipe` out, or one error that names the file, the line and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.recipe.schema import Recipe
+
+
+def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML to its 1-based line, so errors can point at the line."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                lines[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[(*path, i)] = v.start_mark.line + 1
+                walk(v, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Recipe
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise TutorWrapError(f"recipe {path} does not exist", hint="pass the path of a recipe YAML, e.g. recipes/demo.yml") from None
+    except IsADirectoryError:
+        raise TutorWrapError(f"recipe {path} is a directory, not a YAML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TutorWrapError(f"{path}: not UTF-8 text (byte {exc.start})", hint="save the recipe as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TutorWrapError(f"{where}: malformed YAML: {problem}", hint="fix the YAML syntax at that line (indentation, a missing ':' or an unclosed quote)") from None
+    if data is None:
+        raise TutorWrapError(f"{path}: the recipe is empty", hint="see recipes/demo.yml for a complete example")
+    if not isinstance(data, dict):
+        raise TutorWrapError(
+            f"{path}: the recipe must be a mapping of keys (name: ..., base_model: ...), not a {type(data).__name__}",
+            hint="see recipes/demo.yml for a complete example",
+        )
+    lines = _key_lines(text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # A misspelt key also shows up as a missing one; the spelling is the error to report.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = f"{path}:{line}" if line else str(path)
+        if err["type"] == "extra_forbidden":
+            parent = _model_for(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            valid = [v for v in valid if v != "source"]
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            if not near and loc[:-1] == ():
+                # A top-level key that belongs in a block: `sequence_length:` -> `train.sequence_len`.
+                nested = {f"{name}.{sub}": sub for name in valid if (m := _model_for((name,))) is not None
+                          for sub in m.model_fields if sub != "source"}
+                hit = difflib.get_close_matches(str(loc[-1]), list(nested.values()), n=1)
+                near = [next(k for k, v in nested.items() if v == hit[0])] if hit else []
+            hint = (f"did you mean '{near[0]}'? " if near else "") + f"valid keys here: {', '.join(valid)}"
+            if loc[:-1] == ():
+                hint += "; Axolotl settings go under 'axolotl:'"
+            raise TutorWrapError(f"{where}: unknown key '{dotted}'", hint=hint) from None
+        if err["type"] == "missing":
+            raise TutorWrapError(f"{where}: missing required key '{dotted}'", hint="see recipes/demo.yml for an example of it") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {err.get('input')!r})") from None
+    return recipe.model_copy(update={"source": path.resolve()})

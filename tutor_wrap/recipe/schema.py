@@ -1,0 +1,199 @@
+"""The recipe: the few lines a person writes, as a typed record (pydantic, strict: unknown keys are errors).
+
+Paths inside a recipe are relative to the recipe file, so a recipe and its data can move together. Loading a
+file, with errors that name the line, is load.py's job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.data.formats import FORMATS
+from tutor_wrap.models.quant import QUANT_TYPES
+
+Method = Literal["full", "lora", "lora8bit", "qlora"]
+# Ollama model names: optional namespace, name, optional tag; lower-case letters, digits, '.', '_', '-'.
+_OLLAMA_NAME = re.compile(r"^(?:[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(?::[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    path: Path | None = None          # a local JSONL (relative to the recipe), or:
+    hub: str | None = None            # a Hugging Face dataset id, loaded by Axolotl (must be in the HF cache: offline)
+    split: str = "train"              # hub only: the split to load
+    limit: int | None = Field(None, ge=1)   # hub only: the first N rows of the split
+    # hub only: column names for the alpaca roles, e.g. {instruction: query, output: response}
+    fields: dict[Literal["instruction", "input", "output"], str] = Field(default_factory=dict)
+    format: str = "alpaca"            # a name in data/formats.py
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in FORMATS:
+            near = difflib.get_close_matches(v, list(FORMATS), n=1)
+            raise ValueError(f"unknown dataset format {v!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                             + f"; known: {', '.join(FORMATS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DatasetSpec":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of dataset.path (a local JSONL) or dataset.hub (a Hugging Face dataset id)")
+        if self.path is not None and (self.fields or self.limit or self.split != "train"):
+            raise ValueError("split, limit and fields apply to dataset.hub only")
+        return self
+
+    @property
+    def hub_split(self) -> str:
+        """The split as Axolotl passes it to datasets.load_dataset (slicing syntax for the limit)."""
+        return f"{self.split}[:{self.limit}]" if self.limit else self.split
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # "all-linear" or a list of module names such as [q_proj, v_proj]
+    targets: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class TrainSpec(_Strict):
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    sequence_len: int = Field(1024, ge=16, le=131072)
+    batch_size: int = Field(8, ge=1, description="effective batch = micro-batch x gradient accumulation")
+    micro_batch_size: int | None = Field(None, ge=1)
+    seed: int = 42
+    save_steps: int | None = Field(None, ge=1)
+    logging_steps: int = Field(1, ge=1)
+    tensorboard: bool = False       # also write TensorBoard event files (train/out/runs/)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_length(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("epochs") is None and data.get("max_steps") is None:
+            return {**data, "epochs": 1.0}
+        return data
+
+
+class ExportSpec(_Strict):
+    quant_types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        out = []
+        for q in v:
+            up = q.upper()
+            if up not in QUANT_TYPES:
+                near = difflib.get_close_matches(up, QUANT_TYPES, n=1)
+                raise ValueError(
+                    f"unknown quant type {q!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                    + f"; known: {', '.join(QUANT_TYPES)}"
+                )
+            out.append(up)
+        if not out:
+            raise ValueError("list at least one quant type, e.g. [Q4_K_M]")
+        return out
+
+
+class OllamaSpec(_Strict):
+    model: str
+    system: str | None = None
+    parameters: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _OLLAMA_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid Ollama model name: use lower-case letters, digits, '.', '_' or '-', "
+                "optionally 'namespace/' before and ':tag' after, e.g. python-tutor:latest"
+            )
+        return v
+
+
+class EvalChecks(_Strict):
+    code_block: bool = False          # the answer contains a fenced code block
+    max_words: int | None = Field(None, ge=1)
+    regex: str | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return v
+
+
+class EvalSpec(_Strict):
+    prompts: Path
+    max_tokens: int = Field(192, ge=1, le=8192)
+    seed: int = 0
+    quant_type: str | None = None     # default: the first of export.quant_types
+    checks: EvalChecks = Field(default_factory=EvalChecks)
+    primary_metric: Literal["format_pass_rate", "eos_rate", "no_runaway_rate"] = "format_pass_rate"
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base_model: str
+    dataset: DatasetSpec
+    method: Method = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    ollama: OllamaSpec
+    eval: EvalSpec | None = None
+    hardware: str = "auto"            # "auto" probes this machine; or a profile name / file
+    trust_remote_code: bool = False
+    allow_pickle_weights: bool = False
+    # Anything Axolotl-specific, merged last over the planned config.
+    axolotl: dict[str, Any] = Field(default_factory=dict)
+
+    # Not part of the file: where it came from, for resolving relative paths and for error messages.
+    source: Path | None = Field(None, exclude=True)
+
+    def resolve(self, p: Path | str | None) -> Path | None:
+        if p is None:               # e.g. dataset.path of a hub dataset
+            return None
+        p = Path(p).expanduser()
+        if p.is_absolute() or self.source is None:
+            return p
+        return (self.source.parent / p).resolve()
+
+    def base_model_path(self) -> Path | None:
+        """The base model as a local directory, or None when it is a hub id."""
+        for candidate in (self.resolve(self.base_model), Path(self.base_model).expanduser()):
+            if candidate.is_dir():
+                return candidate.resolve()
+        looks_local = self.base_model.startswith((".", "/", "~")) or self.base_model.count("/") != 1
+        if looks_local:
+            raise TutorWrapError(
+                f"{self.source}: base_model {self.base_model!r} is not a directory",
+                hint="point base_model at a local Hugging Face model folder (config.json + *.safetensors), "
+                "or use a hub id such as meta-llama/Meta-Llama-3-8B",
+            )
+        return None
+
+    def default_run_dir(self) -> Path:
+        return Path("runs") / self.name
+
+    @property
+    def eval_quant_type(self) -> str:
+        if self.eval and self.eval.quant_type:
+            return self.eval.quant_type.upper()
+        return self.export.quant_types[0]

@@ -1,0 +1,34 @@
+"""What every stage shares: the context it runs in and the result it returns.
+
+Every stage module has NAME, DEPENDS (stages whose outputs it reads), `inputs(ctx)` (exactly the recipe fields and
+files it reads, so that changing anything else does not redo it) and `run(ctx) -> StageResult`. A stage reads the
+manifest, calls the library below it and records what it made; it never imports another stage.
+pipeline.py lists the stages and loops over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.runtime.rundir import RunDir
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run: RunDir
+    hardware: Hardware
+    console: Console
+    # Several machines: num_machines, machine_rank, main_process_ip, main_process_port (passed to accelerate).
+    machines: dict | None = None
+
+
+@dataclass
+class StageResult:
+    artifacts: dict[str, str]                      # name -> path relative to the run dir
+    info: dict[str, Any] = field(default_factory=dict)

@@ -40,6 +40,18 @@ def pickled_model(tmp: Path, model: Path) -> str:
     return str(d)
 
 
+def foreign_arch_model(tmp: Path, model: Path) -> str:
+    """The tiny model under an architecture name llama.cpp's converter has never heard of."""
+    import shutil
+
+    d = tmp / "foreign"
+    shutil.copytree(model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["TutorWrapTestForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
 # (id, recipe text or a function of the good recipe dict, dataset bytes, expected text in the error)
 CASES = [
     ("malformed-yaml", lambda r, t, m: "name: bad\nbase_model: x\n  dataset: [\n", None, "recipe.yml:3"),
@@ -59,6 +71,39 @@ CASES = [
     ("base-missing", lambda r, t, m: edit(r, "base_model", str(t / "no-model")), None, "is not a directory"),
     ("base-not-a-model", lambda r, t, m: edit(r, "base_model", not_a_model(t)), None, "no config.json"),
     ("pickled-weights", lambda r, t, m: edit(r, "base_model", pickled_model(t, m)), None, "allow_pickle_weights"),
+    # silently changed meaning, refused instead
+    ("duplicate-key", lambda r, t, m: yaml.safe_dump(r) + "name: other\n", None, "'name' is set twice (lines"),
+    ("duplicate-nested-key", lambda r, t, m: yaml.safe_dump(r).replace("  max_steps: 1\n",
+                                                                         "  max_steps: 1\n  max_steps: 5\n"),
+     None, "'train.max_steps' is set twice"),
+    ("axolotl-overrides-learning-rate", lambda r, t, m: {**r, "axolotl": {"learning_rate": 0.5}}, None,
+     "axolotl.learning_rate would override what the recipe sets (train.learning_rate)"),
+    ("axolotl-overrides-base-model", lambda r, t, m: {**r, "axolotl": {"base_model": "x/y"}}, None,
+     "axolotl.base_model would override"),
+    ("axolotl-overrides-remote-code", lambda r, t, m: {**r, "axolotl": {"trust_remote_code": True}}, None,
+     "(trust_remote_code)"),
+    ("axolotl-overrides-adapter", lambda r, t, m: {**r, "axolotl": {"adapter": "qlora"}}, None, "(method)"),
+    ("epochs-and-max-steps", lambda r, t, m: edit(r, "train.epochs", 3), None, "both set"),
+    ("input-is-a-number", lambda r, t, m: r, b'{"instruction": "a", "input": 0, "output": "b"}\n',
+     "'input' is a number, not a string"),
+    ("output-is-a-list", lambda r, t, m: r, b'{"instruction": "a", "output": ["b"]}\n', "'output' is a list"),
+    ("chat-rows", lambda r, t, m: r, b'{"messages": [{"role": "user", "content": "hi"}]}\n', "chat rows"),
+    ("sharegpt-rows", lambda r, t, m: r, b'{"conversations": [{"from": "human", "value": "hi"}]}\n', "ShareGPT rows"),
+    ("array-with-a-bad-element", lambda r, t, m: r, b'[{"instruction": "a", "output": "b"}, 3]', "array element 2"),
+    ("unknown-format", lambda r, t, m: edit(r, "dataset.format", "alpacca"), None, "did you mean alpaca"),
+    ("eval-prompts-missing", lambda r, t, m: edit(r, "eval", {"prompts": "nope.jsonl"}), None,
+     "check eval.prompts in the recipe"),
+    ("eval-prompts-not-jsonl", lambda r, t, m: edit(r, "eval", {"prompts": "recipe.yml"}), None, "not valid JSON"),
+    ("unknown-hardware-profile", lambda r, t, m: {**r, "hardware": "rtx9090"}, None, "unknown hardware profile"),
+    ("list-for-a-scalar-parameter", lambda r, t, m: edit(r, "ollama.parameters", {"temperature": ["low"]}), None,
+     "only 'stop' takes a list"),
+    ("hub-model-not-cached", lambda r, t, m: edit(r, "base_model", "nobody-here/not-a-cached-model"), None,
+     "is not in the Hugging Face cache"),
+    ("architecture-the-converter-lacks", lambda r, t, m: edit(r, "base_model", foreign_arch_model(t, m)), None,
+     "is not supported by the llama.cpp converter"),
+    ("ollama-parameter-misspelt", lambda r, t, m: edit(r, "ollama.parameters", {"tempreature": 0.2}), None,
+     "did you mean 'temperature'"),
+    ("lora-target-unknown", lambda r, t, m: edit(r, "lora.targets", ["qq_proj"]), None, "is not a linear module of"),
 ]
 
 
@@ -80,3 +125,91 @@ def test_bad_input_gives_one_clear_error(case, tiny_model, tmp_path):
     assert len(errors) == 1 and expected in proc.stderr, proc.stderr[-2000:]
     assert "fix:" in proc.stderr or "(got" in proc.stderr or "line" in proc.stderr
     assert finished.read_text() == "# a finished artifact from an earlier good run\n"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tutor_wrap", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _one_error(proc, expected: str) -> None:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def _good(tmp_path, model) -> Path:
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(base_recipe(model)))
+    (tmp_path / "data.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+    return tmp_path / "recipe.yml"
+
+
+def _profile(tmp_path, **change) -> Path:
+    data = yaml.safe_load((Path(__file__).parents[1] / "tutor_wrap/machine/profiles/cpu-only.yml").read_text())
+    data.update(change)
+    for k in [k for k, v in change.items() if v is None]:
+        del data[k]
+    p = tmp_path / "box.yml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _under_a_file(tmp_path) -> Path:
+    """A folder that cannot be created, for root too: its parent is a plain file."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    return f / "sub"
+
+
+# Other commands: (id, a function (tmp_path, model) -> CLI arguments, expected text in the error)
+COMMAND_CASES = [
+    ("plan-out-onto-a-directory", lambda t, m: ["plan", _good(t, m), "--no-validate", "--out", t], "it is a directory"),
+    ("plan-out-unwritable", lambda t, m: ["plan", _good(t, m), "--no-validate", "--out", _under_a_file(t) / "a.yml"],
+     "cannot write"),
+    ("save-profile-unwritable", lambda t, m: ["preflight", "--save-profile", _under_a_file(t) / "box.yml"],
+     "cannot write"),
+    ("profile-wrong-type", lambda t, m: ["plan", _good(t, m), "--hardware", _profile(t, cpu_count="eight")],
+     "cpu_count is 'eight' (str), expected int"),
+    ("profile-missing-field", lambda t, m: ["plan", _good(t, m), "--hardware", _profile(t, ram_total_bytes=None)],
+     "ram_total_bytes"),
+    ("profile-unknown-vendor", lambda t, m: ["plan", _good(t, m), "--hardware",
+                                             _profile(t, gpus=[{"vendor": "intel", "name": "Arc", "vram_total_bytes": 1}])],
+     "unknown GPU vendor 'intel'"),
+    ("deploy-name-like-a-flag", lambda t, m: ["deploy", _finished_run_dir(t, m), "--name=--insecure"],
+     "not a valid Ollama model name"),
+]
+
+
+def _finished_run_dir(tmp_path, model) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"recipe_path": str(_good(tmp_path, model)), "stages": {}}))
+    return run
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])
+def test_bad_command_input_gives_one_clear_error(case, tiny_model, tmp_path):
+    _, make, expected = case
+    _one_error(_cli(*make(tmp_path, tiny_model)), expected)
+
+
+def test_a_second_run_on_a_busy_run_dir_is_refused(tiny_model, tmp_path):
+    """The lock is held by another live process: `run` refuses with its PID and touches nothing."""
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / ".tutor_wrap.lock", os.O_RDWR | os.O_CREAT)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(fd,))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, str(holder.pid).encode(), 0)
+        before = sorted(p.name for p in run.iterdir())
+        proc = _cli("run", _good(tmp_path, tiny_model), "--run-dir", run)
+        _one_error(proc, f"is in use by another tutor_wrap run (PID {holder.pid})")
+        assert sorted(p.name for p in run.iterdir()) == before
+    finally:
+        holder.kill()
+        os.close(fd)

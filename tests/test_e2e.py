@@ -118,7 +118,9 @@ def test_modelfile_parses_and_speaks_the_training_format(finished_run):
     stops = [c.args for c in modelfile.parse(text) if c.key == "stop"]
     assert "</s>" in stops and "### Instruction:" in stops
     params = {c.key: c.args for c in modelfile.parse(text) if c.name == "parameter" and c.key != "stop"}
-    assert params["num_ctx"] == "256"
+    # the context the model was planned and trained with (the recipe's 256, shortened to the longest row)
+    planned = json.loads((run / "plan.json").read_text())["plan"]["sequence_len"]
+    assert params["num_ctx"] == str(planned) and planned < 256
 
 
 def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
@@ -130,6 +132,21 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     assert (run / "eval/report.html").read_text().count("<tr>") > len(EVAL)
     assert (run / "eval/report.md").read_text().count("### ") >= len(EVAL)
     assert "eos_rate" in proc.stdout
+
+
+def test_served_model_formats_prompts_as_trained(finished_run):
+    """The GGUF carries the training format's template; llama-server's /v1/chat/completions, which applies it, gives
+    the answers the training prompt gives, for every held-out prompt (deploy's serving check)."""
+    from tutor_wrap.data.alpaca import ALPACA
+
+    run, _ = finished_run
+    meta = llamacpp.metadata(run / "export/tiny-Q4_K_M.gguf")
+    assert meta["chat_template"] == ALPACA.chat_template
+    assert json.loads((run / "merge/model/tokenizer_config.json").read_text())["chat_template"] == ALPACA.chat_template
+    serving = json.loads((run / "deploy/deploy.json").read_text())["serving_check"]
+    assert serving["ok"] and serving["host"] == "127.0.0.1" and serving["rows"] == len(EVAL)
+    assert serving["templates_matching"] == serving["answers_matching"] == len(EVAL)
+    assert all(r["chat_answer"] == r["training_format_answer"] for r in serving["per_row"])
 
 
 def test_second_run_skips_finished_stages(finished_run, tmp_path):

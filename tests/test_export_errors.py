@@ -40,3 +40,24 @@ def test_missing_llama_cpp_says_how_to_build_it(tmp_path, monkeypatch):
     with pytest.raises(TutorWrapError) as exc:
         llamacpp.locate()
     assert "build_llamacpp.py" in str(exc.value)
+
+
+def test_fallback_tensors_are_counted_once_each(tmp_path):
+    """A model whose rows are not multiples of 256 (hidden 320): llama-quantize gives those tensors a fallback type.
+    The count equals the number of 2-D weights with such rows, read independently from the safetensors headers
+    (the output head aside: llama.cpp picks its type itself, Q8_0 here, without a fallback)."""
+    from tiny_model import build_tiny_llama
+
+    from tutor_wrap.backends.gguf_export import export_model
+    from tutor_wrap.models.files import read_header, weight_files
+
+    model = build_tiny_llama(tmp_path / "odd", hidden_size=320, intermediate_size=640)
+    expected = sum(1 for f in weight_files(model) for name, t in read_header(f).items()
+                   if len(t["shape"]) == 2 and t["shape"][1] % 256 and name != "lm_head.weight")
+    out = tmp_path / "out"
+    out.mkdir()
+    report = export_model(model, out, "odd", ["Q4_K_M"], "cpu", tmp_path / "export.log")
+    q = report["files"]["Q4_K_M"]
+    assert expected > 0 and q["fallback_tensors"] == expected
+    # each of them is in the file as a 32-block type, and the head is the one more Q8_0
+    assert sum(n for kind, n in q["tensor_types"].items() if kind in ("Q5_0", "Q5_1", "Q8_0", "Q4_0")) == expected + 1

@@ -252,6 +252,7 @@ def test_stage_refusal_leaves_no_merge_dir(tiny_model, adapter, tmp_path):
     from rich.console import Console
 
     from tutor_wrap.runtime.rundir import RunDir
+    from tutor_wrap.recipe.schema import Recipe
     from tutor_wrap.stages.base import Context
 
     run = RunDir.create(tmp_path / "run")
@@ -260,7 +261,9 @@ def test_stage_refusal_leaves_no_merge_dir(tiny_model, adapter, tmp_path):
     hw = small(load_profile("rtx3060-12gb"), ram_gib=0.2)
     before = sorted(p.name for p in run.path.iterdir())
     with pytest.raises(TutorWrapError, match="Nothing was written"):
-        merge_stage.run(Context(recipe=None, run=run, hardware=hw, console=Console(quiet=True)))
+        recipe = Recipe.model_validate({"name": "t", "base_model": str(tiny_model), "dataset": {"path": "d.jsonl"},
+                                        "ollama": {"model": "t"}})
+        merge_stage.run(Context(recipe=recipe, run=run, hardware=hw, console=Console(quiet=True)))
     assert sorted(p.name for p in run.path.iterdir()) == before and not (run.path / "merge").exists()
 
 

@@ -554,3 +554,18 @@ def test_rendered_demo_modelfile_validates(tmp_path):
     # The file on disk validates the same way (the Modelfile's directory is the base for FROM).
     (tmp_path / "Modelfile").write_text(text, encoding="utf-8")
     assert validate((tmp_path / "Modelfile").read_text(encoding="utf-8"), tmp_path) == cmds
+
+
+def test_deploy_keeps_the_users_num_ctx_and_adds_their_stops():
+    from tutor_wrap.backends.ollama import build_spec
+    from tutor_wrap.data.alpaca import ALPACA
+
+    mine = build_spec(ALPACA, "./m.gguf", system=None, eos="</s>", num_ctx=192,
+                      parameters={"num_ctx": 4096, "stop": ["END", "</s>"], "temperature": 0.2})
+    assert dict(mine.parameters) == {"num_ctx": 4096, "temperature": 0.2}
+    assert mine.stops[0] == "</s>" and "### Instruction:" in mine.stops and "END" in mine.stops
+    assert len(mine.stops) == len(set(mine.stops))                  # the EOS the user repeated is listed once
+    text = render(mine)
+    assert "PARAMETER num_ctx 4096" in text and 'PARAMETER stop "END"' in text
+    default = build_spec(ALPACA, "./m.gguf", system=None, eos=None, num_ctx=192, parameters={"stop": "END"})
+    assert dict(default.parameters) == {"num_ctx": 192} and default.stops[-1] == "END"

@@ -85,5 +85,6 @@ def test_preflight_on_reference_machine_gives_wslconfig_lines():
                                  "peft": "x", "accelerate": "x", "bitsandbytes": None, "llama_cpp": "b1", "ollama": "o"})
     fixes = " ".join(f["fix"] or "" for f in rep["findings"])
     assert "memory=12GB" in fixes and "[wsl2]" in fixes and "wsl --shutdown" in fixes
-    assert any("CPU-only build" in f["what"] and f["severity"] == "error" for f in rep["findings"])
-    assert rep["ok"] is False
+    # this machine's CPU torch is not judged against the profile's GPU: planning from a laptop is not an error
+    assert not any(f["severity"] == "error" for f in rep["findings"]) and rep["ok"] is True
+    assert any("not checked against that machine's GPUs" in f["what"] for f in rep["findings"])

@@ -306,7 +306,8 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 
 def build_tiny_llama(
-    out_dir: pathlib.Path, *, seed: int = 0, corpus: Iterable[str] | None = None
+    out_dir: pathlib.Path, *, seed: int = 0, corpus: Iterable[str] | None = None,
+    hidden_size: int = HIDDEN_SIZE, intermediate_size: int = INTERMEDIATE_SIZE,
 ) -> pathlib.Path:
     """Write a tiny random Llama + Llama-style tokenizer into ``out_dir``; return it.
 
@@ -363,8 +364,8 @@ def build_tiny_llama(
     # --- model -------------------------------------------------------------
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=INTERMEDIATE_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=NUM_LAYERS,
         num_attention_heads=NUM_HEADS,
         num_key_value_heads=NUM_KV_HEADS,

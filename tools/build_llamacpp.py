@@ -19,7 +19,8 @@ FALLBACK_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf
 VENDOR = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
 SUBMODULE_HEAD = f"llama_cpp_python-{VERSION}/.git/modules/vendor/llama.cpp/HEAD"  # vendored commit
 # llama-simple prints with printf: the generation path the project relies on (see tutor_wrap.backends.llamacpp.complete).
-TARGETS = ["llama-quantize", "llama-completion", "llama-perplexity", "llama-simple"]
+# llama-server: the serving check in deploy (the GGUF's chat template through its Jinja engine, on loopback).
+TARGETS = ["llama-quantize", "llama-completion", "llama-perplexity", "llama-simple", "llama-server"]
 CMAKE_FLAGS = ["-DGGML_NATIVE=OFF",  # no -march=native: binaries must not need this host's exact CPU
                "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release",
                # The server target would otherwise try to download its web UI from Hugging Face.

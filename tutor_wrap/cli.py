@@ -108,13 +108,19 @@ def cmd_preflight(args) -> int:
         print(f"wrote {args.save_profile}", file=sys.stderr)
     report = preflight.collect(hw, software.collect())
     if recipe is not None:
+        from tutor_wrap.stages.plan import check_recipe
+
+        notes = check_recipe(recipe).notes   # the inputs, checked as plan and run check them
         report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir)
+        report["input_notes"] = notes
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         console = _console()
         for table in preflight_tables(report):
             console.print(table)
+        for note in report.get("input_notes") or []:
+            print(f"warning: {note}", file=sys.stderr)
         if not report.get("ok", True):
             console.print("[bold red]preflight found errors: fix them before `run`[/]")
     bad = not report.get("ok", True) or any(v.get("verdict") == "won't fit" for v in report.get("stages", []))

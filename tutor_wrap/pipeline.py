@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware, describe
 from tutor_wrap.machine.profiles import resolve_hardware
-from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.recipe.schema import OllamaSpec, Recipe
 from tutor_wrap.core.hashing import fingerprint
+from tutor_wrap.runtime.lock import run_dir_lock
 from tutor_wrap.runtime.rundir import RunDir
 from tutor_wrap.stages import deploy, evaluate, export, merge, plan, train
 from tutor_wrap.stages.base import Context, StageResult
@@ -36,9 +38,17 @@ def _downstream(name: str) -> list[str]:
 
 
 def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
-                 until: str | None = None, machines: dict | None = None, hardware: Hardware | None = None, console: Console | None = None) -> dict:
+                 until: str | None = None, machines: dict | None = None, hardware: Hardware | None = None,
+                 console: Console | None = None) -> dict:
     console = console or Console()
     run = RunDir.create(run_dir or recipe.default_run_dir())
+    with run_dir_lock(run.path, note=lambda msg: console.print(f"[yellow]note:[/] {escape(msg)}")):
+        return _run_stages(recipe, run, from_stage=from_stage, until=until, machines=machines, hardware=hardware,
+                           console=console)
+
+
+def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: str | None, machines: dict | None,
+                hardware: Hardware | None, console: Console) -> dict:
     hw = hardware or resolve_hardware(recipe.hardware, run.path)
     console.print(f"[bold]tutor_wrap[/] {escape(recipe.name)} -> {escape(str(run.path))}\nmachine: {escape(describe(hw))}")
     run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict())
@@ -81,6 +91,12 @@ def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str
         raise TutorWrapError(f"{run.path}: no manifest.json with a recipe", hint="pass a run directory made by `run`")
     recipe = load_recipe(path)
     if ollama_name:
-        recipe = recipe.model_copy(update={"ollama": recipe.ollama.model_copy(update={"model": ollama_name})})
+        try:
+            spec = OllamaSpec.model_validate({**recipe.ollama.model_dump(), "model": ollama_name})
+        except ValidationError as exc:
+            raise TutorWrapError(f"--name {ollama_name!r}: " + exc.errors()[0]["msg"].removeprefix("Value error, "),
+                                 hint="e.g. --name python-tutor:latest") from None
+        recipe = recipe.model_copy(update={"ollama": spec})
     stage = next(s for s in STAGES if s.NAME == name)
-    return stage.run(Context(recipe, run, resolve_hardware(recipe.hardware, run.path), console))
+    with run_dir_lock(run.path):
+        return stage.run(Context(recipe, run, resolve_hardware(recipe.hardware, run.path), console))

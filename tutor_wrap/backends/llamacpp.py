@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.proc import run_logged
+from tutor_wrap.core.proc import append_log, run_logged
 from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
 
 
@@ -26,14 +26,17 @@ def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple
     proc = subprocess.run([str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads],
                           capture_output=True, text=True, env=ll.env(), check=False)
     text = proc.stdout + proc.stderr
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write(text)
+    append_log(log, text)
     return proc.returncode, tensor_type_counts(out) if proc.returncode == 0 else {}, text
 
 
 def fallback_count(quant_output: str) -> int:
-    """How many tensors llama-quantize could not give the requested type (row size not a multiple of 256)."""
-    return len(re.findall(r"(?i)fallback|using fallback quantization|not divisible by", quant_output))
+    """How many tensors llama-quantize could not give the requested type (row size not a multiple of the type's
+    block): its own summary line, else one per tensor line that says it fell back."""
+    m = re.search(r"(\d+) of \d+ tensor\(s\) required fallback quantization", quant_output)
+    if m:
+        return int(m.group(1))
+    return len(re.findall(r"-> falling back to", quant_output))
 
 
 def tensor_type_counts(gguf_path: Path) -> dict[str, int]:
@@ -63,6 +66,8 @@ def metadata(gguf_path: Path) -> dict:
         "tokenizer_pre": get("tokenizer.ggml.pre"),
         "eos_token_id": get("tokenizer.ggml.eos_token_id"),
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "add_bos_token": get("tokenizer.ggml.add_bos_token"),
+        "chat_template": get("tokenizer.chat_template"),
         "tensor_count": len(r.tensors),
     }
 

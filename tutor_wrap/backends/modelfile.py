@@ -419,8 +419,11 @@ def _typed_problem(name: str, raw: str) -> tuple[str, str] | None:
 def _unknown_parameter(name: str) -> tuple[str, str]:
     if name in DEPRECATED_PARAMETERS:
         return (f"parameter {name!r} is deprecated and ignored by Ollama", "remove it")
+    import difflib
+
     known = ", ".join(sorted(KNOWN_PARAMETERS))
-    return (f"unknown parameter {name!r}", f"use one of: {known}")
+    near = difflib.get_close_matches(name, sorted(KNOWN_PARAMETERS), n=1)
+    return (f"unknown parameter {name!r}", (f"did you mean {near[0]!r}? " if near else "") + f"use one of: {known}")
 
 
 def _format_parameter(name: str, value: object) -> str:

@@ -28,11 +28,16 @@ def eos_text(model_dir: Path) -> str | None:
 
 def build_spec(fmt: Format, gguf_rel: str, *, system: str | None, parameters: dict, num_ctx: int,
                eos: str | None) -> modelfile.ModelfileSpec:
-    """TEMPLATE and SYSTEM from the training format, stops = EOS + the format's, the user's parameters."""
-    params: list[tuple[str, object]] = [("num_ctx", num_ctx)]
+    """TEMPLATE and SYSTEM from the training format; the user's parameters as given (their num_ctx wins over
+    `num_ctx`, the context the model was planned and trained with); stops: EOS and the format's, then the user's
+    own (added, never substituted)."""
+    params: list[tuple[str, object]] = [("num_ctx", parameters.get("num_ctx", num_ctx))]
     params += [(k, v) for k, v in parameters.items() if k not in ("num_ctx", "stop")]
+    user_stops = parameters.get("stop")
+    user_stops = [user_stops] if isinstance(user_stops, str) else list(user_stops or [])
+    stops = tuple(dict.fromkeys([*fmt.serving_stops(eos), *map(str, user_stops)]))
     return modelfile.ModelfileSpec(from_path=gguf_rel, template=fmt.template, system=system or fmt.system,
-                                   parameters=tuple(params), stops=fmt.serving_stops(eos))
+                                   parameters=tuple(params), stops=stops)
 
 
 def write_modelfile(spec: modelfile.ModelfileSpec, path: Path) -> str:

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.proc import die_with_parent, tail, tool_env
+from tutor_wrap.core.proc import append_log, die_with_parent, tail, tool_env
 from tutor_wrap.core.units import GIB
 from tutor_wrap.models.files import param_stats, read_header, weight_files
 
@@ -291,15 +291,10 @@ def verify_merged(base: Path, adapter: Path, merged: Path, log: Path, *, ram_bud
     args = [sys.executable, "-m", "tutor_wrap.checks.merge_verify", str(base), str(adapter), str(merged), "--json"]
     if ram_budget:
         args += ["--ram-budget", str(int(ram_budget))]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
-        fh.write(("\n$ " + " ".join(args) + "\n").encode())
-        fh.flush()
-        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=fh, env=tool_env(), check=False,
-                              preexec_fn=die_with_parent)
+    append_log(log, "\n$ " + " ".join(args) + "\n")
+    proc = subprocess.run(args, capture_output=True, env=tool_env(), check=False, preexec_fn=die_with_parent)
     out = proc.stdout.decode("utf-8", errors="replace").strip()
-    with open(log, "ab") as fh:
-        fh.write((out + "\n").encode())
+    append_log(log, proc.stderr.decode("utf-8", errors="replace") + out + "\n")
     try:
         res = json.loads(out.splitlines()[-1])
     except (ValueError, IndexError):

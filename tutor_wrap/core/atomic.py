@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from tutor_wrap.core.errors import TutorWrapError
+
 
 def _fsync_dir(path: Path) -> None:
     # The rename is only durable once the directory entry is flushed (power loss after rename).
@@ -27,6 +29,16 @@ def _fsync_dir(path: Path) -> None:
 
 def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
+    try:
+        _write_bytes(path, data)
+    except OSError as exc:
+        raise TutorWrapError(f"cannot write {path}: {exc.strerror or exc}",
+                             hint="choose another path, or free disk / fix the folder's permissions") from None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "it is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

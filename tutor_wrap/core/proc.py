@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -67,15 +68,82 @@ def venv_bin(name: str) -> str:
     raise TutorWrapError(f"'{name}' is not installed beside {sys.executable}", hint="run `make setup` (or pip install -e .) in this environment")
 
 
+def _pump(stream, fh) -> None:
+    """Copy a tool's output into its log line by line, scrubbed of secrets before a byte reaches the disk."""
+    for line in iter(stream.readline, b""):
+        fh.write(redact(line.decode("utf-8", "replace")).encode())
+        fh.flush()
+    stream.close()
+    fh.close()
+
+
+class LoggedProcess:
+    """A running tool whose stdout and stderr go, redacted, to a log file (see start_logged)."""
+
+    def __init__(self, proc: subprocess.Popen, pump: threading.Thread):
+        self.proc, self._pump = proc, pump
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        rc = self.proc.wait(timeout)
+        # A grandchild that outlives the tool may hold the pipe open: do not wait on it for ever.
+        self._pump.join(timeout=10)
+        return rc
+
+    def terminate(self) -> None:
+        self.proc.terminate()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def start_logged(args: Sequence[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 new_session: bool = False) -> LoggedProcess:
+    """Start a tool (an argument list, never a shell string) with its output appended to `log`, redacted."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")
+    fh.write(redact("\n$ " + " ".join(str(a) for a in args) + "\n").encode())
+    fh.flush()
+    try:
+        proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env or tool_env(), cwd=cwd, preexec_fn=die_with_parent,
+                                start_new_session=new_session)
+    except BaseException:
+        fh.close()
+        raise
+    pump = threading.Thread(target=_pump, args=(proc.stdout, fh), daemon=True)
+    pump.start()
+    return LoggedProcess(proc, pump)
+
+
 def run_logged(args: Sequence[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None,
                timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run a tool with stdout+stderr appended to `log`; return the completed process (never raises on rc)."""
+    """Run a tool with stdout+stderr appended to `log` (redacted); return the completed process (never raises on rc)."""
+    p = start_logged(args, log, env=env, cwd=cwd)
+    try:
+        rc = p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+    return subprocess.CompletedProcess([str(a) for a in args], rc)
+
+
+def append_log(log: Path, text: str) -> None:
+    """Text a tool printed, added to its log through the same scrubbing."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
-        fh.write(("\n$ " + " ".join(str(a) for a in args) + "\n").encode())
-        fh.flush()
-        return subprocess.run([str(a) for a in args], stdout=fh, stderr=subprocess.STDOUT, env=env or tool_env(),
-                              cwd=cwd, timeout=timeout, check=False, preexec_fn=die_with_parent)
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(redact(text))
 
 
 def tail(path: Path, n: int = 40) -> str:

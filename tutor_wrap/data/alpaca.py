@@ -22,6 +22,30 @@ ALPACA_SYSTEM_WITH_INPUT = (
     "Write a response that appropriately completes the request."
 )
 _EXAMPLE = '{"instruction": "...", "input": "", "output": "..."}'
+_JSON_TYPES = {"int": "number", "float": "number", "bool": "true/false", "list": "list", "dict": "object"}
+
+
+def _jinja_str(text: str) -> str:
+    """A Jinja string literal for `text` (both Jinja2 and llama.cpp's engine read these escapes)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The training prompt as a chat template: a leading system message (or, without one, the no-input preamble
+# training used), then each user turn as an instruction followed by the response header. A request with an input
+# field sends it inside the user turn, with the with-input preamble as its system message (see serve_fields).
+# Only expressions, no literal text between tags, so trim_blocks/lstrip_blocks cannot change a byte.
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] -%}{{- messages[0]['content'] + " + _jinja_str("\n\n") + " -}}{%- endif -%}"
+    "{%- else -%}{{- " + _jinja_str(ALPACA_SYSTEM_NO_INPUT + "\n\n") + " -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- " + _jinja_str("### Instruction:\n") + " + message['content'] + " + _jinja_str("\n\n### Response:\n") + " -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- message['content'] + " + _jinja_str("\n\n") + " -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 @dataclass(frozen=True)
@@ -37,17 +61,25 @@ def load_alpaca(path: Path, *, require_output: bool = True, key: str = "dataset.
     rows: list[AlpacaRow] = []
     missing: dict[str, list[int]] = {}
     needed = ("instruction", "output") if require_output else ("instruction",)
-    for n, obj in read_objects(path, example=_EXAMPLE, key=key):
+    wrong_type: dict[str, tuple[str, list[int]]] = {}
+    objs = read_objects(path, example=_EXAMPLE, key=key)
+    _refuse_other_shapes(path, objs, key)
+    for n, obj in objs:
+        for k in ("instruction", "input", "output"):
+            v = obj.get(k)
+            if v is not None and not isinstance(v, str):
+                wrong_type.setdefault(k, (_JSON_TYPES.get(type(v).__name__, type(v).__name__), []))[1].append(n)
         absent = [k for k in needed if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
         for k in absent:
-            missing.setdefault(k, []).append(n)
-        if absent:
+            if obj.get(k) is None or isinstance(obj.get(k), str):
+                missing.setdefault(k, []).append(n)
+        if absent or any(n in lines for _, lines in wrong_type.values()):
             continue
-        inp = obj.get("input") or ""
-        if not isinstance(inp, str):
-            missing.setdefault("input (as a string)", []).append(n)
-            continue
-        rows.append(AlpacaRow(n, obj["instruction"], inp, obj.get("output", "")))
+        rows.append(AlpacaRow(n, obj["instruction"], obj.get("input") or "", obj.get("output") or ""))
+    if wrong_type:
+        k, (found, lines) = next(iter(wrong_type.items()))
+        raise TutorWrapError(f"{path}: line {line_numbers(lines)}: '{k}' is a {found}, not a string",
+                             hint=f"write '{k}' as text in quotes (an empty input is \"\")")
     if missing:
         k, lines = next(iter(missing.items()))
         raise TutorWrapError(
@@ -69,6 +101,23 @@ def load_alpaca(path: Path, *, require_output: bool = True, key: str = "dataset.
     return Dataset(path, rows, warnings)
 
 
+# Shapes of other dataset formats, recognised to say what the rows are instead of "missing 'instruction'" on each.
+_OTHER_SHAPES = {"messages": "chat rows (OpenAI-style 'messages')", "conversations": "ShareGPT rows ('conversations')",
+                 "prompt": "prompt/completion rows", "text": "plain-text rows ('text')"}
+
+
+def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], key: str) -> None:
+    if not objs or any("instruction" in o for _, o in objs):
+        return
+    first = objs[0][1]
+    shape = next((desc for field, desc in _OTHER_SHAPES.items() if field in first), None)
+    if shape:
+        raise TutorWrapError(
+            f"{path}: the rows are {shape}, not the Alpaca rows (instruction, input, output) that "
+            "dataset.format: alpaca reads", hint="tutor_wrap trains Alpaca rows so far: convert them to "
+                              '{"instruction": ..., "input": "", "output": ...} per line')
+
+
 class Alpaca(Format[AlpacaRow]):
     name = "alpaca"
     system = ALPACA_SYSTEM_NO_INPUT
@@ -78,6 +127,7 @@ class Alpaca(Format[AlpacaRow]):
     section_markers = ("### Instruction:", "### Input:", "### Response:")
     # A runaway answer starts a new instruction or input; "### Response:" only follows one of them.
     stops = ("### Instruction:", "### Input:")
+    chat_template = CHAT_TEMPLATE
 
     def render(self, instruction: str, input_text: str = "") -> str:
         if input_text:
@@ -104,6 +154,10 @@ class Alpaca(Format[AlpacaRow]):
 
     def answer(self, row: AlpacaRow) -> str:
         return row.output
+
+    def messages(self, row: AlpacaRow) -> list[dict[str, str]]:
+        system, prompt = self.serve_fields(row.instruction, row.input)
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
     def title(self, row: AlpacaRow) -> str:
         return row.instruction

@@ -28,6 +28,10 @@ class Format(ABC, Generic[Row]):
     template: str                         # Go text/template for Ollama's TEMPLATE
     section_markers: tuple[str, ...]      # text that starts a new turn: seeing it in an answer means a runaway
     stops: tuple[str, ...]                # Ollama `PARAMETER stop` strings the format needs besides the EOS token
+    # Jinja for the model's own `chat_template` (tokenizer_config.json, then the GGUF's tokenizer.chat_template):
+    # rendered from `messages(row)` with add_generation_prompt, as Hugging Face and llama.cpp apply it, it gives
+    # `prompt(row)` byte for byte. It never writes bos_token: the tokenizer adds BOS where the model has one.
+    chat_template: str
 
     @abstractmethod
     def read(self, path: Path, *, require_output: bool = True, key: str = "dataset.path") -> Dataset[Row]:
@@ -40,6 +44,10 @@ class Format(ABC, Generic[Row]):
     @abstractmethod
     def answer(self, row: Row) -> str:
         """The reference answer ("" when the row has none)."""
+
+    @abstractmethod
+    def messages(self, row: Row) -> list[dict[str, str]]:
+        """The chat messages an OpenAI-style client sends for this row (chat_template renders them as `prompt`)."""
 
     @abstractmethod
     def title(self, row: Row) -> str:

@@ -15,16 +15,22 @@ def line_numbers(lines: list[int], limit: int = 5) -> str:
 
 def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; one TutorWrapError for a missing file, bad UTF-8, lines that
-    are not JSON or not objects. `example` is one valid line, shown in the fix; `key` is the recipe key naming it."""
+    are not JSON or not objects. `example` is one valid line, shown in the fix; `key` is the recipe key naming it.
+
+    Also read: a UTF-8 byte-order mark (Windows editors write one) and a whole-file JSON array of objects (the
+    original alpaca_data.json shape, which Axolotl's loader reads too); array elements count as lines 1, 2, ...
+    """
     path = Path(path)
     if not path.is_file():
         raise TutorWrapError(f"dataset {path} does not exist", hint=f"check {key} in the recipe (relative to the recipe file)")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise TutorWrapError(f"{path}:{line}: not UTF-8 text", hint="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
+    if text.lstrip().startswith("["):
+        return _json_array(path, text)
     out: list[tuple[int, dict]] = []
     bad_json: list[int] = []
     not_obj: list[int] = []
@@ -46,3 +52,16 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
     if not_obj:
         raise TutorWrapError(f"{path}: line {line_numbers(not_obj)} is not a JSON object", hint="each line must be one {...} object")
     return out
+
+
+def _json_array(path: Path, text: str) -> list[tuple[int, dict]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TutorWrapError(f"{path}:{exc.lineno}: the file starts like a JSON array but is not valid JSON ({exc.msg})",
+                             hint="fix the JSON there, or write one object per line (JSON Lines)") from None
+    bad = [i for i, item in enumerate(items, start=1) if not isinstance(item, dict)]
+    if bad:
+        raise TutorWrapError(f"{path}: array element {line_numbers(bad)} is not a JSON object",
+                             hint="each element must be one {...} object")
+    return list(enumerate(items, start=1))

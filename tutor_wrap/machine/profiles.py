@@ -7,7 +7,7 @@ or strings with a binary unit ("12288MiB", "7.5GiB") for hand-written files.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import yaml
@@ -15,6 +15,7 @@ import yaml
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.machine.vendors import by_name
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 _UNIT = {"B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
@@ -71,7 +72,32 @@ def load_profile(name_or_file: str | Path) -> Hardware:
                              hint="keys are the fields of tutor_wrap.machine.hardware.Hardware and GPU") from None
     except TypeError as exc:
         raise TutorWrapError(f"{path}: {exc}", hint="required: cpu_count, ram_*_bytes, swap_*_bytes, disk_free_bytes") from None
+    _check_types(hw, path)
     return hw
+
+
+_TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float)}
+
+
+def _check_types(hw: Hardware, path: Path) -> None:
+    """A value of the wrong type (`cpu_count: eight`) is refused here, not met later as a traceback in the planner."""
+    records = [("", hw)] + [(f"gpus[{i}].", g) for i, g in enumerate(hw.gpus)]
+    for prefix, rec in records:
+        for f in fields(rec):
+            want = str(f.type).replace(" ", "").split("|")
+            value = getattr(rec, f.name)
+            if value is None and "None" in want:
+                continue
+            kinds = tuple(k for w in want for k in _TYPES.get(w, ()))
+            if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+                raise TutorWrapError(f"{path}: {prefix}{f.name} is {value!r} ({type(value).__name__}), "
+                                     f"expected {' or '.join(w for w in want if w != 'None')}",
+                                     hint="fix the value in the profile (sizes: bytes or e.g. 12GiB)")
+    for i, g in enumerate(hw.gpus):
+        try:
+            by_name(g.vendor)
+        except TutorWrapError as exc:
+            raise TutorWrapError(f"{path}: gpus[{i}].vendor: {exc}", hint=exc.hint) from None
 
 
 def save_profile(hw: Hardware, path: str | Path) -> Path:

@@ -78,6 +78,22 @@ def locate() -> LlamaCpp:
     )
 
 
+def converter_architectures(ll: LlamaCpp) -> set[str]:
+    """The HF `architectures` names this llama.cpp's converter registers (read from its sources, not run)."""
+    import re
+
+    sources = [ll.converter] + sorted((ll.converter.parent / "conversion").glob("*.py"))
+    names: set[str] = set()
+    for src in sources:
+        try:
+            text = src.read_text("utf-8", errors="replace")
+        except OSError:
+            continue
+        for args in re.findall(r"@\w+\.register\(([^)]*)\)", text):
+            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
+    return names
+
+
 def ollama() -> str | None:
     """The ollama binary on PATH, if any."""
     return shutil.which("ollama")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 
+from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 
 
@@ -69,3 +71,30 @@ def check_base_model(path: Path, *, allow_pickle: bool) -> dict:
         else:
             raise TutorWrapError(f"base model {path} has no weights (*.safetensors)", hint="copy the model's weight files into that folder")
     return config
+
+
+def write_chat_template(model_dir: Path, template: str) -> None:
+    """Make `template` the model's chat template wherever a consumer looks: tokenizer_config.json (what llama.cpp's
+    converter and Ollama's safetensors import read first) and chat_template.jinja (what transformers 5 writes and
+    reads); a chat_template.json or additional templates, which could be read instead, are removed."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text("utf-8")) if cfg_path.is_file() else {}
+    cfg["chat_template"] = template
+    atomic.write_json(cfg_path, cfg)
+    atomic.write_text(model_dir / "chat_template.jinja", template)
+    (model_dir / "chat_template.json").unlink(missing_ok=True)
+    extra = model_dir / "additional_chat_templates"
+    if extra.is_dir():
+        shutil.rmtree(extra)
+
+
+def linear_module_names(model_dir: Path) -> set[str]:
+    """Names of the 2-D weight modules inside the decoder layers ("q_proj", "down_proj", ...): what LoRA can target."""
+    names = set()
+    for f in weight_files(model_dir):
+        for key, t in read_header(f).items():
+            parts = key.split(".")
+            if len(t["shape"]) == 2 and parts[-1] == "weight" and "layers" in parts:
+                names.add(parts[-2])
+    return names

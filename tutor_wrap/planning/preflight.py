@@ -58,7 +58,14 @@ def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
 def collect(hw: Hardware, software: dict) -> dict:
     """The report: hardware as probed (or the profile), the installed stack, and every finding with its fix."""
     wsl = wsl_limits(hw)
-    findings = check_stack(software, hw.accelerator) + hardware_findings(hw, wsl)
+    if hw.source == "probe":
+        stack = check_stack(software, hw.accelerator)
+    else:
+        # The stack installed here says nothing about the profile's machine (a CPU torch on this laptop is no
+        # error for the GPU box being planned for): it is shown, not judged.
+        stack = [Finding("info", f"the software shown is this machine's, not {hw.source}'s: it is not checked "
+                         "against that machine's GPUs", "run `preflight` on the training machine to check its stack")]
+    findings = stack + hardware_findings(hw, wsl)
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return {"hardware": hw.to_dict(), "accelerator": hw.accelerator, "wsl": wsl, "software": software,

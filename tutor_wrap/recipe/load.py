@@ -13,20 +13,39 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.recipe.schema import Recipe
 
 
-def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
-    """Map each key path in the YAML to its 1-based line, so errors can point at the line."""
+# Axolotl keys the recipe sets itself: under `axolotl:` they would override the recipe past every check.
+OWNED_BY_RECIPE = {
+    "base_model": "base_model", "base_model_config": "base_model", "trust_remote_code": "trust_remote_code",
+    "datasets": "dataset", "adapter": "method", "load_in_4bit": "method", "load_in_8bit": "method",
+    "learning_rate": "train.learning_rate", "sequence_len": "train.sequence_len", "num_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "micro_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.batch_size", "seed": "train.seed", "save_steps": "train.save_steps",
+    "logging_steps": "train.logging_steps", "use_tensorboard": "train.tensorboard", "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.targets",
+    "lora_target_linear": "lora.targets", "output_dir": "--run-dir", "dataset_prepared_path": "--run-dir",
+}
+
+
+def _key_lines(text: str, path: Path) -> dict[tuple[str | int, ...], int]:
+    """Map each key path in the YAML to its 1-based line, so errors can point at the line. A key given twice in
+    one mapping is an error: YAML loaders keep the last one without a word, which silently changes the recipe."""
     lines: dict[tuple[str | int, ...], int] = {}
 
-    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+    def walk(node: yaml.Node, path_: tuple[str | int, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                key = (*path, k.value)
+                key = (*path_, k.value)
+                if key in lines:
+                    dotted = ".".join(str(x) for x in key)
+                    raise TutorWrapError(f"{path}:{k.start_mark.line + 1}: '{dotted}' is set twice (lines {lines[key]} "
+                                         f"and {k.start_mark.line + 1}); YAML would silently keep the last one",
+                                         hint="delete one of the two lines")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                lines[(*path, i)] = v.start_mark.line + 1
-                walk(v, (*path, i))
+                lines[(*path_, i)] = v.start_mark.line + 1
+                walk(v, (*path_, i))
 
     try:
         root = yaml.compose(text)
@@ -48,6 +67,19 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
         ann = field.annotation
         model = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _check_owned(data: dict, lines: dict, path: Path) -> None:
+    block = data.get("axolotl")
+    if not isinstance(block, dict):
+        return
+    for key in block:
+        if key in OWNED_BY_RECIPE:
+            own = OWNED_BY_RECIPE[key]
+            raise TutorWrapError(
+                f"{path}:{lines.get(('axolotl', key))}: axolotl.{key} would override what the recipe sets ({own})",
+                hint=(f"set it with {own} on the command line" if own.startswith("--") else f"set it as `{own}` in the "
+                      "recipe, where it is checked and planned for") + ", and remove it from the axolotl: block")
 
 
 def load_recipe(path: Path | str) -> Recipe:
@@ -76,7 +108,13 @@ def load_recipe(path: Path | str) -> Recipe:
             f"{path}: the recipe must be a mapping of keys (name: ..., base_model: ...), not a {type(data).__name__}",
             hint="see recipes/demo.yml for a complete example",
         )
-    lines = _key_lines(text)
+    lines = _key_lines(text, path)
+    _check_owned(data, lines, path)
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    if train.get("epochs") is not None and train.get("max_steps") is not None:
+        line = lines.get(("train", "max_steps"))
+        raise TutorWrapError(f"{path}:{line}: train.epochs and train.max_steps are both set; training stops at "
+                             "max_steps and epochs would mean nothing", hint="keep one of them")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -110,7 +110,15 @@ class ExportSpec(_Strict):
 class OllamaSpec(_Strict):
     model: str
     system: str | None = None
-    parameters: dict[str, float | int | bool | str] = Field(default_factory=dict)
+    parameters: dict[str, float | int | bool | str | list[str]] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _lists_only_for_stop(cls, v: dict) -> dict:
+        listed = [k for k, val in v.items() if isinstance(val, list) and k != "stop"]
+        if listed:
+            raise ValueError(f"only 'stop' takes a list of strings; {', '.join(listed)} takes one value")
+        return v
 
     @field_validator("model")
     @classmethod

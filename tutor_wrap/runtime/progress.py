@@ -12,6 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tutor_wrap.core.units import GIB
 
 
+def tokens_per_second(prev: dict, row: dict) -> float | None:
+    """Tokens trained between two logged steps over the time between them. Axolotl's `tokens/total` counts from
+    the start of training, so the rate is its difference, not its value, over the interval."""
+    if "tokens/total" not in row or "tokens/total" not in prev or not prev.get("time"):
+        return None
+    dt, dn = row["time"] - prev["time"], row["tokens/total"] - prev["tokens/total"]
+    return dn / dt if dt > 0 and dn >= 0 else None
+
+
 class TrainProgress:
     def __init__(self, console: Console, metrics: Path, max_steps: int | None = None, plain_every_s: float = 10.0):
         self.console = console
@@ -70,9 +79,7 @@ class TrainProgress:
             if row.get("event") == "begin" and row.get("resumed_from_step"):
                 self.console.print(f"train: resumed at step {row['resumed_from_step']}")
             if row.get("event") == "log":
-                # Axolotl logs the tokens of each logging step; rate = those tokens / time since the last log.
-                if "tokens/total" in row and self._last.get("time") and row["time"] > self._last["time"]:
-                    self._tok_rate = row["tokens/total"] / (row["time"] - self._last["time"])
+                self._tok_rate = tokens_per_second(self._last, row) or self._tok_rate
                 self._last = row
             if row.get("event") == "checkpoint":
                 self.console.print(f"train: checkpoint saved at step {row['step']}")

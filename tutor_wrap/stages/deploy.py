@@ -1,44 +1,77 @@
-"""Deploy stage: a Modelfile that speaks the training format, validated, then `ollama create` where Ollama exists."""
+"""Deploy stage: a Modelfile that speaks the training format, validated; `ollama create` where Ollama exists; and
+always a real serving check: llama-server with the GGUF's own chat template must give the training-format answers.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
-from tutor_wrap.backends import ollama
+from rich.markup import escape
+
+from tutor_wrap.backends import llamacpp, ollama
+from tutor_wrap.checks.serving import served_parity
 from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "deploy"
 DEPENDS = ("export",)
 SMOKE_PROMPT = "Explain Python lists in one sentence."
+SERVE_TOKENS = 64          # greedy tokens compared per held-out prompt
 
 
 def inputs(ctx: Context) -> dict:
-    return {"export": ctx.run.stage("export").get("fingerprint"),
-            "ollama": ctx.recipe.ollama.model_dump(mode="json"), "sequence_len": ctx.recipe.train.sequence_len,
-            "format": ctx.recipe.dataset.format}
+    r = ctx.recipe
+    prompts = r.resolve(r.eval.prompts) if r.eval else None
+    return {"export": ctx.run.stage("export").get("fingerprint"), "ollama": r.ollama.model_dump(mode="json"),
+            "format": r.dataset.format,
+            "eval_prompts_sha256": file_sha256(prompts) if prompts is not None and prompts.is_file() else None}
 
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
+    fmt = formats.get(r.dataset.format)
     qt = r.export.quant_types[0]
     gguf = ctx.run.artifact("export", f"gguf_{qt}")
+    # The context the model was planned and trained with (the plan may have shortened the recipe's).
+    trained_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"]
     deploy_dir = ctx.run.sub("deploy")
     mf = deploy_dir / "Modelfile"
     rel = os.path.relpath(gguf, deploy_dir)
-    spec = ollama.build_spec(formats.get(r.dataset.format), rel if rel.startswith(".") else f"./{rel}",
-                             system=r.ollama.system, parameters=r.ollama.parameters, num_ctx=r.train.sequence_len,
+    spec = ollama.build_spec(fmt, rel if rel.startswith(".") else f"./{rel}", system=r.ollama.system,
+                             parameters=r.ollama.parameters, num_ctx=trained_ctx,
                              eos=ollama.eos_text(ctx.run.artifact("merge", "model")))
     ollama.write_modelfile(spec, mf)
-    ctx.console.print(f"deploy: wrote {mf}", markup=False)
+    ctx.console.print(f"deploy: wrote {escape(str(mf))}")
     result = ollama.create(mf, r.ollama.model, SMOKE_PROMPT)
     if result["status"] != "created":
         create_args, run_args = result["commands"]
         ctx.console.print("deploy: Ollama is not installed here; ready to create. On the machine with Ollama run:\n  "
                           + ollama.quoted(create_args) + "\n  " + ollama.quoted(run_args), markup=False)
-    llama_server = ["llama-server", "-m", str(gguf), "-c", str(r.train.sequence_len), "--port", "8080"]
-    ctx.console.print("deploy: the same model through llama.cpp's server: " + ollama.quoted(llama_server), markup=False)
-    atomic.write_json(deploy_dir / "deploy.json", {**result, "llama_server": llama_server})
+    serving = {"skipped": "the recipe has no eval prompts to serve"}
+    if r.eval is not None:
+        rows = fmt.read(r.resolve(r.eval.prompts), require_output=False, key="eval.prompts").rows
+        ctx.console.print(f"deploy: serving check: {len(rows)} held-out prompts through llama-server's "
+                          "/v1/chat/completions (the GGUF's chat template) vs the training prompt")
+        serving = served_parity(llamacpp.locate(), gguf, fmt, rows, n_predict=SERVE_TOKENS,
+                                ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log")
+    llama_server = ["llama-server", "-m", str(gguf), "-c", str(trained_ctx), "--jinja", "--port", "8080"]
+    atomic.write_json(deploy_dir / "deploy.json", {**result, "serving_check": serving, "llama_server": llama_server})
+    if "ok" in serving:
+        ctx.console.print(f"deploy: llama-server rendered the training prompt for {serving['templates_matching']}/"
+                          f"{serving['rows']} prompts and gave the training-format answer for "
+                          f"{serving['answers_matching']}/{serving['rows']} ({serving['seconds']:.0f} s)")
+        if not serving["ok"]:
+            raise TutorWrapError(
+                f"deploy: the served model does not answer as trained: templates {serving['templates_matching']}/"
+                f"{serving['rows']}, answers {serving['answers_matching']}/{serving['rows']} "
+                f"(details: {deploy_dir / 'deploy.json'})",
+                hint="re-run `--from merge` so the merged model and its GGUF carry the training format's template")
+    ctx.console.print("deploy: the same model through llama.cpp's server (OpenAI API, the training format built "
+                      "in): " + ollama.quoted(llama_server), markup=False)
     return StageResult({"modelfile": ctx.run.rel(mf), "deploy_json": ctx.run.rel(deploy_dir / "deploy.json")},
-                       info={"status": result["status"], "ollama_model": r.ollama.model})
+                       info={"status": result["status"], "ollama_model": r.ollama.model,
+                             "serving_ok": serving.get("ok")})

@@ -41,8 +41,11 @@ def run(ctx: Context) -> StageResult:
     report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
                           out_dir / "export.log")
     ll = llamacpp.locate()
+    template = formats.get(ctx.recipe.dataset.format).chat_template
     for kind, info in report["files"].items():
-        info.update(verify(ll, out_dir / info["path"], kind, meta=info))
+        info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
+        info.pop("chat_template", None)   # the same text for every file: kept once, below
+    report["chat_template"] = template
     examples = heldout_examples(ctx.recipe)
     report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples) if examples is not None
                           else {"skipped": "the recipe has no eval prompts"})

@@ -29,7 +29,8 @@ from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.proc import tail
 from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.models.files import weight_files
+from tutor_wrap.data import formats
+from tutor_wrap.models.files import weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -38,8 +39,11 @@ DEPENDS = ("train",)
 
 
 def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware, *, method: str = "auto",
-          log: Path, verify: bool = True) -> dict:
+          log: Path, verify: bool = True, chat_template: str | None = None) -> dict:
     """Merge `adapter` into `base`, writing a complete, verified model folder at `out` (or nothing).
+
+    `chat_template` (the training format's, see data/format.py) replaces the base model's template that
+    merge-lora copied, so every consumer of the folder and of its GGUF formats prompts as training did.
 
     The budget check comes first: when the method does not fit RAM+swap or disk, TutorWrapError is raised
     before any file or folder (output, work dir, log) exists.
@@ -56,6 +60,8 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
             raise TutorWrapError(f"merge: axolotl merge-lora failed (exit {rc}); log: {log}\n{tail(log, 15)}",
                                  hint="read the log; if it was killed, check RAM with `python -m tutor_wrap preflight`")
         copy_trained_tokenizer(adapter, merged)
+        if chat_template is not None:
+            write_chat_template(merged, chat_template)
         stripped = strip_quantization(merged / "config.json")
         verification = None
         if verify:
@@ -82,20 +88,25 @@ def _verification_line(v: dict | None) -> str:
 
 
 def inputs(ctx: Context) -> dict:
-    return {"train": ctx.run.stage("train").get("fingerprint")}
+    return {"train": ctx.run.stage("train").get("fingerprint"),
+            "chat_template": formats.get(ctx.recipe.dataset.format).chat_template}
 
 
 def run(ctx: Context) -> StageResult:
     cfg = yaml.safe_load((ctx.run.path / "axolotl.yml").read_text("utf-8"))
     out_dir = ctx.run.artifact("train", "output_dir")
     merge_dir = ctx.run.path / "merge"   # created only once the budget check passed (a refusal writes nothing)
+    template = formats.get(ctx.recipe.dataset.format).chat_template
     if not cfg.get("adapter"):
         # A full fine-tune has nothing to merge: the trained folder is the model.
+        write_chat_template(out_dir, template)
         return StageResult({"model": ctx.run.rel(out_dir)}, info={"method": "none (full fine-tune)"})
     base = Path(cfg["base_model"])
     if not base.is_dir():
         raise TutorWrapError(f"merge: base model {base} is not a local folder", hint="merge needs the base weights on disk")
-    report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=merge_dir / "merge.log")
+    report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=merge_dir / "merge.log",
+                   chat_template=template)
+    report["chat_template"] = template
     report["weights_sha256"] = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
     atomic.write_json(merge_dir / "report.json", report)
     ctx.console.print(f"merge: {report['method']}, predicted peak RSS {report['predicted_peak_rss_bytes'] / GIB:.2f} GiB, "

@@ -11,10 +11,11 @@ from typing import Any
 
 from rich.markup import escape
 
-from tutor_wrap.backends import axolotl_config
+from tutor_wrap.backends import axolotl_config, modelfile, ollama
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
+from tutor_wrap.data import formats
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.planning.inputs import Inputs, check_inputs, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
@@ -35,9 +36,25 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(recipe: Recipe, hw: Hardware, run_dir: Path) -> Prepared:
+def check_recipe(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
+    """Everything the recipe names, checked before anything runs: the inputs (planning/inputs.py) and the
+    Modelfile deploy will write (a misspelt Ollama parameter or a system text Ollama cannot quote fails now, not
+    after training). `plan`, `preflight` and `run` all call this."""
+    inputs = check_inputs(recipe, trains_here=trains_here)
+    spec = ollama.build_spec(formats.get(recipe.dataset.format), "./model.gguf", system=recipe.ollama.system,
+                             parameters=recipe.ollama.parameters, num_ctx=recipe.train.sequence_len, eos=None)
+    try:
+        modelfile.render(spec)
+    except modelfile.ModelfileError as exc:
+        what = exc.problem.replace("ModelfileSpec.parameters[", "ollama.parameters[").replace(
+            "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
+        raise TutorWrapError(f"{recipe.source}: {what}", hint=exc.hint) from None
+    return inputs
+
+
+def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = False) -> Prepared:
     """Inputs checked, the plan made and the Axolotl config rendered; nothing written."""
-    inputs = check_inputs(recipe)
+    inputs = check_recipe(recipe, trains_here=trains_here)
     plan = make_plan(recipe, hw, inputs.lengths)
     kept, notes = rows_kept(inputs, plan.sequence_len)
     cfg = axolotl_config.render(recipe, plan, base_model=str(inputs.model_dir or recipe.base_model),
@@ -77,7 +94,7 @@ def inputs(ctx: Context) -> dict:
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
-    p = prepare(r, ctx.hardware, ctx.run.path)
+    p = prepare(r, ctx.hardware, ctx.run.path, trains_here=True)
     for note in p.notes:
         ctx.console.print("[yellow]warning:[/] " + escape(note))
     validate(r, p.config)

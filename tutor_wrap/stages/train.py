@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from tutor_wrap.backends.axolotl_train import (MAX_OOM_RETRIES, classify_failure
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
-from tutor_wrap.core.proc import die_with_parent, tail, tool_env
+from tutor_wrap.core.proc import append_log, start_logged, tail, tool_env
 from tutor_wrap.runtime.progress import TrainProgress
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -35,30 +34,25 @@ def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    with open(log, "ab") as fh:
-        fh.write(("\n$ " + " ".join(args) + "\n").encode())
-        fh.flush()
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
-                                start_new_session=True)
-        atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
-        progress = TrainProgress(ctx.console, metrics_path, max_steps=launch_cfg.get("max_steps"))
-        try:
-            while proc.poll() is None:
-                progress.update()
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            reap_leftover_trainer(train_dir)  # the new session shields the trainer from the terminal's Ctrl-C
-            raise
-        finally:
+    proc = start_logged(args, log, env=env, new_session=True)
+    atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
+    progress = TrainProgress(ctx.console, metrics_path, max_steps=launch_cfg.get("max_steps"))
+    try:
+        while proc.poll() is None:
             progress.update()
-            progress.close()
-    return proc.returncode
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        reap_leftover_trainer(train_dir)  # the new session shields the trainer from the terminal's Ctrl-C
+        raise
+    finally:
+        progress.update()
+        progress.close()
+    return proc.wait()
 
 
 def _note(log: Path, ctx: Context, msg: str) -> None:
     ctx.console.print(f"[cyan]train:[/] {msg}")
-    with open(log, "a", encoding="utf-8") as fh:
-        fh.write(f"\n[tutor_wrap] {msg}\n")
+    append_log(log, f"\n[tutor_wrap] {msg}\n")
 
 
 def run(ctx: Context) -> StageResult:

@@ -1,0 +1,103 @@
+"""llama.cpp's `llama-server`: the same GGUF served as consumers see it, the chat template applied by its own Jinja
+engine from the GGUF's `tokenizer.chat_template`.
+
+`serve` starts it on loopback, on a free port, and always stops it: on return, on an error and on Ctrl-C (the
+child also dies with its parent, see core/proc.die_with_parent). Requests go through urllib on 127.0.0.1 only.
+Greedy comparisons send `cache_prompt: false`: reusing a cached prefix changes near-ties (field notes).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.proc import LoggedProcess, start_logged, tail
+from tutor_wrap.machine.tools import LlamaCpp
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick for port 0, released for the server to take)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def _post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            raise TutorWrapError(f"llama-server {path}: HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:500]}") from None
+
+    def apply_template(self, messages: list[dict]) -> str:
+        """The prompt the server builds from `messages` with the GGUF's chat template (generation prompt added)."""
+        return self._post("/apply-template", {"messages": messages})["prompt"]
+
+    def chat(self, messages: list[dict], *, n_predict: int) -> str:
+        """/v1/chat/completions at temperature 0, prompt cache off: what an OpenAI-style client gets."""
+        res = self._post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": n_predict,
+                                                  "cache_prompt": False, "seed": 0})
+        return res["choices"][0]["message"].get("content") or ""
+
+    def complete(self, prompt: str, *, n_predict: int) -> tuple[str, bool]:
+        """/completion of a raw prompt (no template), greedy, prompt cache off: (text, stopped by EOS)."""
+        res = self._post("/completion", {"prompt": prompt, "temperature": 0, "n_predict": n_predict,
+                                         "cache_prompt": False, "seed": 0})
+        return res["content"], res.get("stop_type") == "eos"
+
+
+def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TutorWrapError(f"llama-server exited (code {proc.returncode}) before it was ready; log: {log}\n"
+                                 + tail(log, 15))
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TutorWrapError(f"llama-server did not answer /health within {timeout:.0f} s; log: {log}\n" + tail(log, 15))
+
+
+@contextmanager
+def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float = 120) -> Iterator[Server]:
+    """llama-server for `gguf` on 127.0.0.1:<free port>, one slot (requests are answered one after another, so
+    greedy answers do not depend on what else is in flight); stopped when the block ends, however it ends."""
+    server = Server(free_port())
+    args = [str(ll.tool("llama-server")), "-m", str(gguf), "--host", HOST, "--port", str(server.port),
+            "-c", str(ctx), "-np", "1", "--jinja", "--no-webui", "--no-warmup"]
+    proc = start_logged(args, log, env=ll.env())
+    try:
+        _wait_ready(proc, server, log, ready_timeout)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,40 @@
+"""Is the model served the way it was trained? Asked of a real llama-server, through the GGUF's own chat template.
+
+For each held-out row: the prompt the server renders from the chat messages (its Jinja engine, the GGUF's
+`tokenizer.chat_template`) must be the training prompt byte for byte, and the greedy answer of
+/v1/chat/completions must equal the greedy answer to the training prompt sent raw to /completion. Both requests
+run with the prompt cache off, one at a time, so nothing but the prompt can make them differ.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tutor_wrap.backends.llama_server import serve
+from tutor_wrap.data.format import Format
+from tutor_wrap.machine.tools import LlamaCpp
+
+
+def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predict: int, ctx: int, log: Path) -> dict:
+    t0 = time.monotonic()
+    per_row = []
+    with serve(ll, gguf, ctx=ctx, log=log) as server:
+        started = time.monotonic() - t0
+        for row in rows:
+            messages = fmt.messages(row)
+            trained = fmt.prompt(row)
+            rendered = server.apply_template(messages)
+            chat = server.chat(messages, n_predict=n_predict)
+            direct, eos = server.complete(trained, n_predict=n_predict)
+            per_row.append({"title": fmt.title(row), "template_matches": rendered == trained,
+                            "answer_matches": chat == direct, "chat_answer": chat, "training_format_answer": direct,
+                            "stopped_by_eos": eos, **({} if rendered == trained else {"rendered": rendered})})
+        port = server.port
+    n = len(per_row)
+    return {"server": "llama-server", "host": "127.0.0.1", "port": port, "gguf": gguf.name, "rows": n,
+            "templates_matching": sum(r["template_matches"] for r in per_row),
+            "answers_matching": sum(r["answer_matches"] for r in per_row),
+            "ok": all(r["template_matches"] and r["answer_matches"] for r in per_row),
+            "n_predict": n_predict, "startup_seconds": round(started, 2),
+            "seconds": round(time.monotonic() - t0, 2), "per_row": per_row}

@@ -85,3 +85,23 @@ def test_estimate_answers_json_without_torch():
     doc = json.loads(proc.stdout)
     assert 5 < doc["total_gib"] < 12 and doc["knobs"]["lora_targets"] == ["q_proj", "v_proj"]
     assert cli("estimate", "--model", "no-such-model").returncode == 1
+
+
+def test_names_with_brackets_print_as_written(tiny_model, tmp_path):
+    """Rich markup in a run dir's name (`exp [v2]`, a stray `[/x]`) is printed as written, not read as markup."""
+    import json
+
+    import yaml
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "Say ok.", "input": "", "output": "ok"}) + "\n")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"name": "br", "base_model": str(tiny_model), "dataset": {"path": "d.jsonl"},
+                                      "train": {"max_steps": 1, "sequence_len": 64}, "ollama": {"model": "br"}}))
+    run = tmp_path / "exp [v2] [/x]"
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run), "--until",
+                           "plan"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "500"})   # one line per message: no wrapping to undo
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"-> {run}" in proc.stdout and (run / "axolotl.yml").is_file()

@@ -34,7 +34,8 @@ def make_recipe(tmp: Path, model: Path) -> Path:
                   "micro_batch_size": 4, "save_steps": 6},
         "export": {"quant_types": ["Q4_K_M"]},
         "ollama": {"model": "tiny-tutor", "system": 'He said "hi" and """ left', "parameters": {"temperature": 0.0}},
-        "eval": {"prompts": "data/eval.jsonl", "max_tokens": 12, "primary_metric": "eos_rate"},
+        "eval": {"prompts": "data/eval.jsonl", "max_tokens": 12, "primary_metric": "eos_rate",
+                 "checks": {"code_runs": True, "answer_match": True}},
     }
     p = tmp / "tiny.yml"
     p.write_text(yaml.safe_dump(recipe))
@@ -128,6 +129,12 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     report = json.loads((run / "eval/report.json").read_text())
     assert report["n_prompts"] == len(EVAL)
     assert report["tuned"]["eos_rate"] > report["base"]["eos_rate"]
+    # content checks on the real answers: "ok" has no python to run; the tune learned the reference answer
+    assert report["tuned"]["code_runs_rate"] == report["base"]["code_runs_rate"] == 0.0
+    assert report["tuned"]["answer_match_rate"] > report["base"]["answer_match_rate"]
+    assert all(p["tuned"]["details"]["code_runs"] == "no python block" for p in report["prompts"])
+    st = report["stats"]["tuned_vs_base"]
+    assert st["n"] == len(EVAL) and st["wins"] + st["losses"] + st["ties"] == len(EVAL) and 0 <= st["p_value"] <= 1
     assert report["tuned"]["heldout_ppl"] > 0 and report["base"]["heldout_ppl"] > 0
     assert (run / "eval/report.html").read_text().count("<tr>") > len(EVAL)
     assert (run / "eval/report.md").read_text().count("### ") >= len(EVAL)
@@ -189,7 +196,13 @@ def test_editing_eval_settings_redoes_only_eval(finished_run):
 def test_from_stage_redoes_it_and_the_stages_that_read_it(finished_run):
     run, _ = finished_run
     before = (run / "export/tiny-Q4_K_M.gguf").stat().st_mtime_ns
+    base_gguf = run / json.loads((run / "eval/report.json").read_text())["base_gguf"]
+    base_before = base_gguf.stat().st_mtime_ns
     proc = run_cli("run", str(run.parent / "tiny.yml"), "--run-dir", str(run), "--from", "export", cwd=run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _redone(proc.stdout) == ["export", "deploy", "eval"]
     assert (run / "export/tiny-Q4_K_M.gguf").stat().st_mtime_ns > before
+    # eval redone, but the base model's GGUF is the cached one, not built again
+    from tutor_wrap.core.paths import cache_dir
+
+    assert base_gguf.stat().st_mtime_ns == base_before and base_gguf.resolve().is_relative_to(cache_dir())

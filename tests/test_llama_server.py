@@ -38,7 +38,7 @@ def test_the_server_renders_the_training_prompt_and_stops(gguf, tmp_path):
         for row in rows:
             assert server.apply_template(ALPACA.messages(row)) == ALPACA.prompt(row)
             direct, _ = server.complete(ALPACA.prompt(row), n_predict=8)
-            assert server.chat(ALPACA.messages(row), n_predict=8) == direct
+            assert server.chat(ALPACA.messages(row), n_predict=8)[0] == direct
     assert not listening(port)
     assert f"--host {HOST}" in (tmp_path / "server.log").read_text()
 

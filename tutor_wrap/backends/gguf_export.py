@@ -13,9 +13,11 @@ from pathlib import Path
 
 from tutor_wrap.backends import llamacpp
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.hashing import file_sha256, fingerprint
+from tutor_wrap.core.paths import cache_dir
 from tutor_wrap.core.proc import tail
 from tutor_wrap.core.units import GIB
-from tutor_wrap.models.files import source_bytes_per_param, weight_files
+from tutor_wrap.models.files import read_config, source_bytes_per_param, weight_files
 from tutor_wrap.planning.budgets import disk_needed
 
 # How a full disk shows up: ENOSPC from Python, numpy's short write in the converter, llama.cpp's write errors.
@@ -94,3 +96,35 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
         report["files"][q] = {"path": out.name, "tensor_types": counts, "fallback_tensors": llamacpp.fallback_count(text),
                               **gguf_facts(out)}
     return report
+
+
+def cached_gguf(model_dir: Path, quant: str, accelerator: str, log: Path) -> tuple[Path, dict]:
+    """`model_dir`'s GGUF of one quant type, built once per model content + quant type + llama.cpp build and reused
+    by later runs and recipes (eval's base model). The entry appears under its final name only when complete
+    (built in a temporary folder, renamed); a lock keeps two runs from building the same entry at once."""
+    import fcntl
+    import tempfile
+
+    ll = llamacpp.locate()
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model"))
+    key = fingerprint({p.name: file_sha256(p) for p in files}, quant, ll.version, outtype_for(read_config(model_dir),
+                                                                                            accelerator))
+    root = cache_dir() / "gguf"
+    entry = root / key
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (entry / "report.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+            try:
+                report = export_model(model_dir, tmp, "model", [quant], accelerator, log)
+                (tmp / report["files"][report["outtype"].upper()]["path"]).unlink()   # only the quant is reused
+                del report["files"][report["outtype"].upper()]
+                report["source"] = str(model_dir)
+                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+                shutil.rmtree(entry, ignore_errors=True)
+                os.replace(tmp, entry)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    report = json.loads((entry / "report.json").read_text("utf-8"))
+    return entry / report["files"][quant]["path"], report

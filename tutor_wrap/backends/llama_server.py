@@ -54,16 +54,18 @@ class Server:
         """The prompt the server builds from `messages` with the GGUF's chat template (generation prompt added)."""
         return self._post("/apply-template", {"messages": messages})["prompt"]
 
-    def chat(self, messages: list[dict], *, n_predict: int) -> str:
-        """/v1/chat/completions at temperature 0, prompt cache off: what an OpenAI-style client gets."""
+    def chat(self, messages: list[dict], *, n_predict: int, seed: int = 0) -> tuple[str, bool]:
+        """/v1/chat/completions at temperature 0, prompt cache off, as an OpenAI-style client asks:
+        (text, stopped by itself rather than by the token limit)."""
         res = self._post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": n_predict,
-                                                  "cache_prompt": False, "seed": 0})
-        return res["choices"][0]["message"].get("content") or ""
+                                                  "cache_prompt": False, "seed": seed})
+        choice = res["choices"][0]
+        return choice["message"].get("content") or "", choice.get("finish_reason") == "stop"
 
-    def complete(self, prompt: str, *, n_predict: int) -> tuple[str, bool]:
+    def complete(self, prompt: str, *, n_predict: int, seed: int = 0) -> tuple[str, bool]:
         """/completion of a raw prompt (no template), greedy, prompt cache off: (text, stopped by EOS)."""
         res = self._post("/completion", {"prompt": prompt, "temperature": 0, "n_predict": n_predict,
-                                         "cache_prompt": False, "seed": 0})
+                                         "cache_prompt": False, "seed": seed})
         return res["content"], res.get("stop_type") == "eos"
 
 

@@ -6,8 +6,11 @@ The Modelfile's grammar and quoting live in modelfile.py; this module decides wh
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tutor_wrap.backends import modelfile
@@ -65,3 +68,25 @@ def create(modelfile_path: Path, name: str, smoke_prompt: str) -> dict:
     smoke = subprocess.run([exe, *run_args[1:]], capture_output=True, text=True, check=False, timeout=600)
     return {"status": "created", "commands": [create_args, run_args], "smoke_output": smoke.stdout[-2000:],
             "smoke_rc": smoke.returncode}
+
+
+def server_url() -> str:
+    """Where the local Ollama listens: OLLAMA_HOST as Ollama itself reads it, else its default."""
+    host = os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
+def rendered_chat(name: str, messages: list[dict]) -> str | None:
+    """The prompt Ollama builds for `messages` with the model's TEMPLATE, without generating
+    (`_debug_render_only`, recent Ollama versions); None where this Ollama does not report it."""
+    body = {"model": name, "messages": messages, "stream": False, "_debug_render_only": True}
+    req = urllib.request.Request(server_url() + "/api/chat", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            res = json.loads(r.read().decode("utf-8"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TutorWrapError(f"deploy: asking Ollama at {server_url()} for the rendered prompt failed: {exc}",
+                             hint="is `ollama serve` running? (OLLAMA_HOST names where)") from None
+    info = res.get("_debug_info") or res.get("debug_info") or {}
+    return info.get("rendered_template")

@@ -25,7 +25,7 @@ def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predic
             messages = fmt.messages(row)
             trained = fmt.prompt(row)
             rendered = server.apply_template(messages)
-            chat = server.chat(messages, n_predict=n_predict)
+            chat, _ = server.chat(messages, n_predict=n_predict)
             direct, eos = server.complete(trained, n_predict=n_predict)
             per_row.append({"title": fmt.title(row), "template_matches": rendered == trained,
                             "answer_matches": chat == direct, "chat_answer": chat, "training_format_answer": direct,
@@ -38,3 +38,20 @@ def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predic
             "ok": all(r["template_matches"] and r["answer_matches"] for r in per_row),
             "n_predict": n_predict, "startup_seconds": round(started, 2),
             "seconds": round(time.monotonic() - t0, 2), "per_row": per_row}
+
+
+def ollama_parity(name: str, fmt: Format, rows: list) -> dict:
+    """Where Ollama is installed: the prompt it renders for each row's chat messages (the Modelfile's TEMPLATE)
+    against the training prompt. An Ollama too old to render without generating is recorded as such."""
+    from tutor_wrap.backends.ollama import rendered_chat
+
+    per_row = []
+    for row in rows:
+        rendered = rendered_chat(name, fmt.messages(row))
+        if rendered is None:
+            return {"supported": False, "why": "this Ollama does not return the rendered prompt (_debug_render_only)"}
+        per_row.append({"title": fmt.title(row), "template_matches": rendered == fmt.prompt(row),
+                        **({} if rendered == fmt.prompt(row) else {"rendered": rendered})})
+    matching = sum(r["template_matches"] for r in per_row)
+    return {"supported": True, "rows": len(per_row), "templates_matching": matching, "ok": matching == len(per_row),
+            "per_row": per_row}

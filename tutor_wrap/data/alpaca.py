@@ -159,6 +159,9 @@ class Alpaca(Format[AlpacaRow]):
         system, prompt = self.serve_fields(row.instruction, row.input)
         return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
+    def user_turn(self, row: AlpacaRow) -> str:
+        return f"{row.instruction}\n\n{row.input}" if row.input else row.instruction
+
     def title(self, row: AlpacaRow) -> str:
         return row.instruction
 

@@ -50,6 +50,10 @@ class Format(ABC, Generic[Row]):
         """The chat messages an OpenAI-style client sends for this row (chat_template renders them as `prompt`)."""
 
     @abstractmethod
+    def user_turn(self, row: Row) -> str:
+        """What a person would type for this row in any chat UI (eval prompts a base model in its own template)."""
+
+    @abstractmethod
     def title(self, row: Row) -> str:
         """A short label for the row in reports."""
 

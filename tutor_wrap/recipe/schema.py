@@ -133,6 +133,8 @@ class OllamaSpec(_Strict):
 
 class EvalChecks(_Strict):
     code_block: bool = False          # the answer contains a fenced code block
+    code_runs: bool = False           # every python block of the answer runs (sandboxed, checks/code_runs.py)
+    answer_match: bool = False        # the final answer equals the reference's (math: checks/math_answer.py)
     max_words: int | None = Field(None, ge=1)
     regex: str | None = None
 
@@ -150,10 +152,21 @@ class EvalChecks(_Strict):
 class EvalSpec(_Strict):
     prompts: Path
     max_tokens: int = Field(192, ge=1, le=8192)
-    seed: int = 0
+    seed: int = 0                     # passed to llama-server with every request (greedy decoding: a tie-break only)
     quant_type: str | None = None     # default: the first of export.quant_types
     checks: EvalChecks = Field(default_factory=EvalChecks)
-    primary_metric: Literal["format_pass_rate", "eos_rate", "no_runaway_rate"] = "format_pass_rate"
+    primary_metric: Literal["format_pass_rate", "eos_rate", "no_runaway_rate", "code_runs_rate",
+                            "answer_match_rate", "all_checks_rate"] = "format_pass_rate"
+
+    @model_validator(mode="after")
+    def _metric_is_measured(self) -> "EvalSpec":
+        check = self.primary_metric.removesuffix("_rate")
+        if check in ("code_runs", "answer_match") and not getattr(self.checks, check):
+            raise ValueError(f"primary_metric {self.primary_metric} needs checks.{check}: true")
+        if self.primary_metric == "all_checks_rate" and not (self.checks.code_runs or self.checks.answer_match):
+            raise ValueError("primary_metric all_checks_rate needs a content check (checks.code_runs or "
+                             "checks.answer_match); use format_pass_rate")
+        return self
 
 
 class Recipe(_Strict):

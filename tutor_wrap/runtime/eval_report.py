@@ -1,58 +1,108 @@
-"""The eval report as Markdown and as one self-contained HTML page (the loss curve inlined)."""
+"""The eval report as Markdown and as one self-contained HTML page (the loss curve inlined).
+
+Columns are the report's arms: the base in the training format, the base in its own chat template (when it has
+one) and the tuned model. A cell is green only when the answer passes every check, content included.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+ARM_LABELS = {"base": "base (training format)", "base_own_template": "base (own template)", "tuned": "tuned"}
+
+
+def _metrics(report: dict) -> list[str]:
+    return list(report["tuned"])
+
+
+def _value(report: dict, arm: str, k: str) -> str:
+    v = report[arm].get(k)
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _checks_line(answer: dict) -> str:
+    marks = [f"{name} {'yes' if ok else 'no'}" for name, ok in answer["checks"].items()]
+    marks = [f"eos {'yes' if answer['eos'] else 'no'}", f"runaway {'yes' if answer['runaway'] else 'no'}", *marks]
+    err = answer.get("details", {}).get("code_runs")
+    return "; ".join(marks) + (f" (error: {err})" if err else "")
+
+
+def _stats_lines(report: dict) -> list[str]:
+    out = []
+    for name, st in report.get("stats", {}).items():
+        arm = name.removeprefix("tuned_vs_")
+        out.append(f"tuned vs {ARM_LABELS.get(arm, arm)} on {report['primary_metric']}: {st['wins']} prompts better, "
+                   f"{st['losses']} worse, {st['ties']} the same; exact McNemar p = {st['p_value']:.2g}"
+                   + ("" if st["significant"] else " (not significant at 0.05)")
+                   + f"; 95% intervals {st['a_ci95']} vs {st['b_ci95']}")
+    return out
+
 
 def render_markdown(report: dict, loss_png: str | None) -> str:
+    arms = report.get("arms", ["base", "tuned"])
+    best = report.get("best_baseline", "base")
     lines = [f"# Eval: {report['recipe']}", "",
              f"{report['n_prompts']} held-out prompts, temperature 0, seed {report['seed']}, "
-             f"{report['quant_type']} GGUFs through llama.cpp, max {report['max_tokens']} tokens.", "",
+             f"{report['quant_type']} GGUFs through llama-server, max {report['max_tokens']} tokens.", "",
              f"Primary metric: **{report['primary_metric']}** (higher is better; `heldout_ppl`, the perplexity "
-             "of the held-out prompts with their reference answers, is lower-is-better).", "",
-             "| metric | base | tuned | delta |", "|---|---|---|---|"]
-    for k in report["base"]:
-        b, t = report["base"][k], report["tuned"][k]
-        lines.append(f"| {k} | {b:.3f} | {t:.3f} | {t - b:+.3f} |")
+             "of the held-out prompts with their reference answers, is lower-is-better). The tune is compared with "
+             f"the better baseline: **{ARM_LABELS.get(best, best)}**.", "",
+             "| metric | " + " | ".join(ARM_LABELS.get(a, a) for a in arms) + " | delta vs best base |",
+             "|---" * (len(arms) + 2) + "|"]
+    for k in _metrics(report):
+        b, t = report[best].get(k), report["tuned"].get(k)
+        delta = f"{t - b:+.3f}" if b is not None and t is not None else "-"
+        lines.append(f"| {k} | " + " | ".join(_value(report, a, k) for a in arms) + f" | {delta} |")
+    lines += ["", *(f"- {s}" for s in _stats_lines(report))]
     if loss_png:
         lines += ["", f"![training loss]({loss_png})"]
     lines += ["", "## Outputs", ""]
     for i, row in enumerate(report["prompts"], 1):
-        lines += [f"### {i}. {row['instruction']}", "", "**base**" + (" (pass)" if row["base"]["format_pass"] else ""), "",
-                  "```text", row["base"]["text"].replace("```", "'''"), "```", "",
-                  "**tuned**" + (" (pass)" if row["tuned"]["format_pass"] else ""), "",
-                  "```text", row["tuned"]["text"].replace("```", "'''"), "```", ""]
+        lines += [f"### {i}. {row['instruction']}", ""]
+        for a in arms:
+            ans = row[a]
+            lines += [f"**{ARM_LABELS.get(a, a)}**" + (" (pass)" if ans.get("all_pass", ans["format_pass"]) else "")
+                      + f": {_checks_line(ans)}", "", "```text", ans["text"].replace("```", "'''"), "```", ""]
     return "\n".join(lines)
 
 
 def render_html(report: dict, loss_png: Path | None) -> str:
-    """A self-contained page: the summary table with deltas, the loss curve inline, outputs side by side."""
+    """A self-contained page: the summary table, the statistics, the loss curve inline, outputs side by side."""
     import base64
     import html
 
     esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(k)}{' *' if k == report['primary_metric'] else ''}</td><td>{report['base'][k]:.3f}</td>"
-        f"<td>{report['tuned'][k]:.3f}</td><td>{report['tuned'][k] - report['base'][k]:+.3f}</td></tr>"
-        for k in report["base"])
+    arms = report.get("arms", ["base", "tuned"])
+    best = report.get("best_baseline", "base")
+    head = "".join(f"<th>{esc(ARM_LABELS.get(a, a))}</th>" for a in arms)
+    rows = ""
+    for k in _metrics(report):
+        b, t = report[best].get(k), report["tuned"].get(k)
+        delta = f"{t - b:+.3f}" if b is not None and t is not None else "-"
+        rows += (f"<tr><td>{esc(k)}{' *' if k == report['primary_metric'] else ''}</td>"
+                 + "".join(f"<td>{_value(report, a, k)}</td>" for a in arms) + f"<td>{delta}</td></tr>")
+    stats = "".join(f"<li>{esc(s)}</li>" for s in _stats_lines(report))
     img = ""
     if loss_png is not None and loss_png.is_file():
         img = ('<h2>Training loss</h2><img alt="training loss" src="data:image/png;base64,'
                + base64.b64encode(loss_png.read_bytes()).decode() + '">')
-    pairs = "".join(
-        f"<tr><td class=q>{i}. {esc(p['instruction'])}</td>"
-        f"<td class={'pass' if p['base']['format_pass'] else 'fail'}><pre>{esc(p['base']['text'])}</pre></td>"
-        f"<td class={'pass' if p['tuned']['format_pass'] else 'fail'}><pre>{esc(p['tuned']['text'])}</pre></td></tr>"
-        for i, p in enumerate(report["prompts"], 1))
+
+    def cell(ans: dict) -> str:
+        ok = ans.get("all_pass", ans["format_pass"])
+        return (f"<td class={'pass' if ok else 'fail'}><div class=c>{esc(_checks_line(ans))}</div>"
+                f"<pre>{esc(ans['text'])}</pre></td>")
+
+    pairs = "".join(f"<tr><td class=q>{i}. {esc(p['instruction'])}</td>" + "".join(cell(p[a]) for a in arms) + "</tr>"
+                    for i, p in enumerate(report["prompts"], 1))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(report['recipe'])}</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0;max-width:520px}}
-.pass{{background:#eaffea}}.fail{{background:#fff0f0}}.q{{max-width:200px}}</style></head><body>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0;max-width:420px}}
+.pass{{background:#eaffea}}.fail{{background:#fff0f0}}.q{{max-width:200px}}.c{{font-size:80%;color:#555}}</style></head><body>
 <h1>Eval: {esc(report['recipe'])}</h1>
 <p>{report['n_prompts']} held-out prompts, temperature 0, seed {report['seed']}, {esc(report['quant_type'])} GGUFs through
-llama.cpp, at most {report['max_tokens']} tokens. Primary metric: <b>{esc(report['primary_metric'])}</b> (higher is better;
-green = passes every format check).</p>
-<table><tr><th>metric</th><th>base</th><th>tuned</th><th>delta</th></tr>{rows}</table>{img}
-<h2>Outputs</h2><table><tr><th>prompt</th><th>base</th><th>tuned</th></tr>{pairs}</table></body></html>
+llama-server, at most {report['max_tokens']} tokens. Primary metric: <b>{esc(report['primary_metric'])}</b> (higher is
+better), compared with the better baseline, {esc(ARM_LABELS.get(best, best))}. Green = passes every check, the code
+running included; each cell lists the checks and the code's error line.</p>
+<table><tr><th>metric</th>{head}<th>delta vs best base</th></tr>{rows}</table><ul>{stats}</ul>{img}
+<h2>Outputs</h2><table><tr><th>prompt</th>{head}</tr>{pairs}</table></body></html>
 """

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tutor_wrap.core.units import GIB
@@ -97,3 +100,24 @@ class TrainProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+@contextmanager
+def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[[], None]]:
+    """n of N for a loop of slow steps (eval's generations): a bar on a terminal, one line per 10 elsewhere."""
+    done = 0
+    if console.is_terminal:
+        with Progress(TextColumn(f"[bold]{escape(label)}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda: bar.advance(task)
+        console.print(f"{escape(label)}: {total} answers")
+        return
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if done % 10 == 0 or done == total:
+            print(f"{label}: {done}/{total}", flush=True)
+
+    yield advance

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -23,7 +24,7 @@ def _human(n: int) -> str:
 
 
 def print_summary(manifest: dict, run_dir: Path, console: Console) -> None:
-    table = Table(title=f"run {manifest.get('recipe')} ({run_dir})")
+    table = Table(title=escape(f"run {manifest.get('recipe')} ({run_dir})"))
     for col in ("stage", "status", "artifact", "size"):
         table.add_column(col)
     for name, rec in manifest.get("stages", {}).items():
@@ -32,7 +33,7 @@ def print_summary(manifest: dict, run_dir: Path, console: Console) -> None:
             table.add_row(name, rec.get("status", "?"), "", "")
         for i, (key, rel) in enumerate(arts.items()):
             p = run_dir / rel
-            table.add_row(name if i == 0 else "", rec.get("status", "?") if i == 0 else "", f"{key}: {rel}",
+            table.add_row(name if i == 0 else "", rec.get("status", "?") if i == 0 else "", escape(f"{key}: {rel}"),
                           _human(_size(p)) if p.exists() else "missing")
     console.print(table)
     train = manifest.get("stages", {}).get("train", {}).get("info", {})

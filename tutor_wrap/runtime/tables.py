@@ -36,13 +36,17 @@ def memory_table(memory: dict, budget_gib: float | None) -> Table:
 
 
 def eval_table(report: dict) -> Table:
+    arms = report.get("arms", ["base", "tuned"])
+    best = report.get("best_baseline", "base")
     table = Table(title=f"base vs tuned ({report['n_prompts']} prompts, {esc(report['quant_type'])}, temperature 0)")
-    for col in ("metric", "base", "tuned", "delta"):
+    for col in ("metric", *(a.replace("_", " ") for a in arms), f"delta vs {best.replace('_', ' ')}"):
         table.add_column(col)
-    for k in report["base"]:
-        b, t = report["base"][k], report["tuned"][k]
+    for k in report["tuned"]:
+        vals = [report[a].get(k) for a in arms]
+        b, t = report[best].get(k), report["tuned"].get(k)
         mark = " *" if k == report["primary_metric"] else ""
-        table.add_row(k + mark, f"{b:.3f}", f"{t:.3f}", f"{t - b:+.3f}")
+        table.add_row(k + mark, *("-" if v is None else f"{v:.3f}" for v in vals),
+                      "-" if b is None or t is None else f"{t - b:+.3f}")
     return table
 
 

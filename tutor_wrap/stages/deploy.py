@@ -10,7 +10,7 @@ import os
 from rich.markup import escape
 
 from tutor_wrap.backends import llamacpp, ollama
-from tutor_wrap.checks.serving import served_parity
+from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
@@ -58,6 +58,12 @@ def run(ctx: Context) -> StageResult:
                           "/v1/chat/completions (the GGUF's chat template) vs the training prompt")
         serving = served_parity(llamacpp.locate(), gguf, fmt, rows, n_predict=SERVE_TOKENS,
                                 ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log")
+    if result["status"] == "created" and r.eval is not None:
+        result["ollama_render_check"] = ollama_parity(r.ollama.model, fmt, rows)
+        if result["ollama_render_check"].get("ok") is False:
+            atomic.write_json(deploy_dir / "deploy.json", {**result, "serving_check": serving})
+            raise TutorWrapError(f"deploy: Ollama renders a prompt different from the training prompt (details: "
+                                 f"{deploy_dir / 'deploy.json'})", hint="check the Modelfile's TEMPLATE and Ollama's version")
     llama_server = ["llama-server", "-m", str(gguf), "-c", str(trained_ctx), "--jinja", "--port", "8080"]
     atomic.write_json(deploy_dir / "deploy.json", {**result, "serving_check": serving, "llama_server": llama_server})
     if "ok" in serving:

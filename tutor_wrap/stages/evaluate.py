@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
-from pathlib import Path
 
 from tutor_wrap.backends import llamacpp
-from tutor_wrap.backends.gguf_export import export_model
-from tutor_wrap.checks.answers import Judged, judge, summarize
+from tutor_wrap.backends.gguf_export import cached_gguf
+from tutor_wrap.backends.llama_server import Server, serve
+from tutor_wrap.checks.answers import Judged, judge, reference_similarity, summarize
 from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
+from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
@@ -16,6 +18,7 @@ from tutor_wrap.data import formats
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
 from tutor_wrap.runtime.eval_report import render_html, render_markdown
+from tutor_wrap.runtime.progress import progress_bar
 from tutor_wrap.runtime.tables import eval_table
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -23,12 +26,19 @@ NAME = "eval"
 DEPENDS = ("export",)
 
 
-def run_prompts(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], spec: EvalSpec,
-                fmt: Format) -> list[Judged]:
+def generate(server: Server, requests: list, references: list[str], spec: EvalSpec, fmt: Format, label: str,
+             console, *, chat: bool = False) -> list[Judged]:
+    """One greedy answer per prompt from a running llama-server, one request at a time, prompt cache off: raw
+    training prompts to /completion, or chat messages to /v1/chat/completions (the GGUF's own template)."""
     out = []
-    for p in prompts:
-        c = llamacpp.complete(ll, gguf, p, n_predict=spec.max_tokens)
-        out.append(judge(c.text, c.stopped_by_eos, fmt.section_markers, spec.checks))
+    with progress_bar(console, f"eval {label}", len(requests)) as advance:
+        for req, reference in zip(requests, references):
+            if chat:
+                text, stopped = server.chat(req, n_predict=spec.max_tokens, seed=spec.seed)
+            else:
+                text, stopped = server.complete(req, n_predict=spec.max_tokens, seed=spec.seed)
+            out.append(judge(text, stopped, fmt.section_markers, spec.checks, reference))
+            advance()
     return out
 
 
@@ -56,31 +66,50 @@ def evaluate(ctx: Context) -> dict:
     base_dir = r.base_model_path()
     if base_dir is None:
         raise TutorWrapError("eval needs the base model on disk to build its GGUF", hint="set base_model to a local folder")
-    ctx.console.print(f"eval: building the base model's {qt} GGUF for the comparison")
-    base_report = export_model(base_dir, eval_dir, "base", [qt], ctx.hardware.accelerator,
-                               eval_dir / "base-export.log")
-    base = eval_dir / base_report["files"][qt]["path"]
+    ctx.console.print(f"eval: the base model's {qt} GGUF (built once per base model, quant type and llama.cpp "
+                      "build, then taken from the cache)")
+    base, base_report = cached_gguf(base_dir, qt, ctx.hardware.accelerator, eval_dir / "base-export.log")
+    base_template = base_report["files"][qt].get("chat_template")
     ll = llamacpp.locate()
     prompts = [fmt.prompt(row) for row in data.rows]
-    ctx.console.print(f"eval: {len(prompts)} prompts x 2 models, temperature 0")
-    jb = run_prompts(ll, base, prompts, spec, fmt)
-    jt = run_prompts(ll, tuned, prompts, spec, fmt)
-    sb, st = summarize(jb), summarize(jt)
+    refs = [fmt.answer(row) for row in data.rows]
+    n_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"] + spec.max_tokens
+    arms: dict[str, list[Judged]] = {}
+    with serve(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log") as server:
+        arms["base"] = generate(server, prompts, refs, spec, fmt, "base (training format)", ctx.console)
+        if base_template:
+            # A fair baseline: an Instruct base prompted the way it was tuned, through its own chat template.
+            chats = [[{"role": "user", "content": fmt.user_turn(row)}] for row in data.rows]
+            arms["base_own_template"] = generate(server, chats, refs, spec, fmt, "base (its own chat template)",
+                                                 ctx.console, chat=True)
+    with serve(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log") as server:
+        arms["tuned"] = generate(server, prompts, refs, spec, fmt, "tuned", ctx.console)
+    summaries = {arm: summarize(judged) for arm, judged in arms.items()}
+    for arm, judged in arms.items():
+        similarity = reference_similarity([j.text for j in judged], refs)
+        if similarity is not None:
+            summaries[arm]["reference_rougeL_f1"] = similarity
     # Perplexity of the held-out examples (prompt + reference answer, in the training format; lower is better),
     # when the eval file has answers. llama-perplexity scores whole chunks, so the prompt's tokens count too.
     ref = reference_text([(p, fmt.answer(row)) for p, row in zip(prompts, data.rows)], eval_dir / "reference.txt")
     if ref is not None:
-        n_ctx = ppl_ctx(ctx.run.artifact("merge", "model") / "tokenizer.json", ref.read_text("utf-8"))
-        sb["heldout_ppl"] = llamacpp.perplexity(ll, base, ref, ctx=n_ctx)[0]
-        st["heldout_ppl"] = llamacpp.perplexity(ll, tuned, ref, ctx=n_ctx)[0]
+        ppl_n = ppl_ctx(ctx.run.artifact("merge", "model") / "tokenizer.json", ref.read_text("utf-8"))
+        summaries["base"]["heldout_ppl"] = llamacpp.perplexity(ll, base, ref, ctx=ppl_n)[0]
+        summaries["tuned"]["heldout_ppl"] = llamacpp.perplexity(ll, tuned, ref, ctx=ppl_n)[0]
+    pm = spec.primary_metric
+    baselines = [a for a in arms if a != "tuned"]
+    best = max(baselines, key=lambda a: summaries[a][pm])
+    stats = {f"tuned_vs_{a}": paired([j.passes(pm) for j in arms[a]], [j.passes(pm) for j in arms["tuned"]])
+             for a in baselines}
     report = {
-        "recipe": r.name, "primary_metric": spec.primary_metric, "n_prompts": len(prompts), "quant_type": qt,
-        "seed": spec.seed, "max_tokens": spec.max_tokens, "base": sb, "tuned": st,
+        "recipe": r.name, "primary_metric": pm, "n_prompts": len(prompts), "quant_type": qt,
+        "seed": spec.seed, "max_tokens": spec.max_tokens, "arms": list(arms), **summaries,
+        "best_baseline": best, "stats": stats,
         "base_gguf": ctx.run.rel(base), "tuned_gguf": ctx.run.rel(tuned),
         "prompts": [{"instruction": fmt.title(row),
-                     "base": {**asdict(b), "format_pass": b.format_pass},
-                     "tuned": {**asdict(t), "format_pass": t.format_pass}}
-                    for row, b, t in zip(data.rows, jb, jt)],
+                     **{arm: {**asdict(judged[i]), "format_pass": judged[i].format_pass,
+                              "all_pass": judged[i].all_pass} for arm, judged in arms.items()}}
+                    for i, row in enumerate(data.rows)],
     }
     atomic.write_json(eval_dir / "report.json", report)
     loss_png = ctx.run.stage("train").get("artifacts", {}).get("loss_png")
@@ -94,11 +123,16 @@ def run(ctx: Context) -> StageResult:
         return StageResult({}, info={"skipped": "the recipe has no eval block"})
     report = evaluate(ctx)
     ctx.console.print(eval_table(report))
-    pm = report["primary_metric"]
+    pm, best = report["primary_metric"], report["best_baseline"]
+    st = report["stats"][f"tuned_vs_{best}"]
+    ctx.console.print(f"eval: tuned vs {best} on {pm}: {st['wins']} prompts better, {st['losses']} worse, "
+                      f"{st['ties']} the same; exact McNemar p = {st['p_value']:.2g}"
+                      + ("" if st["significant"] else " (not significant at 0.05: the difference may be chance)"))
     arts = {"report": "eval/report.json", "report_md": "eval/report.md", "report_html": "eval/report.html"}
-    info = {"primary_metric": pm, "base": report["base"][pm], "tuned": report["tuned"][pm]}
-    if report["tuned"][pm] < report["base"][pm]:
-        raise TutorWrapError(f"eval: the fine-tuned model is worse than the base on {pm}: "
-                             f"{report['tuned'][pm]:.3f} vs {report['base'][pm]:.3f} (report: {ctx.run.path / arts['report_md']})",
+    info = {"primary_metric": pm, "base": report[best][pm], "tuned": report["tuned"][pm], "baseline": best,
+            "p_value": st["p_value"]}
+    if report["tuned"][pm] < report[best][pm]:
+        raise TutorWrapError(f"eval: the fine-tuned model is worse than the base ({best}) on {pm}: "
+                             f"{report['tuned'][pm]:.3f} vs {report[best][pm]:.3f} (report: {ctx.run.path / arts['report_md']})",
                              hint="train longer or check the data; the report shows the outputs side by side")
     return StageResult(arts, info=info)

@@ -3,6 +3,8 @@ merged model on the held-out prompts."""
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from tutor_wrap.backends import llamacpp
 from tutor_wrap.backends.gguf_export import export_model
 from tutor_wrap.checks.fidelity import export_fidelity
@@ -54,7 +56,7 @@ def run(ctx: Context) -> StageResult:
     for kind, info in report["files"].items():
         arts[f"gguf_{kind}"] = ctx.run.rel(out_dir / info["path"])
         agree = next((v for k, v in info.items() if k.startswith("agreement_with_")), None)
-        ctx.console.print(f"export: {info['path']}  {info['size_bytes'] / 1e6:.1f} MB  file_type {info['file_type']}"
+        ctx.console.print(f"export: {escape(info['path'])}  {info['size_bytes'] / 1e6:.1f} MB  file_type {info['file_type']}"
                           + (f"  fallback tensors {info['fallback_tensors']}" if "fallback_tensors" in info else "")
                           + (f"  PPL {info['perplexity']:.3f}" if "perplexity" in info else "")
                           + (f" ({info['perplexity_change_pct']:+.2f}%)" if "perplexity_change_pct" in info else "")

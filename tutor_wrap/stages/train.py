@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
 from tutor_wrap.backends.axolotl_train import (MAX_OOM_RETRIES, classify_failure, complete_checkpoints, launch_args,
@@ -51,7 +52,7 @@ def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_
 
 
 def _note(log: Path, ctx: Context, msg: str) -> None:
-    ctx.console.print(f"[cyan]train:[/] {msg}")
+    ctx.console.print(f"[cyan]train:[/] {escape(msg)}")
     append_log(log, f"\n[tutor_wrap] {msg}\n")
 
 

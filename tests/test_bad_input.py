@@ -83,6 +83,8 @@ CASES = [
     ("axolotl-overrides-remote-code", lambda r, t, m: {**r, "axolotl": {"trust_remote_code": True}}, None,
      "(trust_remote_code)"),
     ("axolotl-overrides-adapter", lambda r, t, m: {**r, "axolotl": {"adapter": "qlora"}}, None, "(method)"),
+    ("micro-batch-does-not-divide", lambda r, t, m: edit(edit(r, "train.batch_size", 8), "train.micro_batch_size", 3),
+     None, "micro_batch_size 3 does not divide batch_size 8"),
     ("epochs-and-max-steps", lambda r, t, m: edit(r, "train.epochs", 3), None, "both set"),
     ("input-is-a-number", lambda r, t, m: r, b'{"instruction": "a", "input": 0, "output": "b"}\n',
      "'input' is a number, not a string"),

@@ -85,6 +85,14 @@ class TrainSpec(_Strict):
             return {**data, "epochs": 1.0}
         return data
 
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> "TrainSpec":
+        # micro-batch x accumulation must be the effective batch; otherwise training silently uses another one
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}: "
+                             "the effective batch would silently differ from batch_size")
+        return self
+
 
 class ExportSpec(_Strict):
     quant_types: list[str] = Field(default_factory=lambda: ["Q4_K_M"])

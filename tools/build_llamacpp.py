@@ -137,7 +137,7 @@ def build(dest, commit):
             shutil.rmtree(build_dir)
             rc = run_logged(configure, logf, env)
         if rc == 0:
-            log(f"building {', '.join(TARGETS)} with -j {jobs} (takes ~7 min on 2 cores); log: {log_path}")
+            log(f"building {', '.join(TARGETS)} with -j {jobs} (about 15 min on 2 cores, llama-server the largest part); log: {log_path}")
             t0 = time.monotonic()
             rc = run_logged(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
                             logf, env)

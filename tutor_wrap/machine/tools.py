@@ -74,7 +74,7 @@ def locate() -> LlamaCpp:
             return found
     raise TutorWrapError(
         "llama.cpp was not found (LLAMA_CPP_DIR, llama-quantize on PATH with LLAMA_CPP_CONVERTER, or the managed build)",
-        hint=f"run `{sys.executable} {REPO_DIR / 'tools' / 'build_llamacpp.py'}` (about 7 min on 2 cores, once)",
+        hint=f"run `{sys.executable} {REPO_DIR / 'tools' / 'build_llamacpp.py'}` (about 15 min on 2 cores, once)",
     )
 
 

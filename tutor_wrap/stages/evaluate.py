@@ -1,4 +1,6 @@
-"""Eval stage: base vs fine-tuned GGUF (same quant type), same prompts in the training format, temperature 0."""
+"""Eval stage: the base (in the training format, and in its own chat template when it has one) against the tune,
+same held-out prompts, same quant type, greedy through llama-server; format and content checks per answer, paired
+statistics per prompt, the verdict against the better base arm."""
 
 from __future__ import annotations
 

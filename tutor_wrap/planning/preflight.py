@@ -18,7 +18,6 @@ from tutor_wrap.machine.vendors import by_name
 from tutor_wrap.models.catalog import lookup
 from tutor_wrap.models.files import read_config, source_bytes_per_param, weight_files
 from tutor_wrap.planning import budgets
-from tutor_wrap.planning.planner import SAFETY, make_plan
 
 TIGHT = 0.10          # within 10% of what is available counts as tight
 LOW_DISK = 30 * GIB   # below this a 7-8B merge + GGUF export cannot fit at all
@@ -104,6 +103,9 @@ def _targets(recipe):
 
 def train_verdict(recipe, hw: Hardware) -> dict:
     """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time)."""
+    # Imported here: the planner pulls in the recipe schema (pydantic), which a preflight without a recipe never needs.
+    from tutor_wrap.planning.planner import SAFETY, make_plan
+
     try:
         plan = make_plan(recipe, hw)
     except TutorWrapError as exc:

@@ -24,7 +24,7 @@ def test_a_truncated_download_is_fetched_again_and_verified(tmp_path):
     data = good.read_bytes()
     (downloads / b.SDIST).write_bytes(data[: len(data) // 3])          # cut off mid-download
     (downloads / (b.SDIST + ".part")).write_bytes(data[: len(data) // 5])
-    final = b.download(tmp_path)                                      # the real PyPI download
+    final = b.download(tmp_path)                                      # a real pip download
     assert final == downloads / b.SDIST and b.sha256_of(final) == b.SHA256
     assert not (downloads / (b.SDIST + ".part")).exists()
 

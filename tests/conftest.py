@@ -17,3 +17,11 @@ def tiny_model(tmp_path_factory) -> Path:
     from tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """The tiny Llama with ChatML tokens, <|im_end|> as EOS and a SmolLM2-shaped chat template (tiny_model.py)."""
+    from tiny_model import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat-llama", chat=True)

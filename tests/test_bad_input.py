@@ -129,6 +129,92 @@ def test_bad_input_gives_one_clear_error(case, tiny_model, tmp_path):
     assert finished.read_text() == "# a finished artifact from an earlier good run\n"
 
 
+CHAT_ROW = {"messages": [{"role": "user", "content": "Explain lists."}, {"role": "assistant", "content": "Items."}]}
+
+
+def chat_recipe(model: Path) -> dict:
+    return edit(edit(base_recipe(model), "dataset.format", "chat"), "dataset.chat_template", "tokenizer")
+
+
+def chat_lines(*rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def odd_template_model(tmp: Path, model: Path) -> str:
+    """The tiny chat model with a template no Ollama TEMPLATE is proven for (a date in the system turn)."""
+    import shutil
+
+    d = tmp / "odd-template"
+    shutil.copytree(model, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{{ '<|im_start|>system\\nToday is ' + strftime_now('%Y-%m-%d') + '<|im_end|>\\n' }}"
+                            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                            "'<|im_end|>\\n' }}{% endfor %}")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _user(text="hi"):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text="ok"):
+    return {"role": "assistant", "content": text}
+
+
+# Chat rows on the tiny chat model (ChatML tokens, its own template): (id, recipe edit, dataset bytes, expected)
+CHAT_CASES = [
+    ("unknown-role", lambda r, t, m: r, chat_lines({"messages": [{"role": "bot", "content": "hi"}, _assistant()]}),
+     "unknown role 'bot'"),
+    ("empty-content", lambda r, t, m: r, chat_lines(CHAT_ROW, {"messages": [_user(" "), _assistant()]}),
+     "line 2: a user turn with empty 'content'"),
+    ("ends-with-user", lambda r, t, m: r, chat_lines({"messages": [_user(), _assistant(), _user()]}),
+     "does not end with an assistant turn"),
+    ("two-user-turns-in-a-row", lambda r, t, m: r, chat_lines({"messages": [_user(), _user(), _assistant()]}),
+     "two turns in a row from the same role"),
+    ("system-in-the-middle", lambda r, t, m: r,
+     chat_lines({"messages": [_user(), {"role": "system", "content": "s"}, _assistant()]}), "a system turn after"),
+    ("mixed-formats", lambda r, t, m: r, chat_lines(CHAT_ROW, GOOD_ROW),
+     "line 2 are Alpaca rows (instruction, input, output) among chat rows"),
+    ("alpaca-rows-read-as-chat", lambda r, t, m: r, chat_lines(GOOD_ROW), "set dataset.format: alpaca"),
+    ("messages-not-a-list", lambda r, t, m: r, chat_lines({"messages": "hi"}), "missing or empty 'messages' list"),
+    ("sharegpt-unknown-role", lambda r, t, m: edit(r, "dataset.format", "sharegpt"),
+     chat_lines({"conversations": [{"from": "bing", "value": "hi"}, {"from": "gpt", "value": "ok"}]}),
+     "unknown role 'bing'"),
+    ("sharegpt-rows-read-as-chat", lambda r, t, m: r,
+     chat_lines({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}),
+     "set dataset.format: sharegpt"),
+    ("no-chat-template", lambda r, t, m: edit(r, "dataset", {"path": "data.jsonl", "format": "chat"}), None,
+     "need dataset.chat_template"),
+    ("chat-template-misspelt", lambda r, t, m: edit(r, "dataset.chat_template", "chatlm"), None,
+     "did you mean chatml"),
+    ("chat-template-on-alpaca-rows", lambda r, t, m: edit(r, "dataset.format", "alpaca"), chat_lines(GOOD_ROW),
+     "apply to chat rows"),
+    ("nothing-to-train", lambda r, t, m: edit(r, "dataset.roles_to_train", []), None, "nothing would be trained"),
+    ("axolotl-overrides-chat-template", lambda r, t, m: {**r, "axolotl": {"chat_template": "llama3"}}, None,
+     "(dataset.chat_template)"),
+    ("base-without-a-template", lambda r, t, m: edit(r, "base_model", str(Path(m).parent.parent / "tiny-plain")),
+     None, "has no chat template"),
+    ("template-without-its-tokens", lambda r, t, m: edit(edit(r, "base_model", str(Path(m).parent.parent / "tiny-plain")),
+                                                         "dataset.chat_template", "llama3"), None,
+     "does not have as tokens"),
+    ("template-not-servable", lambda r, t, m: edit(r, "base_model", odd_template_model(t, m)), None,
+     "not one tutor_wrap can serve exactly as trained"),
+]
+
+
+@pytest.mark.parametrize("case", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_bad_chat_input_gives_one_clear_error(case, tiny_chat_model, tiny_model, tmp_path):
+    _, make, data, expected = case
+    plain = tiny_chat_model.parent.parent / "tiny-plain"
+    if not plain.exists():
+        plain.symlink_to(tiny_model)
+    recipe = make(chat_recipe(tiny_chat_model), tmp_path, tiny_chat_model)
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "data.jsonl").write_bytes(data if data is not None else chat_lines(CHAT_ROW))
+    _one_error(_cli("plan", tmp_path / "recipe.yml", "--no-validate"), expected)
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "tutor_wrap", *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=cwd)

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tutor_wrap.data.alpaca import ALPACA, AlpacaRow
+from tutor_wrap.data.chat_templates import CHAT_TEMPLATES
 from tutor_wrap.data.formats import FORMATS
 from tutor_wrap.models.files import write_chat_template
 
@@ -49,8 +50,10 @@ def test_alpaca_template_default_system_and_no_bos():
     assert "bos_token" not in ALPACA.chat_template
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS.values()), ids=list(FORMATS))
-def test_every_format_has_a_chat_template(fmt):
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("template", list(CHAT_TEMPLATES))
+def test_every_format_has_a_chat_template(name, template):
+    fmt = FORMATS[name](CHAT_TEMPLATES[template])
     assert fmt.chat_template and "messages" in fmt.chat_template
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tutor_wrap.data.alpaca import ALPACA
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.machine import profiles
 from tutor_wrap.models.catalog import lookup
@@ -33,7 +34,7 @@ def reason(plan, knob):
 
 
 def rendered(r, plan, run_dir):
-    cfg = axolotl_config.render(r, plan, base_model=r.base_model, dataset_path=r.resolve(r.dataset.path),
+    cfg = axolotl_config.render(r, plan, ALPACA, base_model=r.base_model, dataset_path=r.resolve(r.dataset.path),
                                 run_dir=run_dir)
     assert axolotl_config.validate(cfg, source=f"{r.name} on {plan.num_processes} GPUs") == []
     return cfg

@@ -283,7 +283,9 @@ def test_format_lookup_and_stops():
     assert ALPACA.stops == ("### Instruction:", "### Input:")
 
 
-@pytest.mark.parametrize("fmt", [ALPACA, CHATML, LLAMA3], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [ALPACA, for_dataset("chat", CHATML), for_dataset("sharegpt", LLAMA3),
+                                 for_dataset("chat", CHATML.with_default_system('A "quoted"\nsystem', "{{ x }}"))],
+                         ids=["alpaca", "chatml", "llama3", "chatml-default-system"])
 def test_templates_are_valid_modelfile_values(fmt):
     from tutor_wrap.backends import modelfile
 
@@ -291,3 +293,99 @@ def test_templates_are_valid_modelfile_values(fmt):
                                    stops=fmt.stops)
     text = modelfile.render(spec)
     assert "TEMPLATE" in text
+
+
+# ------------------------------------------------------------------------------------------------ chat rows, own template
+
+def ollama_messages(fmt, messages: list[dict]) -> list[dict]:
+    """What Ollama's chat handler passes to the template: the Modelfile's SYSTEM first when the request has no
+    system message (server/routes.go: `if req.Messages[0].Role != "system" && m.System != ""`)."""
+    if fmt.system and messages[0]["role"] != "system":
+        return [{"role": "system", "content": fmt.system}, *messages]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def own_template(tiny_chat_model, tmp_path_factory):
+    """Chat and ShareGPT rows on the tiny chat model in its own template, through the Axolotl entries tutor_wrap
+    writes (`dataset.chat_template: tokenizer`), tokenized by Axolotl's chat_template strategy."""
+    from axolotl.prompt_strategies.chat_template import load
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoTokenizer
+
+    from tiny_model import CHAT_DEFAULT_SYSTEM
+    from tutor_wrap.data.chat_templates import identify
+    from tutor_wrap.models.files import read_tokenizer_info
+    from tutor_wrap.recipe.schema import DatasetSpec
+
+    chat = identify(read_tokenizer_info(tiny_chat_model).chat_template)
+    assert chat is not None and chat.name == "chatml" and chat.default_system == CHAT_DEFAULT_SYSTEM
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    out = {}
+    for shape in ("chat", "sharegpt"):
+        fmt = for_dataset(shape, chat)
+        spec = DatasetSpec(path="rows.jsonl", format=shape, chat_template="tokenizer")
+        cfg = DictDefault({"sequence_len": 512, "train_on_inputs": False, **fmt.axolotl_settings()})
+        out[shape] = fmt, load(tok, cfg, fmt.axolotl_dataset(spec, Path("rows.jsonl")))
+    return out, tok
+
+
+def tokenized(own_template, shape: str, messages: list[dict]) -> tuple[list[int], list[int]]:
+    strategies, _ = own_template
+    fmt, strategy = strategies[shape]
+    if shape == "sharegpt":
+        names = {"user": "human", "assistant": "gpt", "system": "system"}
+        row = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+    else:
+        row = {"messages": [dict(m) for m in messages]}
+    out = strategy.tokenize_prompt(row)
+    return list(out["input_ids"]), list(out["labels"])
+
+
+@pytest.mark.parametrize("conv", list(CONVERSATIONS), ids=list(CONVERSATIONS))
+def test_own_template_serves_every_turn_as_trained(go_render, own_template, conv):
+    strategies, tok = own_template
+    fmt, _ = strategies["chat"]
+    messages = CONVERSATIONS[conv]
+    ids, labels = tokenized(own_template, "chat", messages + [{"role": "assistant", "content": FINAL_ANSWER}])
+    # Every assistant turn is trained (its text and its <|im_end|>), nothing else is.
+    spans, cur = [], []
+    for i, lab in zip(ids, labels):
+        if lab != -100:
+            cur.append(i)
+        elif cur:
+            spans.append(tok.decode(cur, skip_special_tokens=False))
+            cur = []
+    spans += [tok.decode(cur, skip_special_tokens=False)] if cur else []
+    answers = [m["content"] for m in messages if m["role"] == "assistant"] + [FINAL_ANSWER]
+    assert spans == [a + "<|im_end|>" for a in answers]
+    # The prompt: everything before the final answer, as Axolotl tokenized it.
+    start = max(i for i, lab in enumerate(labels) if lab == -100 and i < len(labels) - 1
+                and labels[i + 1] != -100)
+    trained = tok.decode(ids[: start + 1], skip_special_tokens=False)
+    assert fmt.chat.render_messages(messages) == trained
+    # Ollama: the Modelfile's SYSTEM is the template's default system text, prepended by Ollama as training's
+    # template inserted it; Go's text/template renders the TEMPLATE to the same bytes.
+    assert go_render(fmt.template, messages=ollama_messages(fmt, messages)) == trained
+    # llama-server / Hugging Face: the model's own Jinja (kept as the merged model's and the GGUF's template).
+    from tutor_wrap.data.chat_templates import render_jinja
+
+    assert render_jinja(fmt.chat_template, messages) == trained
+
+
+@pytest.mark.parametrize("conv", list(CONVERSATIONS), ids=list(CONVERSATIONS))
+def test_sharegpt_rows_train_exactly_like_chat_rows(own_template, conv):
+    messages = CONVERSATIONS[conv] + [{"role": "assistant", "content": FINAL_ANSWER}]
+    assert tokenized(own_template, "sharegpt", messages) == tokenized(own_template, "chat", messages)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_named_templates_jinja_renders_like_training(name):
+    from tutor_wrap.data.chat_templates import render_jinja
+
+    t = for_chat_template(name)
+    for messages in CONVERSATIONS.values():
+        assert render_jinja(t.jinja, messages) == t.render_messages(messages)
+        assert render_jinja(t.jinja, messages, add_generation_prompt=False) == \
+            t.render_messages(messages, add_generation_prompt=False)
+    assert "bos_token" not in t.jinja

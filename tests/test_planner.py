@@ -4,16 +4,27 @@ from pathlib import Path
 
 import pytest
 
+from tutor_wrap.data import formats
+from tutor_wrap.data.chat_templates import CHATML
+from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.planning.inputs import dataset_format
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.machine import profiles
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.planning.planner import make_plan, planned_sequence_len
+from tutor_wrap.planning.planner import cpu_threads, make_plan, planned_sequence_len
 from tutor_wrap.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))
 # The demo's local SmolLM2 folder exists only after `make demo`; the same architecture is in the catalog.
-STAND_IN = {"demo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+STAND_IN = {"demo": "HuggingFaceTB/SmolLM2-135M-Instruct", "demo-chat": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def format_for(r):
+    """The recipe's format; a stand-in hub model has no tokenizer here, so chat rows get SmolLM2's ChatML."""
+    if r.dataset.format == "alpaca" or r.base_model_path() is not None:
+        return dataset_format(r)
+    return formats.get(r.dataset.format, CHATML)
 
 
 def recipe_for_planning(path: Path):
@@ -36,7 +47,7 @@ def test_every_recipe_plans_and_validates_on_every_profile(tmp_path):
             except TutorWrapError as exc:  # a model that cannot fit the card is a plan's answer too
                 assert "no plan fits" in str(exc), (path.name, name, exc)
                 continue
-            cfg = axolotl_config.render(r, plan, base_model=r.base_model, dataset_path=r.resolve(r.dataset.path),
+            cfg = axolotl_config.render(r, plan, format_for(r), base_model=r.base_model, dataset_path=r.resolve(r.dataset.path),
                                         run_dir=tmp_path / r.name)
             assert axolotl_config.validate(cfg, source=f"{path.name} on {name}") == [], (path.name, name)
             if plan.memory:
@@ -71,3 +82,29 @@ def test_cpu_plan_avoids_cuda_only_paths():
 @pytest.mark.parametrize("lengths, expected", [(None, 1024), ([100, 173], 192), ([1500, 200], 1024)])
 def test_sequence_len_follows_the_real_rows(lengths, expected):
     assert planned_sequence_len(1024, lengths)[0] == expected
+
+
+def _cpu_box(**kw) -> Hardware:
+    base = dict(source="test", cpu_count=16, ram_total_bytes=64 << 30, ram_available_bytes=60 << 30,
+                swap_total_bytes=0, swap_free_bytes=0, disk_free_bytes=500 << 30, cpu_physical_cores=8)
+    return Hardware(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kw, threads", [
+    ({}, 8),                                              # one per physical core, not per hyper-thread
+    ({"cpu_busy": 4.2}, 6),                               # 4 of 16 CPUs busy: 2 of the 8 cores left to it
+    ({"cpu_usable": 4}, 4),                               # a container or taskset allows 4 CPUs
+    ({"cpu_busy": 16.0}, 1),                              # a saturated machine still trains, on one thread
+    ({"cpu_physical_cores": None, "cpu_count": 2}, 2),    # a profile without the physical count
+])
+def test_cpu_threads_follow_cores_affinity_and_load(kw, threads):
+    n, why = cpu_threads(_cpu_box(**kw))
+    assert n == threads and "OMP_NUM_THREADS" in why
+
+
+def test_cpu_plan_states_and_passes_its_thread_count():
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    plan = make_plan(r, _cpu_box(cpu_busy=2.0))
+    assert plan.cpu_threads == 7
+    assert any(c.knob == "cpu_threads" and "2.0 CPUs in use" in c.reason for c in plan.choices)
+    assert make_plan(r, profiles.load_profile("rtx3060-12gb")).cpu_threads is None

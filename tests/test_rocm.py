@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tutor_wrap.data.alpaca import ALPACA
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.data import formats
 from tutor_wrap.machine import amd
@@ -50,7 +51,7 @@ def test_mi300x_seed_plan_is_bf16_lora_with_sdpa():
 def test_rocm_yaml_turns_off_cuda_only_paths_and_validates(recipe, profile, tmp_path):
     r = load_recipe(recipe)
     plan = make_plan(r, profiles.load_profile(profile))
-    cfg = axolotl_config.render(r, plan, base_model=r.base_model, dataset_path=None, run_dir=tmp_path)
+    cfg = axolotl_config.render(r, plan, ALPACA, base_model=r.base_model, dataset_path=None, run_dir=tmp_path)
     assert cfg["attn_implementation"] == "sdpa" and cfg["bf16"] is True
     assert cfg["lora_mlp_kernel"] is cfg["lora_qkv_kernel"] is cfg["lora_o_kernel"] is False
     assert cfg["datasets"][0]["path"] == r.dataset.hub

@@ -233,7 +233,19 @@ def _default_corpus() -> list[str]:
 DEFAULT_CORPUS: tuple[str, ...] = tuple(_default_corpus())
 
 
-def _train_tokenizer(corpus: Iterable[str]):
+# The chat variant (``chat=True``): ChatML's two special tokens after the trained vocabulary, <|im_end|> as EOS,
+# no BOS added (as ChatML models such as SmolLM2 and Qwen have it), and SmolLM2-Instruct's template shape with
+# its own default system text: what `dataset.chat_template: tokenizer` meets on a real Instruct model.
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHAT_DEFAULT_SYSTEM = "You are a tiny test assistant."
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    + CHAT_DEFAULT_SYSTEM + "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _train_tokenizer(corpus: Iterable[str], *, chat: bool = False):
     """Train a Llama-2-style byte-fallback BPE; return a ``tokenizers.Tokenizer``."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -291,13 +303,15 @@ def _train_tokenizer(corpus: Iterable[str]):
         ]
     )
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in (UNK, BOS, EOS)]
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False)
+         for t in (UNK, BOS, EOS, *(CHATML_TOKENS if chat else ()))]
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0",
-        pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
-        special_tokens=[(BOS, 1)],
-    )
+    if not chat:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0",
+            pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+            special_tokens=[(BOS, 1)],
+        )
     return tok
 
 
@@ -307,7 +321,7 @@ def _write_json(path: pathlib.Path, obj) -> None:
 
 def build_tiny_llama(
     out_dir: pathlib.Path, *, seed: int = 0, corpus: Iterable[str] | None = None,
-    hidden_size: int = HIDDEN_SIZE, intermediate_size: int = INTERMEDIATE_SIZE,
+    hidden_size: int = HIDDEN_SIZE, intermediate_size: int = INTERMEDIATE_SIZE, chat: bool = False,
 ) -> pathlib.Path:
     """Write a tiny random Llama + Llama-style tokenizer into ``out_dir``; return it.
 
@@ -323,9 +337,12 @@ def build_tiny_llama(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # --- tokenizer -------------------------------------------------------
-    tok = _train_tokenizer(DEFAULT_CORPUS if corpus is None else corpus)
+    tok = _train_tokenizer(DEFAULT_CORPUS if corpus is None else corpus, chat=chat)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     tok.save(str(out_dir / "tokenizer.json"))
+    specials = (UNK, BOS, EOS, *(CHATML_TOKENS if chat else ()))
+    eos = CHATML_TOKENS[1] if chat else EOS
+    eos_id = tok.token_to_id(eos)
 
     added_tokens_decoder = {
         str(i): {
@@ -336,29 +353,31 @@ def build_tiny_llama(
             "single_word": False,
             "special": True,
         }
-        for i, t in enumerate((UNK, BOS, EOS))
+        for i, t in ((tok.token_to_id(t), t) for t in specials)
     }
     _write_json(
         out_dir / "tokenizer_config.json",
         {
-            "tokenizer_class": "LlamaTokenizer",
-            "add_bos_token": True,
+            # The chat variant's tokenizer.json adds no BOS, which transformers' LlamaTokenizer would rebuild.
+            "tokenizer_class": "PreTrainedTokenizerFast" if chat else "LlamaTokenizer",
+            "add_bos_token": not chat,
             "add_eos_token": False,
             "add_prefix_space": None,
             "legacy": False,
             "clean_up_tokenization_spaces": False,
             "bos_token": BOS,
-            "eos_token": EOS,
+            "eos_token": eos,
             "unk_token": UNK,
             "pad_token": PAD,
             "padding_side": "right",
             "model_max_length": MAX_POSITION_EMBEDDINGS,
             "added_tokens_decoder": added_tokens_decoder,
+            **({"chat_template": CHAT_TEMPLATE} if chat else {}),
         },
     )
     _write_json(
         out_dir / "special_tokens_map.json",
-        {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD},
+        {"bos_token": BOS, "eos_token": eos, "unk_token": UNK, "pad_token": PAD},
     )
 
     # --- model -------------------------------------------------------------
@@ -379,7 +398,7 @@ def build_tiny_llama(
         attention_bias=False,
         mlp_bias=False,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=eos_id,
         pad_token_id=0,
         use_cache=True,
         torch_dtype="float32",
@@ -388,7 +407,7 @@ def build_tiny_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=eos_id, pad_token_id=0)
     # transformers 5 always writes safetensors (its `safe_serialization` flag is gone).
     model.save_pretrained(out_dir)
     return out_dir

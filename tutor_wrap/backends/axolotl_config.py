@@ -13,7 +13,7 @@ import yaml
 
 from tutor_wrap.planning.distributed import DEEPSPEED_STAGE, deepspeed_filename, write_deepspeed_config
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.data import formats
+from tutor_wrap.data.format import Format
 from tutor_wrap.planning.planner import Plan
 from tutor_wrap.recipe.schema import Recipe
 
@@ -22,12 +22,13 @@ CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
 _ATTN = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 
 
-def render(recipe: Recipe, plan: Plan, *, base_model: str, dataset_path: Path | None, run_dir: Path) -> dict[str, Any]:
+def render(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_path: Path | None, run_dir: Path) -> dict[str, Any]:
     t = recipe.train
     cfg: dict[str, Any] = {
         "base_model": base_model,
         "trust_remote_code": recipe.trust_remote_code,
-        "datasets": [formats.get(recipe.dataset.format).axolotl_dataset(recipe.dataset, dataset_path)],
+        "datasets": [fmt.axolotl_dataset(recipe.dataset, dataset_path)],
+        **fmt.axolotl_settings(),
         "dataset_prepared_path": str(run_dir / "train" / "prepared"),
         "val_set_size": 0,
         "output_dir": str(run_dir / "train" / "out"),

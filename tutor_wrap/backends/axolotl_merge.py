@@ -69,12 +69,31 @@ def run_merge_lora(cfg: dict, work: Path, adapter: Path, log: Path) -> tuple[int
     return rc, peak, work / "merged"
 
 
-def copy_trained_tokenizer(adapter: Path, merged: Path) -> list[str]:
-    """The tokenizer files training wrote, over the base's copies that merge-lora put in the merged folder."""
+# Whether the tokenizer adds BOS/EOS: transformers 5 leaves these out of the tokenizer_config.json it saves, and
+# llama.cpp's converter then falls back to its per-vocabulary default (BOS on for SentencePiece vocabularies): a
+# ChatML model whose base adds no BOS would get one at serving time that training never saw.
+_ADD_FLAGS = ("add_bos_token", "add_eos_token")
+
+
+def copy_trained_tokenizer(adapter: Path, merged: Path, base: Path | None = None) -> list[str]:
+    """The tokenizer files training wrote, over the base's copies that merge-lora put in the merged folder; the
+    base's add_bos_token/add_eos_token kept where the trained config lacks them."""
     copied = []
     for name in TOKENIZER_FILES:
         src = adapter / name
         if src.is_file():
             shutil.copy2(src, merged / name)
             copied.append(name)
+    if base is not None:
+        keep_add_flags(merged, base)
     return copied
+
+
+def keep_add_flags(model_dir: Path, base: Path) -> None:
+    """The base's add_bos_token/add_eos_token in `model_dir`'s tokenizer_config.json where it lacks them."""
+    cfg_path, base_cfg = model_dir / "tokenizer_config.json", base / "tokenizer_config.json"
+    if base_cfg.is_file() and cfg_path.is_file():
+        cfg, flags = json.loads(cfg_path.read_text("utf-8")), json.loads(base_cfg.read_text("utf-8"))
+        kept = {k: flags[k] for k in _ADD_FLAGS if k in flags and k not in cfg}
+        if kept:
+            atomic.write_json(cfg_path, {**cfg, **kept})

@@ -12,6 +12,8 @@ from tutor_wrap.core import atomic
 
 # The train stage tells the plugin (in the training process) where to write, through the environment.
 ENV_METRICS = "TUTOR_WRAP_METRICS"
+# ... and that this CPU run may use bf16 mixed precision (TrainingArguments.use_cpu).
+ENV_USE_CPU = "TUTOR_WRAP_USE_CPU"
 
 
 def read_metrics(path: Path) -> list[dict]:

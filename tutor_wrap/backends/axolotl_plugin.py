@@ -14,7 +14,7 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from tutor_wrap.backends.axolotl_metrics import ENV_METRICS
+from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU
 
 
 def _gpu_mem() -> dict:
@@ -84,6 +84,13 @@ class MetricsPlugin(BasePlugin):
             from tutor_wrap.core.proc import die_with_parent
 
             die_with_parent()
+
+    def get_training_args(self, cfg):
+        # bf16 mixed precision on a CPU: the Trainer refuses `bf16` without a GPU unless `use_cpu` is set, and
+        # Axolotl 0.19 has no key for it. The train stage asks for it (ENV_USE_CPU) only for a CPU run.
+        if os.environ.get(ENV_USE_CPU) == "1":
+            return {"use_cpu": True}
+        return {}
 
     def add_callbacks_pre_trainer(self, cfg, model):
         path = os.environ.get(ENV_METRICS) or str(Path(cfg.output_dir) / "metrics.jsonl")

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +110,22 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout:
 def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, timeout: float = 1800) -> tuple[float, float]:
     """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk."""
     threads = str(max(1, os.cpu_count() or 1))
-    args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
-            "--log-colors", "off", "-t", threads]
-    # Same logger as llama-completion (see `complete`): a run that lost its output is run again.
-    for _ in range(5):
-        proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
-        text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-        m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
-        if proc.returncode != 0 or m:
-            break
+    with tempfile.TemporaryDirectory(prefix="tw-ppl-") as tmp:
+        log_file = Path(tmp) / "ppl.log"
+        args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b",
+                str(ctx), "--log-colors", "off", "-t", threads, "--log-file", str(log_file)]
+        # Same asynchronous logger as llama-completion (see `complete`): on short runs the last lines are lost
+        # from the console about half the time, and from --log-file about as often but independently, so both
+        # are read and a run that lost them in both is run again (seen here: 11 of 20 short runs kept the file).
+        for _ in range(12):
+            log_file.unlink(missing_ok=True)
+            proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
+            text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+            if log_file.is_file():
+                text += log_file.read_text("utf-8", "replace")
+            m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
+            if proc.returncode != 0 or m:
+                break
     if proc.returncode != 0 or not m:
         raise TutorWrapError(f"llama-perplexity failed on {model.name} (exit {proc.returncode}):\n{text[-1500:]}",
                              hint="the reference text may be shorter than two chunks; add rows with outputs to the eval file")

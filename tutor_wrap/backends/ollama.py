@@ -39,7 +39,7 @@ def build_spec(fmt: Format, gguf_rel: str, *, system: str | None, parameters: di
     user_stops = parameters.get("stop")
     user_stops = [user_stops] if isinstance(user_stops, str) else list(user_stops or [])
     stops = tuple(dict.fromkeys([*fmt.serving_stops(eos), *map(str, user_stops)]))
-    return modelfile.ModelfileSpec(from_path=gguf_rel, template=fmt.template, system=system or fmt.system,
+    return modelfile.ModelfileSpec(from_path=gguf_rel, template=fmt.template, system=system or fmt.system or None,
                                    parameters=tuple(params), stops=stops)
 
 

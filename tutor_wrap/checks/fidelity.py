@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tutor_wrap.backends import hf_generate, llamacpp
+from tutor_wrap.backends.llama_server import serve
 from tutor_wrap.core import atomic
 
 
@@ -46,8 +47,13 @@ def agreement(texts_a: list[str], texts_b: list[str], tokenizer_json: Path, n: i
             "mean_matching_prefix": sum(prefixes) / max(1, len(prefixes)), "per_prompt": prefixes}
 
 
-def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n: int) -> list[str]:
-    return [llamacpp.complete(ll, gguf, p, n_predict=n).text for p in prompts]
+def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n: int, tokenizer_json: Path) -> list[str]:
+    """Greedy continuations of raw prompts from one llama-server (one model load for all of them; the prompt cache
+    off, so each is what a fresh process would give). The context fits the longest prompt plus `n`."""
+    ids = _ids(tokenizer_json)
+    ctx = max(len(ids(p)) for p in prompts) + n + 16      # + BOS and tokenizer differences
+    with serve(ll, gguf, ctx=ctx, log=gguf.with_suffix(".fidelity-server.log")) as server:
+        return [server.complete(p, n_predict=n)[0] for p in prompts]
 
 
 AGREE_PROMPTS = 5      # greedy agreement is checked on the first few held-out prompts
@@ -79,7 +85,7 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
     f16 = out_dir / files[f16_kind]["path"]
     few = prompts[:AGREE_PROMPTS]
     hf = hf_generate.continuations(model_dir, few, AGREE_TOKENS, out_dir / ".hf_greedy.json")
-    ref = gguf_continuations(ll, f16, few, AGREE_TOKENS)
+    ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json)
     result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS)}
     ref_file = reference_text(examples, out_dir / "reference.txt")
     ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
@@ -90,7 +96,7 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
         if q == f16_kind:
             continue
         gguf = out_dir / info["path"]
-        info["agreement_with_" + f16_kind] = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS), ref,
+        info["agreement_with_" + f16_kind] = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS, tok_json), ref,
                                                            tok_json, AGREE_TOKENS)
         if ref_file:
             ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx)[0]

@@ -102,20 +102,27 @@ def load_alpaca(path: Path, *, require_output: bool = True, key: str = "dataset.
 
 
 # Shapes of other dataset formats, recognised to say what the rows are instead of "missing 'instruction'" on each.
-_OTHER_SHAPES = {"messages": "chat rows (OpenAI-style 'messages')", "conversations": "ShareGPT rows ('conversations')",
-                 "prompt": "prompt/completion rows", "text": "plain-text rows ('text')"}
+_OTHER_SHAPES = {"messages": ("chat rows (OpenAI-style 'messages')", "set dataset.format: chat in the recipe"),
+                 "conversations": ("ShareGPT rows ('conversations')", "set dataset.format: sharegpt in the recipe"),
+                 "prompt": ("prompt/completion rows", 'convert them to {"instruction": ..., "input": "", "output": ...}'),
+                 "text": ("plain-text rows ('text')", 'convert them to {"instruction": ..., "input": "", "output": ...}')}
 
 
 def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], key: str) -> None:
-    if not objs or any("instruction" in o for _, o in objs):
+    if not objs:
+        return
+    if any("instruction" in o for _, o in objs):
+        mixed = [n for n, o in objs if "instruction" not in o and any(f in o for f in _OTHER_SHAPES)]
+        if mixed:
+            raise TutorWrapError(f"{path}: line {line_numbers(mixed)} are not Alpaca rows but the others are: one "
+                                 "file holds one format", hint="convert them to Alpaca rows or move them to their own dataset")
         return
     first = objs[0][1]
-    shape = next((desc for field, desc in _OTHER_SHAPES.items() if field in first), None)
+    shape = next((v for field, v in _OTHER_SHAPES.items() if field in first), None)
     if shape:
         raise TutorWrapError(
-            f"{path}: the rows are {shape}, not the Alpaca rows (instruction, input, output) that "
-            "dataset.format: alpaca reads", hint="tutor_wrap trains Alpaca rows so far: convert them to "
-                              '{"instruction": ..., "input": "", "output": ...} per line')
+            f"{path}: the rows are {shape[0]}, not the Alpaca rows (instruction, input, output) that "
+            "dataset.format: alpaca reads", hint=shape[1])
 
 
 class Alpaca(Format[AlpacaRow]):

@@ -61,6 +61,19 @@ class Format(ABC, Generic[Row]):
     def axolotl_dataset(self, spec: Any, path: Path | None) -> dict[str, Any]:
         """Axolotl's `datasets:` entry for the recipe's dataset block `spec` (a local file at `path`, or a hub id)."""
 
+    @property
+    def label(self) -> str:
+        """The format in words, for plans and reports."""
+        return self.name
+
+    def plain_messages(self, row: Row) -> list[dict[str, str]]:
+        """The conversation as a person would send it in any chat UI (eval prompts a base model in its own template)."""
+        return [{"role": "user", "content": self.user_turn(row)}]
+
+    def axolotl_settings(self) -> dict[str, Any]:
+        """Top-level Axolotl keys the format needs besides its `datasets:` entry (a chat format's chat_template)."""
+        return {}
+
     def training_text(self, row: Row) -> str:
         """Prompt and answer as training sees them (Axolotl appends the EOS token after it)."""
         return self.prompt(row) + self.answer(row)

@@ -37,6 +37,8 @@ class Hardware:
     wsl: bool = False
     gpus: list[GPU] = field(default_factory=list)
     cpu_physical_cores: int | None = None
+    cpu_usable: int | None = None  # CPUs this process may run on (affinity: a container or taskset may allow fewer)
+    cpu_busy: float | None = None  # CPUs' worth of work other processes were doing when probed
     cpu_model: str = ""
     cpu_flags: list[str] = field(default_factory=list)   # AVX2 / AVX-512 / AMX present
     mps: bool = False                                     # Apple silicon (PyTorch MPS), noted only

@@ -72,6 +72,12 @@ def existing_dir(path: Path | None) -> Path:
     return where
 
 
+def cpu_busy(window_s: float = 0.3) -> float:
+    """How many CPUs' worth of work other processes are doing right now (sampled over `window_s`). The load
+    average would still count a build that ended a minute ago."""
+    return round(sum(psutil.cpu_percent(interval=window_s, percpu=True)) / 100.0, 2)
+
+
 def host(run_dir: Path | None = None) -> dict:
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()
@@ -79,6 +85,8 @@ def host(run_dir: Path | None = None) -> dict:
     return {
         "cpu_count": os.cpu_count() or 1,
         "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_busy": cpu_busy(),
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "mps": apple_mps(),

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from tutor_wrap.core import atomic
@@ -87,6 +88,45 @@ def write_chat_template(model_dir: Path, template: str) -> None:
     extra = model_dir / "additional_chat_templates"
     if extra.is_dir():
         shutil.rmtree(extra)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    chat_template: str | None       # the model's own Jinja (tokenizer_config.json, else chat_template.jinja)
+    bos_token: str
+    eos_token: str
+    tokens: frozenset[str]          # every single-token string: vocabulary and added tokens
+
+
+def _token_text(v) -> str:
+    return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+
+def read_tokenizer_info(model_dir: Path) -> TokenizerInfo | None:
+    """What planning needs of a model's tokenizer, read from its files (no transformers import); None without
+    tokenizer_config.json."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = json.loads(cfg_path.read_text("utf-8"))
+    template = cfg.get("chat_template")
+    if isinstance(template, list):      # named templates: the default one is what apply_chat_template uses
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = model_dir / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text("utf-8")
+    tokens: set[str] = set()
+    tok_path = model_dir / "tokenizer.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text("utf-8"))
+        tokens |= {t.get("content", "") for t in tok.get("added_tokens") or []}
+        vocab = (tok.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            tokens |= set(vocab)
+    tokens |= {_token_text(v) for v in (cfg.get("added_tokens_decoder") or {}).values()}
+    return TokenizerInfo(template if isinstance(template, str) else None, _token_text(cfg.get("bos_token")),
+                         _token_text(cfg.get("eos_token")), frozenset(tokens))
 
 
 def linear_module_names(model_dir: Path) -> set[str]:

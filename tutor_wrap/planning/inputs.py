@@ -13,17 +13,19 @@ from pathlib import Path
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
-from tutor_wrap.data.format import Dataset
+from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER, ChatTemplate, identify
+from tutor_wrap.data.format import Dataset, Format
 from tutor_wrap.data.lengths import token_lengths
 from tutor_wrap.machine import tools
 from tutor_wrap.models.catalog import PROJECTIONS
-from tutor_wrap.models.files import check_base_model, linear_module_names
+from tutor_wrap.models.files import TokenizerInfo, check_base_model, linear_module_names, read_tokenizer_info
 from tutor_wrap.recipe.schema import Recipe
 
 
 @dataclass
 class Inputs:
     model_dir: Path | None           # None: a hub id, loaded by Axolotl from the HF cache
+    fmt: Format                      # the dataset's format (chat rows: in their chat template)
     data: Dataset
     lengths: list[int] | None        # tokens per training row (None without a local tokenizer or rows)
     notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
@@ -46,7 +48,7 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
             raise TutorWrapError(msg, hint=fix)
         notes.append(f"{msg}: `run` here would fail; {fix}")
     _check_lora_targets(recipe, model_dir)
-    fmt = formats.get(recipe.dataset.format)
+    fmt = dataset_format(recipe)
     if recipe.dataset.hub:
         data = Dataset(path=None, rows=[], warnings=[])
         lengths = None
@@ -57,7 +59,7 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
     eval_rows(recipe)
-    return Inputs(model_dir, data, lengths, notes)
+    return Inputs(model_dir, fmt, data, lengths, notes)
 
 
 def eval_rows(recipe: Recipe) -> list | None:
@@ -65,8 +67,68 @@ def eval_rows(recipe: Recipe) -> list | None:
     without an eval block. Export's fidelity, deploy's serving check and eval all read them through here."""
     if recipe.eval is None:
         return None
-    return formats.get(recipe.dataset.format).read(recipe.resolve(recipe.eval.prompts), require_output=False,
-                                                   key="eval.prompts").rows
+    return dataset_format(recipe).read(recipe.resolve(recipe.eval.prompts), require_output=False,
+                                       key="eval.prompts").rows
+
+
+def dataset_format(recipe: Recipe) -> Format:
+    """The recipe's dataset format, for chat rows in their chat template: the one place every stage gets the
+    prompt format from (training config, merged model's template, GGUF check, Modelfile, serving, eval)."""
+    ds = recipe.dataset
+    if ds.format not in formats.CHAT_FORMATS:
+        return formats.get(ds.format)
+    return formats.get(ds.format, chat_template(recipe))
+
+
+def _tokenizer(recipe: Recipe) -> tuple[TokenizerInfo | None, str]:
+    """The base model's tokenizer facts and where they were read (a local folder, or the HF cache for a hub id)."""
+    model_dir = recipe.base_model_path()
+    if model_dir is None:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(recipe.base_model, "tokenizer_config.json")
+        except Exception:
+            found = None
+        model_dir = Path(found).parent if isinstance(found, str) else None
+    if model_dir is None:
+        return None, recipe.base_model
+    return read_tokenizer_info(model_dir), str(model_dir)
+
+
+def chat_template(recipe: Recipe) -> ChatTemplate:
+    """The chat template chat rows train and serve in; the base model's own only when it is proven to be one
+    tutor_wrap can serve byte for byte (data/chat_templates.identify). The tokenizer must hold the template's
+    special tokens as single tokens: otherwise training learns them as pieces and the model never stops."""
+    name = recipe.dataset.chat_template
+    info, where = _tokenizer(recipe)
+    known = ", ".join(CHAT_TEMPLATES)
+    if name == TOKENIZER:
+        if info is None:
+            raise TutorWrapError(f"{recipe.source}: dataset.chat_template: {TOKENIZER} needs the base model's tokenizer "
+                                 f"files, and {where} has none here",
+                                 hint=f"download the model first, or name the template: one of {known}")
+        if not info.chat_template:
+            raise TutorWrapError(f"{recipe.source}: dataset.chat_template: {TOKENIZER}: {where} has no chat template "
+                                 "(a base model, not an Instruct one)",
+                                 hint=f"name the template to train it in: one of {known}")
+        found = identify(info.chat_template)
+        if found is None:
+            raise TutorWrapError(
+                f"{recipe.source}: dataset.chat_template: {TOKENIZER}: the chat template of {where} is not one "
+                "tutor_wrap can serve exactly as trained (no Ollama TEMPLATE is proven to render it byte for byte)",
+                hint=f"name one of the proven templates instead: {known}")
+        chat = found
+    else:
+        chat = CHAT_TEMPLATES[name]
+    if info is not None:
+        missing = [t for t in chat.tokens if t not in info.tokens]
+        if missing:
+            raise TutorWrapError(
+                f"{recipe.source}: dataset.chat_template: {name} writes {', '.join(missing)}, which the tokenizer of "
+                f"{where} does not have as tokens: the model would learn them as pieces of text and never stop",
+                hint=f"use a base model made for {chat.name} (or chat_template: {TOKENIZER} for an Instruct model)")
+    return chat
 
 
 def eval_prompts_sha256(recipe: Recipe) -> str | None:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.units import GIB
+from tutor_wrap.core.versions import version_tuple
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.machine.vendors import by_name
 from tutor_wrap.recipe.schema import Recipe
@@ -50,6 +51,7 @@ class Plan:
     budget_gib: float | None = None
     seconds_per_step: float | None = None
     verdict: str = "fits"           # "fits" | "impractical"
+    cpu_threads: int | None = None  # CPU training: OMP_NUM_THREADS for the trainer
     choices: list[Choice] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -257,8 +259,16 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         sharding = g["sharding"]
     else:
         method = recipe.method
-        if method in ("qlora", "lora8bit"):
-            method = choose("method", "lora", f"{recipe.method} needs bitsandbytes on a GPU; on the CPU plain LoRA is used")
+        bnb = version_tuple(hw.packages.get("bitsandbytes"))
+        if method == "qlora" and bnb is not None and bnb >= BNB_CPU_4BIT:
+            choose("method", method, f"as the recipe asks: bitsandbytes {hw.packages['bitsandbytes']} quantizes the base "
+                   "to NF4 on the CPU too (about LoRA's speed here; the merge then reproduces the NF4 model)")
+        elif method in ("qlora", "lora8bit"):
+            need = ("bitsandbytes >= " + ".".join(map(str, BNB_CPU_4BIT)) + " for 4-bit on the CPU"
+                    if method == "qlora" else "bitsandbytes' 8-bit layers, which have run here only on a GPU")
+            method = choose("method", "lora", f"{recipe.method} needs {need}"
+                            + (f" (installed: {hw.packages['bitsandbytes']})" if bnb else " (not installed)")
+                            + "; plain LoRA is used")
         else:
             choose("method", method, "as the recipe asks")
         dtype = choose("dtype", "fp32", "CPU: fp16 matmuls fall to a naive kernel (about 20x slower), bf16 is emulated")
@@ -272,12 +282,14 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         kernels = choose("lora_kernels", False, "Axolotl's Triton LoRA kernels need CUDA")
         memory, budget = None, None
         sharding = "none"
+        threads, why = cpu_threads(hw)
+        choose("cpu_threads", threads, why)
         try:
             params = _arch_for(recipe).total_params
         except TutorWrapError:
             params = None
         if params:
-            cores = getattr(hw, "cpu_physical_cores", None) or hw.cpu_count
+            cores = threads
             seconds = cpu_seconds_per_step(params, micro * t.sequence_len, cores)
             if seconds > IMPRACTICAL_S_PER_STEP:
                 verdict = "impractical"
@@ -294,4 +306,28 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         gradient_checkpointing=ckpt, optimizer=opt, attention=attn, sample_packing=packing,
         sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=procs, sharding=sharding,
         memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
+        cpu_threads=None if on_gpu else threads,
     )
+
+
+# bitsandbytes' CPU backend trains NF4 (QLoRA) bases: seen here with 0.50.2 (issue 22's measurements).
+BNB_CPU_4BIT = (0, 50, 0)
+
+
+def cpu_threads(hw: Hardware) -> tuple[int, str]:
+    """Math threads for CPU training: one per physical core this process may use, less the cores other work keeps
+    busy. accelerate runs a single CPU process with OMP_NUM_THREADS=1 unless told otherwise: one core of many.
+    Hyper-threads share a core's vector units, and a thread that shares its core with a busy process holds every
+    other thread up at each synchronisation (seen here: 2 threads slower than 1 beside a busy process). The
+    probe samples the CPUs for a moment, so a build that just ended does not count."""
+    physical = hw.cpu_physical_cores or hw.cpu_count
+    usable = min(physical, hw.cpu_usable or physical)
+    why = f"{usable} physical core(s) this process may use"
+    if hw.cpu_usable and hw.cpu_usable < physical:
+        why = f"{hw.cpu_usable} of the machine's CPUs are allowed to this process (affinity)"
+    logical = max(hw.cpu_count, physical)
+    busy = round((hw.cpu_busy or 0.0) * physical / logical)   # physical cores' worth of other work right now
+    threads = max(1, usable - busy)
+    if threads < usable:
+        why += f"; {busy} kept busy by other work ({hw.cpu_busy:.1f} CPUs in use when probed), so {threads}"
+    return threads, why + " (OMP_NUM_THREADS for the trainer; accelerate's default is 1)"

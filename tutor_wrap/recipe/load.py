@@ -23,6 +23,8 @@ OWNED_BY_RECIPE = {
     "logging_steps": "train.logging_steps", "use_tensorboard": "train.tensorboard", "lora_r": "lora.r",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.targets",
     "lora_target_linear": "lora.targets", "output_dir": "--run-dir", "dataset_prepared_path": "--run-dir",
+    "chat_template": "dataset.chat_template", "chat_template_jinja": "dataset.chat_template",
+    "eot_tokens": "dataset.chat_template",
 }
 
 

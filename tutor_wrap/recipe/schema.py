@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.data.formats import FORMATS
+from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER
+from tutor_wrap.data.formats import CHAT_FORMATS, FORMATS
 from tutor_wrap.models.quant import QUANT_TYPES
 
 Method = Literal["full", "lora", "lora8bit", "qlora"]
@@ -31,9 +32,16 @@ class DatasetSpec(_Strict):
     hub: str | None = None            # a Hugging Face dataset id, loaded by Axolotl (must be in the HF cache: offline)
     split: str = "train"              # hub only: the split to load
     limit: int | None = Field(None, ge=1)   # hub only: the first N rows of the split
-    # hub only: column names for the alpaca roles, e.g. {instruction: query, output: response}
-    fields: dict[Literal["instruction", "input", "output"], str] = Field(default_factory=dict)
+    # hub only: column names for the alpaca roles, e.g. {instruction: query, output: response}; for chat rows the
+    # column holding the turns, {messages: dialog}
+    fields: dict[Literal["instruction", "input", "output", "messages"], str] = Field(default_factory=dict)
     format: str = "alpaca"            # a name in data/formats.py
+    # chat and sharegpt rows: the template they are trained and served in. `tokenizer` is the base model's own
+    # (the natural choice for an Instruct model), else a name in data/chat_templates.py.
+    chat_template: str | None = None
+    roles_to_train: list[Literal["assistant", "user", "system"]] = Field(default_factory=lambda: ["assistant"])
+    # which end-of-turn tokens carry loss: every trained turn's, the last one's, all, none (Axolotl's train_on_eos)
+    train_on_eos: Literal["turn", "last", "all", "none"] = "turn"
 
     @field_validator("format")
     @classmethod
@@ -50,6 +58,27 @@ class DatasetSpec(_Strict):
             raise ValueError("give exactly one of dataset.path (a local JSONL) or dataset.hub (a Hugging Face dataset id)")
         if self.path is not None and (self.fields or self.limit or self.split != "train"):
             raise ValueError("split, limit and fields apply to dataset.hub only")
+        chat = self.format in CHAT_FORMATS
+        known = [TOKENIZER, *CHAT_TEMPLATES]
+        if not chat:
+            if self.chat_template is not None or self.roles_to_train != ["assistant"] or self.train_on_eos != "turn":
+                raise ValueError(f"chat_template, roles_to_train and train_on_eos apply to chat rows "
+                                 f"(format: {' or '.join(CHAT_FORMATS)}); {self.format} rows have their own prompt format")
+            if "messages" in self.fields:
+                raise ValueError("fields.messages applies to chat rows; alpaca columns are instruction, input, output")
+        else:
+            if self.chat_template is None:
+                raise ValueError(f"{self.format} rows need dataset.chat_template: {TOKENIZER} (the base model's own, "
+                                 f"for an Instruct model) or one of {', '.join(CHAT_TEMPLATES)}")
+            if self.chat_template not in known:
+                near = difflib.get_close_matches(self.chat_template, known, n=1)
+                raise ValueError(f"unknown chat_template {self.chat_template!r}"
+                                 + (f" (did you mean {near[0]}?)" if near else "")
+                                 + f"; the ones tutor_wrap can serve exactly as trained: {', '.join(known)}")
+            if set(self.fields) - {"messages"}:
+                raise ValueError("for chat rows, fields names only the column of turns: {messages: COLUMN}")
+            if not self.roles_to_train:
+                raise ValueError("roles_to_train is empty: nothing would be trained (the usual value is [assistant])")
         return self
 
     @property

@@ -13,8 +13,7 @@ from tutor_wrap.backends import llamacpp, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.data import formats
-from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
+from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "deploy"
@@ -31,7 +30,7 @@ def inputs(ctx: Context) -> dict:
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
-    fmt = formats.get(r.dataset.format)
+    fmt = dataset_format(r)
     qt = r.export.quant_types[0]
     gguf = ctx.run.artifact("export", f"gguf_{qt}")
     # The context the model was planned and trained with (the plan may have shortened the recipe's).

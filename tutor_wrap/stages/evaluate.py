@@ -15,8 +15,7 @@ from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
 from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.data import formats
-from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
+from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
 from tutor_wrap.runtime.eval_report import render_html, render_markdown
@@ -56,7 +55,7 @@ def evaluate(ctx: Context) -> dict:
     r = ctx.recipe
     spec = r.eval
     assert spec is not None
-    fmt = formats.get(r.dataset.format)
+    fmt = dataset_format(r)
     rows = eval_rows(r)
     qt = r.eval_quant_type
     if qt not in r.export.quant_types:
@@ -78,9 +77,10 @@ def evaluate(ctx: Context) -> dict:
     arms: dict[str, list[Judged]] = {}
     with serve(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log") as server:
         arms["base"] = generate(server, prompts, refs, spec, fmt, "base (training format)", ctx.console)
-        if base_template:
+        if base_template and base_template != fmt.chat_template:
             # A fair baseline: an Instruct base prompted the way it was tuned, through its own chat template.
-            chats = [[{"role": "user", "content": fmt.user_turn(row)}] for row in rows]
+            # (Chat rows trained in the base's own template: the first arm is already that.)
+            chats = [fmt.plain_messages(row) for row in rows]
             arms["base_own_template"] = generate(server, chats, refs, spec, fmt, "base (its own chat template)",
                                                  ctx.console, chat=True)
     with serve(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log") as server:

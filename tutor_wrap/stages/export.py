@@ -10,8 +10,7 @@ from tutor_wrap.backends.gguf_export import export_model
 from tutor_wrap.checks.fidelity import export_fidelity
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
-from tutor_wrap.data import formats
-from tutor_wrap.planning.inputs import eval_prompts_sha256, eval_rows
+from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
 from tutor_wrap.recipe.schema import Recipe
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -24,7 +23,7 @@ def heldout_examples(recipe: Recipe) -> list[tuple[str, str]] | None:
     rows = eval_rows(recipe)
     if rows is None:
         return None
-    fmt = formats.get(recipe.dataset.format)
+    fmt = dataset_format(recipe)
     return [(fmt.prompt(r), fmt.answer(r)) for r in rows]
 
 
@@ -41,7 +40,7 @@ def run(ctx: Context) -> StageResult:
     report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
                           out_dir / "export.log")
     ll = llamacpp.locate()
-    template = formats.get(ctx.recipe.dataset.format).chat_template
+    template = dataset_format(ctx.recipe).chat_template
     for kind, info in report["files"].items():
         info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
         info.pop("chat_template", None)   # the same text for every file: kept once, below

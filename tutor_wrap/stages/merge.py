@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from tutor_wrap.backends.axolotl_merge import copy_trained_tokenizer, merge_config, run_merge_lora, strip_quantization
+from tutor_wrap.backends.axolotl_merge import copy_trained_tokenizer, keep_add_flags, merge_config, run_merge_lora, strip_quantization
 from tutor_wrap.checks.merge_verify import check_verification, verify_merged
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
@@ -29,9 +29,9 @@ from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.proc import tail
 from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.data import formats
 from tutor_wrap.models.files import weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
+from tutor_wrap.planning.inputs import dataset_format
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "merge"
@@ -59,7 +59,7 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         if rc != 0 or not weight_files(merged):
             raise TutorWrapError(f"merge: axolotl merge-lora failed (exit {rc}); log: {log}\n{tail(log, 15)}",
                                  hint="read the log; if it was killed, check RAM with `python -m tutor_wrap preflight`")
-        copy_trained_tokenizer(adapter, merged)
+        copy_trained_tokenizer(adapter, merged, base)
         if chat_template is not None:
             write_chat_template(merged, chat_template)
         stripped = strip_quantization(merged / "config.json")
@@ -89,17 +89,19 @@ def _verification_line(v: dict | None) -> str:
 
 def inputs(ctx: Context) -> dict:
     return {"train": ctx.run.stage("train").get("fingerprint"),
-            "chat_template": formats.get(ctx.recipe.dataset.format).chat_template}
+            "chat_template": dataset_format(ctx.recipe).chat_template}
 
 
 def run(ctx: Context) -> StageResult:
     cfg = yaml.safe_load((ctx.run.path / "axolotl.yml").read_text("utf-8"))
     out_dir = ctx.run.artifact("train", "output_dir")
     merge_dir = ctx.run.path / "merge"   # created only once the budget check passed (a refusal writes nothing)
-    template = formats.get(ctx.recipe.dataset.format).chat_template
+    template = dataset_format(ctx.recipe).chat_template
     if not cfg.get("adapter"):
         # A full fine-tune has nothing to merge: the trained folder is the model.
         write_chat_template(out_dir, template)
+        if Path(cfg["base_model"]).is_dir():
+            keep_add_flags(out_dir, Path(cfg["base_model"]))
         return StageResult({"model": ctx.run.rel(out_dir)}, info={"method": "none (full fine-tune)"})
     base = Path(cfg["base_model"])
     if not base.is_dir():

@@ -15,9 +15,8 @@ from tutor_wrap.backends import axolotl_config, modelfile, ollama
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
-from tutor_wrap.data import formats
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.planning.inputs import Inputs, check_inputs, rows_kept
+from tutor_wrap.planning.inputs import Inputs, dataset_format, check_inputs, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
 from tutor_wrap.recipe.schema import Recipe
 from tutor_wrap.runtime.tables import plan_table
@@ -41,7 +40,7 @@ def check_recipe(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
     Modelfile deploy will write (a misspelt Ollama parameter or a system text Ollama cannot quote fails now, not
     after training). `plan`, `preflight` and `run` all call this."""
     inputs = check_inputs(recipe, trains_here=trains_here)
-    spec = ollama.build_spec(formats.get(recipe.dataset.format), "./model.gguf", system=recipe.ollama.system,
+    spec = ollama.build_spec(inputs.fmt, "./model.gguf", system=recipe.ollama.system,
                              parameters=recipe.ollama.parameters, num_ctx=recipe.train.sequence_len, eos=None)
     try:
         modelfile.render(spec)
@@ -57,7 +56,7 @@ def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = 
     inputs = check_recipe(recipe, trains_here=trains_here)
     plan = make_plan(recipe, hw, inputs.lengths)
     kept, notes = rows_kept(inputs, plan.sequence_len)
-    cfg = axolotl_config.render(recipe, plan, base_model=str(inputs.model_dir or recipe.base_model),
+    cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,
                                 run_dir=Path(run_dir).resolve())
     return Prepared(inputs, plan, cfg, kept, inputs.notes + notes)
@@ -87,6 +86,7 @@ def inputs(ctx: Context) -> dict:
         "recipe": r.model_dump(mode="json", include={"base_model", "dataset", "method", "lora", "train", "axolotl",
                                                      "trust_remote_code", "allow_pickle_weights", "hardware"}),
         "dataset_sha256": file_sha256(ds) if ds is not None and ds.is_file() else None,
+        "chat_template": dataset_format(r).chat_template,   # a base model's own template is read from its files
         "accelerator": ctx.hardware.accelerator,
         "gpus": [g.name for g in ctx.hardware.gpus],
     }
@@ -101,7 +101,7 @@ def run(ctx: Context) -> StageResult:
     yml = ctx.run.path / "axolotl.yml"
     sidecars = write_config(p.config, yml)
     plan_json = ctx.run.path / "plan.json"
-    fmt_name = r.dataset.format
+    fmt_name = p.inputs.fmt.label
     rows = len(p.inputs.data.rows)
     atomic.write_json(plan_json, {
         "plan": p.plan.to_dict(), "rows": rows, "rows_kept": p.rows_kept,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import yaml
 from rich.markup import escape
 
-from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, loss_points, read_metrics, write_loss_csv, write_loss_png
+from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU, loss_points, read_metrics, write_loss_csv, write_loss_png
 from tutor_wrap.backends.axolotl_train import (MAX_OOM_RETRIES, classify_failure, complete_checkpoints, launch_args,
                                                reap_leftover_trainer, smaller)
 from tutor_wrap.core import atomic
@@ -35,6 +36,11 @@ def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+        # The plan's thread count, unless the person set OMP_NUM_THREADS themselves (theirs wins, as with torch).
+        if plan.get("cpu_threads") and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(plan["cpu_threads"])
+        env[ENV_USE_CPU] = "1"
+        append_log(log, f"[tutor_wrap] OMP_NUM_THREADS={env.get('OMP_NUM_THREADS', 'unset')}\n")
     proc = start_logged(args, log, env=env, new_session=True)
     atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
     progress = TrainProgress(ctx.console, metrics_path, max_steps=launch_cfg.get("max_steps"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -59,6 +60,21 @@ def merge_config(axolotl_cfg: dict, base: Path, adapter: Path, work: Path, metho
     for k in ("resume_from_checkpoint", "tf32"):
         cfg.pop(k, None)
     return cfg
+
+
+def nf4_compute_dtype(axolotl_cfg: dict) -> str | None:
+    """For a QLoRA run: the dtype bitsandbytes computed in during training (Axolotl: the training dtype)."""
+    if axolotl_cfg.get("adapter") != "qlora" and not axolotl_cfg.get("load_in_4bit"):
+        return None
+    return "bfloat16" if axolotl_cfg.get("bf16") else "float16" if axolotl_cfg.get("fp16") else "float32"
+
+
+def run_nf4_merge(base: Path, adapter: Path, work: Path, compute_dtype: str, log: Path) -> tuple[int, int, Path]:
+    """`python -m tutor_wrap.backends.nf4_merge` into work/merged: (exit code, peak RSS bytes, merged dir)."""
+    out = work / "merged"
+    rc, peak = run_measured([sys.executable, "-m", "tutor_wrap.backends.nf4_merge", str(base), str(adapter), str(out),
+                             "--compute-dtype", compute_dtype], log)
+    return rc, peak, out
 
 
 def run_merge_lora(cfg: dict, work: Path, adapter: Path, log: Path) -> tuple[int, int, Path]:

@@ -138,3 +138,24 @@ def linear_module_names(model_dir: Path) -> set[str]:
             if len(t["shape"]) == 2 and parts[-1] == "weight" and "layers" in parts:
                 names.add(parts[-2])
     return names
+
+
+# ---- a PEFT LoRA adapter folder
+
+
+def adapter_config(adapter: Path) -> dict:
+    return json.loads((adapter / "adapter_config.json").read_text("utf-8"))
+
+
+def lora_pairs(adapter: Path) -> dict[str, tuple[str, str]]:
+    """base weight key -> (lora_A key, lora_B key) in adapter_model.safetensors (PEFT's naming)."""
+    pairs: dict[str, dict] = {}
+    for k in read_header(adapter / "adapter_model.safetensors"):
+        for side in ("lora_A", "lora_B"):
+            tag = f".{side}.weight"
+            if k.endswith(tag):
+                mod = k[: -len(tag)]
+                if mod.startswith("base_model.model."):
+                    mod = mod[len("base_model.model."):]
+                pairs.setdefault(mod + ".weight", {})[side] = k
+    return {w: (d["lora_A"], d["lora_B"]) for w, d in pairs.items() if len(d) == 2}

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 
-from tutor_wrap.backends.axolotl_merge import copy_trained_tokenizer, keep_add_flags, merge_config, run_merge_lora, strip_quantization
+from tutor_wrap.backends.axolotl_merge import copy_trained_tokenizer, keep_add_flags, nf4_compute_dtype, run_nf4_merge, merge_config, run_merge_lora, strip_quantization
 from tutor_wrap.checks.merge_verify import check_verification, verify_merged
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
@@ -54,10 +54,18 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
     work.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        rc, peak, merged = run_merge_lora(merge_config(axolotl_cfg, base, adapter, work, budget.method), work, adapter, log)
+        nf4 = nf4_compute_dtype(axolotl_cfg)
+        if nf4:
+            # QLoRA: into the NF4 model that training ran, not the full-precision base (backends/nf4_merge.py).
+            budget = replace(budget, method="nf4")
+            rc, peak, merged = run_nf4_merge(base, adapter, work, nf4, log)
+        else:
+            rc, peak, merged = run_merge_lora(merge_config(axolotl_cfg, base, adapter, work, budget.method), work,
+                                              adapter, log)
         seconds = round(time.perf_counter() - t0, 1)
         if rc != 0 or not weight_files(merged):
-            raise TutorWrapError(f"merge: axolotl merge-lora failed (exit {rc}); log: {log}\n{tail(log, 15)}",
+            tool = "the NF4 merge" if nf4 else "axolotl merge-lora"
+            raise TutorWrapError(f"merge: {tool} failed (exit {rc}); log: {log}\n{tail(log, 15)}",
                                  hint="read the log; if it was killed, check RAM with `python -m tutor_wrap preflight`")
         copy_trained_tokenizer(adapter, merged, base)
         if chat_template is not None:
@@ -65,7 +73,8 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         stripped = strip_quantization(merged / "config.json")
         verification = None
         if verify:
-            verification = verify_merged(base, adapter, merged, log, ram_budget=hw.ram_available_bytes)
+            verification = verify_merged(base, adapter, merged, log, ram_budget=hw.ram_available_bytes,
+                                         nf4_compute_dtype=nf4)
             check_verification(verification, log)
         if out.exists():
             shutil.rmtree(out)

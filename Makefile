@@ -8,7 +8,8 @@ SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
 .PHONY: setup demo test clean-runs go-toolchain llamacpp
 
-setup: $(STAMP) llamacpp
+setup:
+	@$(PARALLEL) $(STAMP) llamacpp
 
 # torch first, pinned: the CPU wheel on these machines; a bare `torch` requirement could pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -26,7 +27,12 @@ llamacpp:
 $(SMOL): $(STAMP)
 	$(VPY) tools/fetch_smollm2.py
 
-demo: $(STAMP) llamacpp $(SMOL)
+# The setup steps that do not depend on each other run at the same time (a sub-make with -j: make 4.3 ignores -j
+# set inside a makefile): the venv's installs are mostly downloads, the llama.cpp build is the CPU-bound part.
+PARALLEL := $(MAKE) --no-print-directory -j3 --output-sync=line
+
+demo:
+	@$(PARALLEL) $(STAMP) llamacpp $(SMOL)
 	$(VPY) -m tutor_wrap run recipes/demo.yml
 
 # Go renders Modelfile templates exactly as Ollama does, for the train/serve parity test (Debian's golang-go).
@@ -34,7 +40,8 @@ go-toolchain:
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
-test: $(STAMP) llamacpp go-toolchain
+test:
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain
 	$(VPY) -m pytest -q
 
 clean-runs:

@@ -67,7 +67,10 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
             continue
         console.rule(stage.NAME)
         t0 = time.time()
-        run.record_stage(stage.NAME, status="running", fingerprint=None)
+        # What it left behind may be picked up (train's checkpoints) only by the same work interrupted: a stage
+        # that was running or failed with these very inputs. A finished, stale or changed one starts clean.
+        ctx.resumable = rec.get("status") in ("running", "failed") and rec.get("pending") == fp
+        run.record_stage(stage.NAME, status="running", fingerprint=None, pending=fp)
         try:
             result: StageResult = stage.run(ctx)
         except BaseException as exc:

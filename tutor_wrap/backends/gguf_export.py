@@ -86,15 +86,14 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
         out = out_dir / f"{stem}-{q}.gguf"
         tmp = out.with_name(f".{out.name}.partial")
         tmp.unlink(missing_ok=True)
-        rc, counts, text = llamacpp.quantize(ll, f16, tmp, q, log)
+        rc, text = llamacpp.quantize(ll, f16, tmp, q, log)
         if rc != 0 or not tmp.is_file():
             tmp.unlink(missing_ok=True)
             if _DISK_FULL.search(text):
                 raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
             raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
         os.replace(tmp, out)
-        report["files"][q] = {"path": out.name, "tensor_types": counts, "fallback_tensors": llamacpp.fallback_count(text),
-                              **gguf_facts(out)}
+        report["files"][q] = {"path": out.name, "fallback_tensors": llamacpp.fallback_count(text), **gguf_facts(out)}
     return report
 
 

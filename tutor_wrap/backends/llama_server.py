@@ -69,6 +69,25 @@ class Server:
         return res["content"], res.get("stop_type") == "eos"
 
 
+def answer_all(server: Server, requests: list, *, n_predict: int, seed: int = 0, chat: bool = False,
+               in_flight: int = 1, done=None) -> list[tuple[str, bool]]:
+    """Greedy answers to every request, in order: raw prompts to /completion, or messages to /v1/chat/completions;
+    `in_flight` at a time (the server's slot count). `done()` is called after each answer (a progress bar)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(req):
+        res = (server.chat(req, n_predict=n_predict, seed=seed) if chat
+               else server.complete(req, n_predict=n_predict, seed=seed))
+        if done is not None:
+            done()
+        return res
+
+    if in_flight <= 1:
+        return [one(r) for r in requests]
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        return list(pool.map(one, requests))
+
+
 def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,12 +105,17 @@ def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) 
 
 
 @contextmanager
-def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float = 120) -> Iterator[Server]:
-    """llama-server for `gguf` on 127.0.0.1:<free port>, one slot (requests are answered one after another, so
-    greedy answers do not depend on what else is in flight); stopped when the block ends, however it ends."""
+def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float = 120,
+          slots: int = 1) -> Iterator[Server]:
+    """llama-server for `gguf` on 127.0.0.1:<free port>; stopped when the block ends, however it ends.
+
+    `slots` requests are decoded together (continuous batching), each with `ctx` tokens of context. One slot
+    answers requests one after another, so a greedy answer cannot depend on what else is in flight; with several,
+    batch composition changes the arithmetic slightly and a near-tie can flip (bench/eval_parallel.py measures it).
+    """
     server = Server(free_port())
     args = [str(ll.tool("llama-server")), "-m", str(gguf), "--host", HOST, "--port", str(server.port),
-            "-c", str(ctx), "-np", "1", "--jinja", "--no-webui", "--no-warmup"]
+            "-c", str(ctx * slots), "-np", str(slots), "--jinja", "--no-webui", "--no-warmup"]
     proc = start_logged(args, log, env=ll.env())
     try:
         _wait_ready(proc, server, log, ready_timeout)

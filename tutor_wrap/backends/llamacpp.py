@@ -21,14 +21,14 @@ def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -
                       log, env=ll.env())
 
 
-def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, dict[str, int], str]:
-    """Run llama-quantize; return (exit code, tensor-type counts, raw output) for the fallback report."""
+def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, str]:
+    """Run llama-quantize; return (exit code, raw output) for the fallback report."""
     threads = str(max(1, os.cpu_count() or 1))
     proc = subprocess.run([str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads],
                           capture_output=True, text=True, env=ll.env(), check=False)
     text = proc.stdout + proc.stderr
     append_log(log, text)
-    return proc.returncode, tensor_type_counts(out) if proc.returncode == 0 else {}, text
+    return proc.returncode, text
 
 
 def fallback_count(quant_output: str) -> int:
@@ -41,18 +41,17 @@ def fallback_count(quant_output: str) -> int:
 
 
 def tensor_type_counts(gguf_path: Path) -> dict[str, int]:
-    from gguf import GGUFReader
-
-    counts: dict[str, int] = {}
-    for t in GGUFReader(str(gguf_path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts
+    return metadata(gguf_path)["tensor_types"]
 
 
 def metadata(gguf_path: Path) -> dict:
+    """The keys the checks read and the tensor count per type, from one parse of the file (gguf-py maps it)."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(gguf_path))
+    counts: dict[str, int] = {}
+    for t in r.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
 
     def get(key):
         f = r.get_field(key)
@@ -70,6 +69,7 @@ def metadata(gguf_path: Path) -> dict:
         "add_bos_token": get("tokenizer.ggml.add_bos_token"),
         "chat_template": get("tokenizer.chat_template"),
         "tensor_count": len(r.tensors),
+        "tensor_types": counts,
     }
 
 

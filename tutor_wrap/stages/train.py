@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def run(ctx: Context) -> StageResult:
 
     if reap_leftover_trainer(train_dir):
         _note(log, ctx, "stopped a trainer left running by an earlier, killed run")
+    if not ctx.resumable and out_dir.exists() and complete_checkpoints(out_dir):
+        # Checkpoints of a finished training, or of another config: resuming would train nothing, or the old plan.
+        _note(log, ctx, f"starting fresh: the checkpoints in {out_dir} belong to a finished or different training")
+        shutil.rmtree(out_dir)
+        (train_dir / "replan.json").unlink(missing_ok=True)
     launch_cfg = dict(cfg)
     attempts: list[dict] = []
     # A smaller plan chosen after an OOM in an earlier run of this same plan still applies on resume.

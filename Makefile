@@ -29,7 +29,8 @@ $(SMOL): $(STAMP)
 
 # The setup steps that do not depend on each other run at the same time (a sub-make with -j: make 4.3 ignores -j
 # set inside a makefile): the venv's installs are mostly downloads, the llama.cpp build is the CPU-bound part.
-PARALLEL := $(MAKE) --no-print-directory -j3 --output-sync=line
+# Their lines interleave as they come (make's output sync would hold the 10-minute build's progress until it ends).
+PARALLEL := $(MAKE) --no-print-directory -j3
 
 demo:
 	@$(PARALLEL) $(STAMP) llamacpp $(SMOL)

@@ -134,7 +134,7 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     # "k" varies between 2-thread runs; the check itself is tested on crafted answers in test_eval_checks.py)
     assert report["tuned"]["code_runs_rate"] == report["base"]["code_runs_rate"] == 0.0
     assert report["tuned"]["answer_match_rate"] >= report["base"]["answer_match_rate"]
-    assert all("reference 'ok'" in p["tuned"]["details"]["answer_match"] or p["tuned"]["checks"]["answer_match"]
+    assert all(p["tuned"]["checks"]["answer_match"] or "reference 'ok'" in p["tuned"]["details"]["answer_match"]
                for p in report["prompts"])
     assert all(p["tuned"]["details"]["code_runs"] == "no python block" for p in report["prompts"])
     st = report["stats"]["tuned_vs_base"]

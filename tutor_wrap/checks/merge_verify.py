@@ -186,6 +186,18 @@ def _load_causal_lm(path: Path):
                                                 trust_remote_code=False, local_files_only=True, low_cpu_mem_usage=True).eval()
 
 
+def _merged_logits(merged: Path, ids):
+    """The merged model's logits on `ids` (fp32, loaded alone and freed after) and its stored dtype."""
+    import torch
+
+    m = _load_causal_lm(merged)
+    with torch.no_grad():
+        got = m(input_ids=ids).logits.float()
+    del m
+    gc.collect()
+    return got, param_stats(merged)["dtype"] or "F32"
+
+
 def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
     """Merged model vs base + adapter (PEFT, unmerged), fp32, one model in memory at a time."""
     import torch
@@ -208,12 +220,7 @@ def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
             plain = model(input_ids=ids).logits.float()
     del model
     gc.collect()
-    m = _load_causal_lm(merged)
-    with torch.no_grad():
-        got = m(input_ids=ids).logits.float()
-    del m
-    gc.collect()
-    dtype = param_stats(merged)["dtype"] or "F32"
+    got, dtype = _merged_logits(merged, ids)
     diff = (got - ref).abs()
     max_abs, ref_max = float(diff.max()), float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
@@ -341,12 +348,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
         ref = trained(input_ids=ids).logits.float()
     del trained, model, quantized
     gc.collect()
-    m = _load_causal_lm(merged)
-    with torch.no_grad():
-        got = m(input_ids=ids).logits.float()
-    del m
-    gc.collect()
-    dtype = param_stats(merged)["dtype"] or "F32"
+    got, dtype = _merged_logits(merged, ids)
     ref_max = float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
     stats = _logit_stats(got, ref)

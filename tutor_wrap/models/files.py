@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -104,8 +105,16 @@ def _token_text(v) -> str:
 
 def read_tokenizer_info(model_dir: Path) -> TokenizerInfo | None:
     """What planning needs of a model's tokenizer, read from its files (no transformers import); None without
-    tokenizer_config.json."""
-    model_dir = Path(model_dir)
+    tokenizer_config.json. Every stage asks for the dataset format, so a run would parse the same tokenizer.json
+    (megabytes) about ten times: the result is kept per folder while its files are unchanged."""
+    model_dir = Path(model_dir).resolve()
+    stamps = tuple((n, (model_dir / n).stat().st_mtime_ns if (model_dir / n).is_file() else None)
+                   for n in ("tokenizer_config.json", "tokenizer.json", "chat_template.jinja"))
+    return _read_tokenizer_info(model_dir, stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer_info(model_dir: Path, stamps: tuple) -> TokenizerInfo | None:
     cfg_path = model_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         return None

@@ -118,7 +118,8 @@ def test_deepspeed_config_is_what_hf_and_axolotl_read(sharding, stage):
 
 def test_accelerate_args_one_and_several_machines():
     plan = {"num_processes": 8}
-    assert accelerate_args(plan) == ["--num_processes", "8", "--num_machines", "1", "--multi_gpu"]
+    assert accelerate_args(plan) == ["--num_processes", "8", "--num_machines", "1", "--multi_gpu",
+                                     "--main_process_port", "0"]   # accelerate picks a free port
     assert accelerate_args({"num_processes": 1}) == ["--num_processes", "1", "--num_machines", "1"]
     two = accelerate_args(plan, {"num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.1"})
     assert two == ["--num_processes", "16", "--num_machines", "2", "--multi_gpu", "--machine_rank", "1",

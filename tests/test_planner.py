@@ -108,3 +108,43 @@ def test_cpu_plan_states_and_passes_its_thread_count():
     assert plan.cpu_threads == 7
     assert any(c.knob == "cpu_threads" and "2.0 CPUs in use" in c.reason for c in plan.choices)
     assert make_plan(r, profiles.load_profile("rtx3060-12gb")).cpu_threads is None
+
+
+def test_cpu_processes_split_the_threads_and_the_batch():
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    r = r.model_copy(update={"train": r.train.model_copy(update={"batch_size": 8, "micro_batch_size": None})})
+    one = make_plan(r, _cpu_box())
+    two = make_plan(r, _cpu_box(), processes=2)
+    assert (one.num_processes, two.num_processes) == (1, 2)
+    assert two.cpu_threads == one.cpu_threads // 2            # the 8 cores shared, not 8 threads each
+    assert two.micro_batch_size * two.gradient_accumulation_steps * 2 == \
+        one.micro_batch_size * one.gradient_accumulation_steps   # the same effective batch
+    assert any(c.knob == "num_processes" and "gloo" in c.reason for c in two.choices)
+    assert not any(c.knob == "num_processes" for c in one.choices)
+
+
+@pytest.mark.parametrize("hw, processes, says", [
+    (lambda: profiles.load_profile("2x-rtx4090-24gb"), 1, "one process per GPU"),
+    (lambda: profiles.load_profile("rtx3060-12gb"), 2, "CUDA_VISIBLE_DEVICES"),
+    (lambda: _cpu_box(cpu_usable=4), 6, "--num-processes 4 or fewer"),
+    (lambda: _cpu_box(), 0, "at least 1"),
+])
+def test_processes_the_machine_cannot_run_are_refused_at_plan_time(hw, processes, says):
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    with pytest.raises(TutorWrapError) as exc:
+        make_plan(r, hw(), processes=processes)
+    assert says in str(exc.value) + (exc.value.hint or "")
+
+
+def test_several_gpus_plan_one_process_each_whether_asked_or_not():
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    hw = profiles.load_profile("2x-rtx4090-24gb")
+    assert make_plan(r, hw).num_processes == make_plan(r, hw, processes=2).num_processes == 2
+
+
+def test_processes_never_grow_the_recipes_batch(tmp_path):
+    r = recipe_for_planning(REPO / "recipes/demo.yml")
+    small = r.model_copy(update={"train": r.train.model_copy(update={"batch_size": 2, "micro_batch_size": 2})})
+    with pytest.raises(TutorWrapError) as exc:
+        make_plan(small, _cpu_box(), processes=2)
+    assert "train.batch_size 2 is smaller than 2 processes x micro-batch 2" in str(exc.value)

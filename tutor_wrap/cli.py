@@ -35,7 +35,7 @@ def cmd_run(args) -> int:
         machines = {"num_machines": args.num_machines, "machine_rank": args.machine_rank,
                     "main_process_ip": args.main_process_ip, "main_process_port": args.main_process_port}
     manifest = run_pipeline(recipe, args.run_dir, from_stage=args.from_stage, until=args.until, machines=machines,
-                            console=console)
+                            console=console, processes=args.num_processes)
     print_summary(manifest, (args.run_dir or recipe.default_run_dir()).resolve(), console)
     return 0
 
@@ -48,7 +48,7 @@ def cmd_plan(args) -> int:
 
     recipe = load_recipe(args.recipe)
     hw = resolve_hardware(args.hardware or recipe.hardware)
-    p = plan_stage.prepare(recipe, hw, args.run_dir or recipe.default_run_dir())
+    p = plan_stage.prepare(recipe, hw, args.run_dir or recipe.default_run_dir(), processes=args.num_processes)
     plan = p.plan
     if args.json:
         print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": p.config}, indent=2, default=str))
@@ -111,7 +111,7 @@ def cmd_preflight(args) -> int:
         from tutor_wrap.stages.plan import check_recipe
 
         notes = check_recipe(recipe).notes   # the inputs, checked as plan and run check them
-        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir)
+        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir, args.num_processes)
         report["input_notes"] = notes
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -156,6 +156,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _processes_arg(parser) -> None:
+    # On plan, preflight and run alike: the plan (batch split, threads per process) depends on it.
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N",
+                        help="training processes on this machine (default: one per GPU, or one on a CPU); on a CPU, "
+                             "N processes split the rows and average gradients over gloo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tutor_wrap", description="Fine-tune with Axolotl, merge, export to GGUF, "
                                 "deploy to Ollama and compare with the base: one recipe, one command.")
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, default=None, help="default: runs/<recipe name>/")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and everything after it")
     r.add_argument("--until", choices=STAGES, help="stop after this stage (run again without it to go on)")
+    _processes_arg(r)
     mm = r.add_argument_group("several machines (run the same command on each, with its own --machine-rank)")
     mm.add_argument("--num-machines", type=int, default=1)
     mm.add_argument("--machine-rank", type=int, default=0)
@@ -180,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hardware", help="a profile name or file instead of probing this machine")
     pl.add_argument("--no-validate", action="store_true", help="skip Axolotl's schema check (it takes ~10 s)")
     pl.add_argument("--json", action="store_true")
+    _processes_arg(pl)
     pl.set_defaults(func=cmd_plan)
 
     es = sub.add_parser("estimate", help="predict peak GPU memory of an Axolotl run (no torch import)")
@@ -205,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--run-dir", type=Path, default=None)
     pf.add_argument("--save-profile", type=Path, help="write this machine as a hardware profile")
     pf.add_argument("--json", action="store_true")
+    _processes_arg(pf)
     pf.set_defaults(func=cmd_preflight)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model, checking RAM and disk first")

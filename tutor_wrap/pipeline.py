@@ -39,16 +39,16 @@ def _downstream(name: str) -> list[str]:
 
 def run_pipeline(recipe: Recipe, run_dir: Path | None = None, *, from_stage: str | None = None,
                  until: str | None = None, machines: dict | None = None, hardware: Hardware | None = None,
-                 console: Console | None = None) -> dict:
+                 console: Console | None = None, processes: int | None = None) -> dict:
     console = console or Console()
     run = RunDir.create(run_dir or recipe.default_run_dir())
     with run_dir_lock(run.path, note=lambda msg: console.print(f"[yellow]note:[/] {escape(msg)}")):
         return _run_stages(recipe, run, from_stage=from_stage, until=until, machines=machines, hardware=hardware,
-                           console=console)
+                           console=console, processes=processes)
 
 
 def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: str | None, machines: dict | None,
-                hardware: Hardware | None, console: Console) -> dict:
+                hardware: Hardware | None, console: Console, processes: int | None) -> dict:
     hw = hardware or resolve_hardware(recipe.hardware, run.path)
     console.print(f"[bold]tutor_wrap[/] {escape(recipe.name)} -> {escape(str(run.path))}\nmachine: {escape(describe(hw))}")
     run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict())
@@ -56,7 +56,7 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
         run.invalidate_from(_downstream(from_stage))
-    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console, machines=machines)
+    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console, machines=machines, processes=processes)
     for stage in STAGES:
         fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
         rec = run.stage(stage.NAME)

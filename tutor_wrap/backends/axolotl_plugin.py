@@ -6,6 +6,7 @@ Parsing tqdm from the log would break on every Axolotl release; a TrainerCallbac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,12 +32,49 @@ def _gpu_mem() -> dict:
     return {}
 
 
+def _cpu_ranks() -> bool:
+    """Several processes training on the CPU (the train stage sets ENV_USE_CPU for CPU runs only)."""
+    return os.environ.get(ENV_USE_CPU) == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _trainable_digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class MetricsCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._t0 = time.time()
         self._is_main = int(os.environ.get("RANK", "0")) == 0
+        self._ranks_checked = False
+
+    def _check_ranks(self, args, state, model) -> None:
+        """Several ranks holding replicas (DDP): every rank's trainable weights, hashed and gathered, must be
+        identical after an optimizer step, or the gradients were not averaged and each rank trained alone.
+        Sharded states (DeepSpeed, FSDP) hold different pieces by design and are not compared."""
+        if args.world_size < 2 or model is None or args.deepspeed or getattr(args, "fsdp", None):
+            return
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            self._write({"event": "ranks", "step": state.global_step, "world_size": args.world_size,
+                         "in_sync": False, "why": "no process group: each rank trains alone"})
+            return
+        digests: list = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, _trainable_digest(model))   # every rank calls this at the same step
+        self._write({"event": "ranks", "step": state.global_step, "world_size": args.world_size,
+                     "backend": str(dist.get_backend()), "digests": digests, "in_sync": len(set(digests)) == 1})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self._ranks_checked:   # the first optimizer step of this launch (fresh or resumed)
+            self._ranks_checked = True
+            self._check_ranks(args, state, model)
 
     def _write(self, obj: dict) -> None:
         if not self._is_main:
@@ -50,7 +88,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.time()
         self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps,
-                     "resumed_from_step": state.global_step or None})
+                     "resumed_from_step": state.global_step or None, "world_size": args.world_size})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -72,7 +110,8 @@ class MetricsCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self._write({"event": "checkpoint", "step": state.global_step})
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._check_ranks(args, state, model)
         self._write({"event": "end", "step": state.global_step, "max_steps": state.max_steps})
 
 
@@ -84,6 +123,27 @@ class MetricsPlugin(BasePlugin):
             from tutor_wrap.core.proc import die_with_parent
 
             die_with_parent()
+        if _cpu_ranks():
+            # Without this every rank trains alone on all the rows (no gradient all-reduce, each one logging and
+            # saving): Axolotl creates the shared PartialState without cpu=True, which on a machine without an
+            # accelerator sets up no process group. Created here first (register() runs before Axolotl touches
+            # the distributed state) it is the gloo group, for Axolotl's barriers around data preparation; the
+            # Trainer resets it before building its Accelerator, which then reads ACCELERATE_USE_CPU.
+            # ACCELERATE_TORCH_DEVICE: accelerate would name the device "cpu:<rank>", and a resume then fails in
+            # torch.load(optimizer.pt, map_location="cpu:0") ("don't know how to restore data location").
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+            os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+            from accelerate import PartialState
+
+            PartialState(cpu=True)
+
+    def load_datasets(self, cfg, preprocess=False):
+        # Not a dataset loader (returns None: Axolotl loads them): the first hook after Axolotl's normalize_config,
+        # which places the model on "the local rank's device" (an int transformers reads as an accelerator index)
+        # whenever there are several ranks, and before the model loader copies that placement.
+        if _cpu_ranks():
+            cfg.device_map = {"": "cpu"}
+        return None
 
     def get_training_args(self, cfg):
         # bf16 mixed precision on a CPU: the Trainer refuses `bf16` without a GPU unless `use_cpu` is set, and

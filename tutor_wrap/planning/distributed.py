@@ -68,7 +68,13 @@ def write_deepspeed_config(path: Path, sharding: str) -> Path:
 
 
 def accelerate_args(plan: Any, machines: Mapping[str, Any] | None = None) -> list[str]:
-    """The distributed part of `accelerate launch` for a plan: `plan.num_processes` GPUs on each machine.
+    """The distributed part of `accelerate launch` for a plan: `plan.num_processes` processes on each machine (one
+    per GPU, or CPU processes).
+
+    `--multi_gpu` is accelerate's name for its torchrun launcher; on a machine without a GPU the ranks find no
+    accelerator and train on the CPU over gloo (Axolotl's side of that is in backends/axolotl_plugin.py). Alone on
+    one machine the rendezvous port is `0`: accelerate picks a free one, so two runs side by side do not collide
+    on 29500.
 
     `machines` (absent or empty: this machine alone) has `num_machines`, `machine_rank`, `main_process_ip`,
     `main_process_port` (default 29500); run the same command on every machine with its own machine_rank.
@@ -82,6 +88,8 @@ def accelerate_args(plan: Any, machines: Mapping[str, Any] | None = None) -> lis
     args = ["--num_processes", str(per_machine * n_machines), "--num_machines", str(n_machines)]
     if per_machine * n_machines > 1:
         args.append("--multi_gpu")
+        if n_machines == 1:
+            args += ["--main_process_port", "0"]
     if n_machines > 1:
         rank, ip = m.get("machine_rank"), m.get("main_process_ip")
         if rank is None or not ip:

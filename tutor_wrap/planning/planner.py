@@ -231,7 +231,9 @@ def planned_sequence_len(requested: int, lengths: list[int] | None) -> tuple[int
     return requested, f"as the recipe asks; {dropped} of {len(lengths)} rows are longer and will be dropped"
 
 
-def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) -> Plan:
+def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, processes: int | None = None) -> Plan:
+    """`processes`: the training processes asked for (`--num-processes`); None plans one per GPU, or one on a CPU."""
+    _check_processes(hw, processes)
     seq, seq_reason = planned_sequence_len(recipe.train.sequence_len, lengths)
     if seq != recipe.train.sequence_len:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sequence_len": seq})})
@@ -243,6 +245,7 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         return value
 
     on_gpu = bool(hw.gpus)
+    cpu_procs = processes or 1
     accel = hw.accelerator
     choose("accelerator", accel, f"{hw.source} shows {len(hw.gpus)} GPU(s)" if on_gpu else
            f"{hw.source} shows no GPU: training runs on the CPU")
@@ -272,8 +275,15 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         else:
             choose("method", method, "as the recipe asks")
         dtype = choose("dtype", "fp32", "CPU: fp16 matmuls fall to a naive kernel (about 20x slower), bf16 is emulated")
-        micro = choose("micro_batch_size", t.micro_batch_size or min(t.batch_size, 4),
-                       "as the recipe asks" if t.micro_batch_size else "CPU default: small batches, no VRAM to fill")
+        micro = choose("micro_batch_size", t.micro_batch_size or max(1, min(t.batch_size // cpu_procs, 4)),
+                       "as the recipe asks" if t.micro_batch_size else "CPU default: small batches, no VRAM to fill"
+                       + (f", {cpu_procs} processes sharing batch_size {t.batch_size}" if cpu_procs > 1 else ""))
+        if micro * cpu_procs > t.batch_size:
+            # each process takes at least one micro-batch per step: the batch would silently grow
+            raise TutorWrapError(f"{recipe.source}: train.batch_size {t.batch_size} is smaller than {cpu_procs} "
+                                 f"processes x micro-batch {micro}",
+                                 hint=f"raise train.batch_size to {micro * cpu_procs} or more, lower "
+                                      "train.micro_batch_size, or use fewer processes")
         ckpt = choose("gradient_checkpointing", False, "CPU RAM holds the activations; recomputation would only slow it")
         opt = choose("optimizer", "adamw_torch", "8-bit optimizers need bitsandbytes on a GPU")
         attn = choose("attention", "sdpa", "PyTorch's SDPA; the CPU has no flash attention")
@@ -283,23 +293,29 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         memory, budget = None, None
         sharding = "none"
         threads, why = cpu_threads(hw)
+        if cpu_procs > 1:
+            choose("num_processes", cpu_procs, f"as asked (--num-processes): accelerate starts {cpu_procs} training "
+                   "processes (torchrun), each on its share of the rows, gradients averaged over gloo every step")
+            why = f"{threads} for the run, shared by {cpu_procs} processes: {max(1, threads // cpu_procs)} each; {why}"
+            threads = max(1, threads // cpu_procs)
         choose("cpu_threads", threads, why)
         try:
             params = _arch_for(recipe).total_params
         except TutorWrapError:
             params = None
         if params:
-            cores = threads
+            cores = threads * cpu_procs
             seconds = cpu_seconds_per_step(params, micro * t.sequence_len, cores)
             if seconds > IMPRACTICAL_S_PER_STEP:
                 verdict = "impractical"
             choose("time_per_step", f"~{seconds:.0f} s", f"{params / 1e9:.2f}B parameters x {micro * t.sequence_len} "
                    f"tokens on {cores} CPU cores at ~{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s each"
                    + ("; impractical: use a GPU (see the rtx3060-12gb plan)" if verdict == "impractical" else ""))
-    procs = max(1, len(hw.gpus))
+    procs = max(1, len(hw.gpus)) if on_gpu else cpu_procs
     accum = max(1, t.batch_size // (micro * procs))
     choose("gradient_accumulation_steps", accum, f"keeps the effective batch at {micro * accum * procs} "
-           f"(recipe batch_size {t.batch_size}" + (f"; micro-batch x accumulation x {procs} GPUs)" if procs > 1 else ")"))
+           f"(recipe batch_size {t.batch_size}" + (f"; micro-batch x accumulation x {procs} "
+                                                   f"{'GPUs' if on_gpu else 'processes'})" if procs > 1 else ")"))
     choose("sequence_len", t.sequence_len, seq_reason)
     return Plan(
         accelerator=accel, method=method, dtype=dtype, micro_batch_size=micro, gradient_accumulation_steps=accum,
@@ -308,6 +324,23 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None) ->
         memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
         cpu_threads=None if on_gpu else threads,
     )
+
+
+def _check_processes(hw: Hardware, processes: int | None) -> None:
+    if processes is None:
+        return
+    if processes < 1:
+        raise TutorWrapError(f"--num-processes {processes}: at least 1")
+    if hw.gpus and processes != len(hw.gpus):
+        raise TutorWrapError(
+            f"--num-processes {processes}: {hw.source} shows {len(hw.gpus)} GPU(s), and a GPU plan runs one process "
+            "per GPU", hint="leave --num-processes out, or choose the GPUs with CUDA_VISIBLE_DEVICES (ROCm: "
+                            "HIP_VISIBLE_DEVICES) before running")
+    cpus = hw.cpu_usable or hw.cpu_count
+    if not hw.gpus and cpus and processes > cpus:
+        raise TutorWrapError(f"--num-processes {processes}: this process may use {cpus} CPU(s); more training "
+                             "processes than CPUs would only take turns on them",
+                             hint=f"use --num-processes {cpus} or fewer")
 
 
 # bitsandbytes' CPU backend trains NF4 (QLoRA) bases: seen here with 0.50.2 (issue 22's measurements).

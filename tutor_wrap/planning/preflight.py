@@ -101,13 +101,13 @@ def _targets(recipe):
     return t if t == "all-linear" else tuple(t)
 
 
-def train_verdict(recipe, hw: Hardware) -> dict:
+def train_verdict(recipe, hw: Hardware, processes: int | None = None) -> dict:
     """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time)."""
     # Imported here: the planner pulls in the recipe schema (pydantic), which a preflight without a recipe never needs.
     from tutor_wrap.planning.planner import SAFETY, make_plan
 
     try:
-        plan = make_plan(recipe, hw)
+        plan = make_plan(recipe, hw, processes=processes)
     except TutorWrapError as exc:
         return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
                 "remedy": getattr(exc, "hint", None)}
@@ -142,13 +142,13 @@ def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
     return shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, {len(shards)} shards"
 
 
-def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[dict]:
+def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None, processes: int | None = None) -> list[dict]:
     """Per stage: fits / tight (within 10%) / won't fit, with "needs X GiB / has Y GiB" and the remedy.
 
     train: the planner's memory model. merge: `budgets.predict_sizes` on the real shard sizes (or the
     catalog's for a hub id). export: disk for the f16 GGUF plus each quant, after the merged model.
     """
-    out: list[dict] = [train_verdict(recipe, hw)]
+    out: list[dict] = [train_verdict(recipe, hw, processes)]
     try:
         shards, adapter, src_bytes, sizes_from = _weights(recipe, run_dir)
     except TutorWrapError as exc:

@@ -26,6 +26,8 @@ class Context:
     console: Console
     # Several machines: num_machines, machine_rank, main_process_ip, main_process_port (passed to accelerate).
     machines: dict | None = None
+    # Training processes asked for on the command line (--num-processes); None: the planner's default.
+    processes: int | None = None
     # Set by the pipeline for the stage about to run: the same inputs were interrupted before (a kill, a crash),
     # so partial work such as training checkpoints may be resumed.
     resumable: bool = False

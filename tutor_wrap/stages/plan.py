@@ -51,10 +51,11 @@ def check_recipe(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
     return inputs
 
 
-def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = False) -> Prepared:
+def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = False,
+            processes: int | None = None) -> Prepared:
     """Inputs checked, the plan made and the Axolotl config rendered; nothing written."""
     inputs = check_recipe(recipe, trains_here=trains_here)
-    plan = make_plan(recipe, hw, inputs.lengths)
+    plan = make_plan(recipe, hw, inputs.lengths, processes=processes)
     kept, notes = rows_kept(inputs, plan.sequence_len)
     cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,
@@ -89,12 +90,13 @@ def inputs(ctx: Context) -> dict:
         "chat_template": dataset_format(r).chat_template,   # a base model's own template is read from its files
         "accelerator": ctx.hardware.accelerator,
         "gpus": [g.name for g in ctx.hardware.gpus],
+        "processes": ctx.processes,
     }
 
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
-    p = prepare(r, ctx.hardware, ctx.run.path, trains_here=True)
+    p = prepare(r, ctx.hardware, ctx.run.path, trains_here=True, processes=ctx.processes)
     for note in p.notes:
         ctx.console.print("[yellow]warning:[/] " + escape(note))
     validate(r, p.config)

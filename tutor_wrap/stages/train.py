@@ -127,6 +127,15 @@ def run(ctx: Context) -> StageResult:
         adapter = out_dir / "model.safetensors.index.json"
     if not adapter.exists():
         raise TutorWrapError(f"train: Axolotl exited 0 but wrote no {adapter.name} in {out_dir}", hint=f"see {log}")
+    ranks = [r for r in rows if r.get("event") == "ranks"]
+    apart = [r for r in ranks if not r.get("in_sync")]
+    if apart:
+        r = apart[0]
+        raise TutorWrapError(
+            f"train: the {r.get('world_size')} training processes hold different weights after step {r.get('step')} "
+            f"({r.get('why') or 'trainable-weight hashes ' + ', '.join(map(str, r.get('digests') or []))}): each "
+            "rank trained alone and the adapter is one rank's", hint="train with one process (leave --num-processes "
+                                                                     f"out) and report this with {log}")
     losses = [loss for _, loss in loss_points(rows)]
     k = max(1, min(5, len(losses) // 3))  # single steps are noisy: compare the means of the first and last few
     artifacts = {"output_dir": ctx.run.rel(out_dir), "log": ctx.run.rel(log), "metrics": ctx.run.rel(metrics_path),
@@ -138,4 +147,7 @@ def run(ctx: Context) -> StageResult:
         "loss_end_mean": sum(losses[-k:]) / k if losses else None, "loss_window": k,
         "steps": max((r.get("step", 0) for r in rows), default=0),
         "resumed_from": resumed_from.name if resumed_from else None, "attempts": attempts,
+        "processes": int(plan.get("num_processes") or 1),
+        # the steps at which every rank's trainable weights were compared and found identical
+        "ranks_in_sync_at": [r["step"] for r in ranks],
     })

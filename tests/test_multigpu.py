@@ -134,3 +134,57 @@ def test_accelerate_args_one_and_several_machines():
     assert (ns.num_processes, ns.num_machines, ns.machine_rank, ns.main_process_ip, ns.main_process_port) == (
         16, 2, 1, "10.0.0.1", 29500)
     assert ns.multi_gpu and ns.module and ns.training_script == "axolotl.cli.train"
+
+
+def _sharded_plans(tmp_path):
+    full = seed("full")
+    model = tmp_path / "llama-70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    lora70 = seed("lora").model_copy(update={"base_model": str(model)})
+    hw = profiles.load_profile("8x-h100-80gb")
+    return [(r, make_plan(r, hw)) for r in (full, lora70)]
+
+
+def test_the_written_deepspeed_json_passes_transformers_accelerate_and_deepspeed(tmp_path):
+    """What a multi-GPU run would hand over, parsed by the three readers it meets there, without a GPU:
+    transformers fills every "auto" from the TrainingArguments Axolotl builds from our YAML and from the model's
+    hidden size, then DeepSpeed's own DeepSpeedConfig validates the result (its pydantic ZeRO model and the batch
+    arithmetic), and accelerate's DeepSpeedPlugin reads the file as `accelerate launch` would."""
+    pytest.importorskip("deepspeed")   # in the dev extras; a user's GPU machine has it through axolotl[deepspeed]
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    stages = set()
+    for r, plan in _sharded_plans(tmp_path):
+        cfg = rendered(r, plan, tmp_path / f"run-{r.method}")
+        path = axolotl_config.write_sidecars(cfg)[0]
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True,   # the values, not the device
+                                 per_device_train_batch_size=cfg["micro_batch_size"],
+                                 gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
+                                 learning_rate=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
+                                 bf16=cfg["bf16"], fp16=cfg["fp16"])
+        hf = HfTrainerDeepSpeedConfig(str(path))
+        hf.trainer_config_process(args)
+        hidden = lookup(r.base_model).hidden_size
+        hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=hidden)), 100)
+        assert '"auto"' not in json.dumps(hf.config), "an 'auto' value nobody fills would reach DeepSpeed"
+
+        ds = DeepSpeedConfig(hf.config)
+        stage = {"zero2": 2, "zero3": 3}[plan.sharding]
+        stages.add(stage)
+        assert ds.zero_optimization_stage == stage and ds.zero_enabled
+        assert ds.train_micro_batch_size_per_gpu == plan.micro_batch_size
+        assert ds.gradient_accumulation_steps == plan.gradient_accumulation_steps
+        assert ds.bfloat16_config.enabled == (plan.dtype == "bf16") and not ds.float16_config.enabled
+        if stage == 3:
+            assert ds.zero_config.gather_16bit_weights_on_model_save is True
+            assert ds.zero_config.prefetch_bucket_size == int(0.9 * hidden * hidden)
+
+        plugin = DeepSpeedPlugin(hf_ds_config=str(path))
+        assert plugin.zero_stage == stage and plugin.hf_ds_config.is_zero3() == (stage == 3)
+    assert stages == {2, 3}   # full 8B on 8 H100s shards at ZeRO-2, LoRA 70B needs ZeRO-3: both files parsed

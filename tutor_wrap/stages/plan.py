@@ -90,7 +90,8 @@ def inputs(ctx: Context) -> dict:
         "chat_template": dataset_format(r).chat_template,   # a base model's own template is read from its files
         "accelerator": ctx.hardware.accelerator,
         "gpus": [g.name for g in ctx.hardware.gpus],
-        "processes": ctx.processes,
+        # only when asked: a run planned before the option existed keeps its fingerprint (and its training)
+        **({"processes": ctx.processes} if ctx.processes else {}),
     }
 
 

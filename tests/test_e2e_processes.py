@@ -4,15 +4,13 @@ two processes, and the rest of the pipeline takes the one adapter it saved."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from test_e2e import EVAL
-from test_train_recovery import _trainers, long_rows, write_recipe
+from test_train_recovery import kill_after_checkpoint, long_rows, write_recipe
 
 STEPS, SAVE_EVERY, ROWS, MICRO = 40, 10, 32, 2
 
@@ -36,20 +34,7 @@ def two_process_run(tiny_model, tmp_path_factory):
     args = [sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run_dir), "--num-processes", "2"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
-    first = subprocess.Popen([*args, "--until", "train"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline, saved = time.time() + 600, 0
-    while time.time() < deadline and first.poll() is None:
-        saved = max([r["step"] for r in _metrics(run_dir) if r.get("event") == "checkpoint"] or [0])
-        if saved >= SAVE_EVERY:
-            break
-        time.sleep(0.2)
-    assert first.poll() is None and saved >= SAVE_EVERY, "training finished or stalled before it could be killed"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    launch_yml = str(run_dir / "train/axolotl.launch.yml")
-    deadline = time.time() + 30
-    while time.time() < deadline and _trainers(launch_yml):
-        time.sleep(0.5)
+    kill_after_checkpoint([*args, "--until", "train"], run_dir, SAVE_EVERY)
     killed_at = max(r["step"] for r in _metrics(run_dir) if r.get("event") == "log")
 
     second = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env)

@@ -68,11 +68,9 @@ def _trainers(marker: str) -> list[int]:
     return out
 
 
-def test_sigkill_during_training_then_run_resumes_from_the_checkpoint(tiny_model, tmp_path):
-    recipe = write_recipe(tmp_path, tiny_model, long_rows(32),
-                          {"max_steps": 150, "batch_size": 4, "micro_batch_size": 4, "save_steps": 10})
-    run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run_dir), "--until", "train"]
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    """Start `run` (`args`), SIGKILL it once training has saved a checkpoint at `step` or later, and check that
+    no trainer process of it outlives it (every rank included)."""
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     metrics = run_dir / "train/metrics.jsonl"
@@ -82,10 +80,10 @@ def test_sigkill_during_training_then_run_resumes_from_the_checkpoint(tiny_model
         if metrics.exists():
             saved = max([json.loads(l)["step"] for l in metrics.read_text().splitlines()
                          if l.endswith("}") and '"checkpoint"' in l] or [0])
-        if saved >= 20:
+        if saved >= step:
             break
         time.sleep(0.2)
-    assert first.poll() is None and saved >= 20, "training finished or stalled before it could be killed"
+    assert first.poll() is None and saved >= step, "training finished or stalled before it could be killed"
     first.send_signal(signal.SIGKILL)
     first.wait()
     launch_yml = str(run_dir / "train/axolotl.launch.yml")
@@ -93,6 +91,15 @@ def test_sigkill_during_training_then_run_resumes_from_the_checkpoint(tiny_model
     while time.time() < deadline and _trainers(launch_yml):
         time.sleep(0.5)
     assert not _trainers(launch_yml), "the trainer outlived the killed run"
+
+
+def test_sigkill_during_training_then_run_resumes_from_the_checkpoint(tiny_model, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, long_rows(32),
+                          {"max_steps": 150, "batch_size": 4, "micro_batch_size": 4, "save_steps": 10})
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run_dir), "--until", "train"]
+    kill_after_checkpoint(args, run_dir, 20)
+    metrics = run_dir / "train/metrics.jsonl"
 
     second = cli(args[3:])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

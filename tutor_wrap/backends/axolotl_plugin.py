@@ -1,4 +1,6 @@
-"""An Axolotl plugin that writes one JSON line per logging step: the structured source for live progress.
+"""The project's Axolotl plugin: one JSON line per logging step (the structured source for live progress), and
+what Axolotl 0.19 has no key for, done through its plugin hooks: `use_cpu` for CPU runs, and for several CPU
+processes the model's placement, the gloo process group and the check that every rank holds the same weights.
 
 Runs inside the training process (loaded by Axolotl from `plugins:` in the YAML), so it may import torch freely.
 Parsing tqdm from the log would break on every Axolotl release; a TrainerCallback sees the real numbers.

@@ -296,8 +296,9 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
         if cpu_procs > 1:
             choose("num_processes", cpu_procs, f"as asked (--num-processes): accelerate starts {cpu_procs} training "
                    "processes (torchrun), each on its share of the rows, gradients averaged over gloo every step")
-            why = f"{threads} for the run, shared by {cpu_procs} processes: {max(1, threads // cpu_procs)} each; {why}"
-            threads = max(1, threads // cpu_procs)
+            each = max(1, threads // cpu_procs)
+            why = f"{threads} for the run, shared by {cpu_procs} processes: {each} each; {why}"
+            threads = each
         choose("cpu_threads", threads, why)
         try:
             params = _arch_for(recipe).total_params

@@ -14,6 +14,7 @@ from pathlib import Path
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import append_log, run_logged
 from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
+from tutor_wrap.models.gguf_file import read_gguf_header
 
 
 def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> subprocess.CompletedProcess:
@@ -45,18 +46,9 @@ def tensor_type_counts(gguf_path: Path) -> dict[str, int]:
 
 
 def metadata(gguf_path: Path) -> dict:
-    """The keys the checks read and the tensor count per type, from one parse of the file (gguf-py maps it)."""
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(gguf_path))
-    counts: dict[str, int] = {}
-    for t in r.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-
-    def get(key):
-        f = r.get_field(key)
-        return None if f is None else f.contents()
-
+    """The keys the checks read and the tensor count per type, from the file's header (models/gguf_file.py)."""
+    h = read_gguf_header(gguf_path)
+    get = h.fields.get
     arch = get("general.architecture")
     return {
         "architecture": arch,
@@ -68,8 +60,8 @@ def metadata(gguf_path: Path) -> dict:
         "bos_token_id": get("tokenizer.ggml.bos_token_id"),
         "add_bos_token": get("tokenizer.ggml.add_bos_token"),
         "chat_template": get("tokenizer.chat_template"),
-        "tensor_count": len(r.tensors),
-        "tensor_types": counts,
+        "tensor_count": h.tensor_count,
+        "tensor_types": h.tensor_types,
     }
 
 

@@ -96,6 +96,10 @@ def test_export_measures_fidelity_to_the_merged_model(finished_run):
     hf = report["fidelity"]["hf_vs_F16"]
     # The f16 GGUF follows the merged HF model's greedy path: same tokens, stopping at the same place.
     assert hf["prompts"] == len(EVAL) and hf["agree"] == len(EVAL)
+    # ... as the merge verification generated it, with the merged model it had loaded anyway.
+    assert report["fidelity"]["hf_reference_from"] == "the merge verification"
+    greedy = json.loads((run / "merge/report.json").read_text())["verification"]["greedy"]
+    assert len(greedy["texts"]) == len(EVAL)
     q4 = report["files"]["Q4_K_M"]
     assert q4["perplexity"] > 0 and report["files"]["F16"]["perplexity"] > 0
     assert abs(q4["perplexity_change_pct"]) < 50
@@ -195,6 +199,21 @@ def test_editing_eval_settings_redoes_only_eval(finished_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _redone(proc.stdout) == ["eval"]
     assert json.loads((run / "eval/report.json").read_text())["max_tokens"] == 10
+
+
+def test_new_eval_prompts_redo_export_with_its_own_reference(finished_run):
+    """The merge recorded the reference for the old prompts: the export computes it for the new ones itself
+    (beside the conversion), and the merge is not redone."""
+    run, _ = finished_run
+    eval_file = run.parent / "data/eval.jsonl"
+    eval_file.write_text(eval_file.read_text() + json.dumps({"instruction": "Say ok to request 7.", "output": "ok"})
+                         + "\n")
+    proc = run_cli("run", str(run.parent / "tiny.yml"), "--run-dir", str(run), cwd=run.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _redone(proc.stdout) == ["export", "deploy", "eval"]
+    fidelity = json.loads((run / "export/report.json").read_text())["fidelity"]
+    assert fidelity["hf_reference_from"] == "its own run, beside the conversion"
+    assert fidelity["hf_vs_F16"]["prompts"] == fidelity["hf_vs_F16"]["agree"] == len(EVAL) + 1
 
 
 def test_from_stage_redoes_it_and_the_stages_that_read_it(finished_run):

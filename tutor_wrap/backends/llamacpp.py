@@ -99,13 +99,17 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout:
     return Completion(text, n < n_predict, n)
 
 
-def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, timeout: float = 1800) -> tuple[float, float]:
-    """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk."""
+def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, chunks: int | None = None,
+               timeout: float = 1800) -> tuple[float, float]:
+    """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk,
+    over the first `chunks` chunks (all of the text when None)."""
     threads = str(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="tw-ppl-") as tmp:
         log_file = Path(tmp) / "ppl.log"
         args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b",
                 str(ctx), "--log-colors", "off", "-t", threads, "--log-file", str(log_file)]
+        if chunks:
+            args += ["--chunks", str(chunks)]
         # Same asynchronous logger as llama-completion (see `complete`): on short runs the last lines are lost
         # from the console about half the time, and from --log-file about as often but independently, so both
         # are read and a run that lost them in both is run again (seen here: 11 of 20 short runs kept the file).

@@ -58,6 +58,18 @@ def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n:
 
 AGREE_PROMPTS = 5      # greedy agreement is checked on the first few held-out prompts
 AGREE_TOKENS = 16      # ... over this many generated tokens
+# The perplexity comparison scores at most this many chunks (half of each chunk is scored: 8 x 64 tokens at
+# the largest context). The quant's change is a paired measure (same text, same chunks), so it settles long
+# before the absolute PPL does; the cap keeps the check's cost fixed whatever the eval file's size, which
+# matters most for a big model on a CPU build of llama.cpp.
+PPL_CHUNKS = 8
+
+
+def reference_request(examples: list[tuple[str, str]] | None) -> hf_generate.Request | None:
+    """What the merged model's greedy reference answers: the first held-out prompts, AGREE_TOKENS each."""
+    if not examples:
+        return None
+    return hf_generate.Request([p for p, _ in examples][:AGREE_PROMPTS], AGREE_TOKENS)
 
 
 def ppl_ctx(tokenizer_json: Path, text: str) -> int:
@@ -71,25 +83,28 @@ def ppl_ctx(tokenizer_json: Path, text: str) -> int:
     return ctx
 
 
-def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list[tuple[str, str]]) -> dict:
+def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list[tuple[str, str]],
+                    hf: list[str] | None = None) -> dict:
     """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers.
 
     `examples` are held-out (prompt in the training format, reference answer or ""); `report` is the export's,
-    whose `files` entries get each quant's agreement and perplexity.
+    whose `files` entries get each quant's agreement and perplexity. `hf`: the merged model's answers to
+    `reference_request(examples)` when the caller has them already.
     """
-    prompts = [p for p, _ in examples]
     ll = llamacpp.locate()
     tok_json = model_dir / "tokenizer.json"
     files = report["files"]
     f16_kind = report["outtype"].upper()
     f16 = out_dir / files[f16_kind]["path"]
-    few = prompts[:AGREE_PROMPTS]
-    hf = hf_generate.continuations(model_dir, few, AGREE_TOKENS, out_dir / ".hf_greedy.json")
+    req = reference_request(examples)
+    few = req.prompts
+    if hf is None:
+        hf = hf_generate.continuations(model_dir, req, out_dir / ".hf_greedy.json")
     ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json)
     result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS)}
     ref_file = reference_text(examples, out_dir / "reference.txt")
     ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
-    base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx)[0] if ref_file else None
+    base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0] if ref_file else None
     if base_ppl is not None:
         files[f16_kind]["perplexity"] = base_ppl
     for q, info in files.items():
@@ -99,8 +114,9 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
         info["agreement_with_" + f16_kind] = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS, tok_json), ref,
                                                            tok_json, AGREE_TOKENS)
         if ref_file:
-            ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx)[0]
+            ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0]
             info["perplexity"] = ppl
             info["perplexity_change_pct"] = round(100 * (ppl - base_ppl) / base_ppl, 2)
-    result["reference"] = {"rows_with_answers": sum(bool(a) for _, a in examples), "ppl_ctx": ctx}
+    result["reference"] = {"rows_with_answers": sum(bool(a) for _, a in examples), "ppl_ctx": ctx,
+                           "ppl_max_chunks": PPL_CHUNKS}
     return result

@@ -44,8 +44,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from tutor_wrap.backends.hf_generate import Request, greedy_texts
+from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import append_log, die_with_parent, tail, tool_env
 from tutor_wrap.core.units import GIB
@@ -186,19 +189,25 @@ def _load_causal_lm(path: Path):
                                                 trust_remote_code=False, local_files_only=True, low_cpu_mem_usage=True).eval()
 
 
-def _merged_logits(merged: Path, ids):
-    """The merged model's logits on `ids` (fp32, loaded alone and freed after) and its stored dtype."""
+def _merged_logits(merged: Path, ids, greedy: Request | None = None):
+    """The merged model's logits on `ids` (fp32, loaded alone and freed after), its stored dtype, and, while it is
+    loaded, the answer to `greedy` (the export's reference continuations; None when not asked)."""
     import torch
 
     m = _load_causal_lm(merged)
     with torch.no_grad():
         got = m(input_ids=ids).logits.float()
+    texts = None
+    if greedy is not None:
+        from transformers import AutoTokenizer
+
+        texts = greedy_texts(m, AutoTokenizer.from_pretrained(str(merged), trust_remote_code=False), greedy)
     del m
     gc.collect()
-    return got, param_stats(merged)["dtype"] or "F32"
+    return got, param_stats(merged)["dtype"] or "F32", texts
 
 
-def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
+def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None = None) -> dict:
     """Merged model vs base + adapter (PEFT, unmerged), fp32, one model in memory at a time."""
     import torch
     from peft import PeftModel
@@ -220,7 +229,7 @@ def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
             plain = model(input_ids=ids).logits.float()
     del model
     gc.collect()
-    got, dtype = _merged_logits(merged, ids)
+    got, dtype, texts = _merged_logits(merged, ids, greedy)
     diff = (got - ref).abs()
     max_abs, ref_max = float(diff.max()), float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
@@ -232,11 +241,12 @@ def check_logits(base: Path, adapter: Path, merged: Path) -> dict:
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab,
                    "generator": "fixed_inputs(vocab, seed=0): 64-bit LCG, BOS first"},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(time.perf_counter() - t0, 1), "greedy": texts,
     }
 
 
-def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = None, logits: bool = True) -> dict:
+def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = None, logits: bool = True,
+           greedy: Request | None = None) -> dict:
     base, adapter, merged = Path(base), Path(adapter), Path(merged)
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter}/adapter_model.safetensors not found (only safetensors adapters are read)")
@@ -256,7 +266,8 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
                                                         f"{have / GIB:.1f} GiB available", "needs_bytes": need,
                          "available_bytes": have}
     else:
-        out["logits"] = check_logits(base, adapter, merged)
+        out["logits"] = check_logits(base, adapter, merged, greedy)
+        out["greedy"] = out["logits"].pop("greedy")
     states = [out["weights"]["status"], out["logits"]["status"]]
     out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
     out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]
@@ -287,7 +298,8 @@ def _logit_stats(got, ref) -> dict:
             "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
-def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, full_precision_drift: bool = True) -> dict:
+def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, full_precision_drift: bool = True,
+               greedy: Request | None = None) -> dict:
     """A QLoRA merge against the model training ran: bitsandbytes' NF4 base (loaded as Axolotl loads it) + the
     adapter through PEFT. Weights: every quantized layer of the merged model = its dequantized NF4 weight + the LoRA
     delta (dtype rounding tolerance), every other tensor = the base's exactly. Logits: on INPUTS, max difference
@@ -348,7 +360,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
         ref = trained(input_ids=ids).logits.float()
     del trained, model, quantized
     gc.collect()
-    got, dtype = _merged_logits(merged, ids)
+    got, dtype, texts = _merged_logits(merged, ids, greedy)
     ref_max = float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
     stats = _logit_stats(got, ref)
@@ -364,7 +376,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
         gc.collect()
     out = {"base": str(base), "adapter": str(adapter), "merged": str(merged),
            "reference": f"the trained model: NF4 base (bitsandbytes, compute dtype {compute_dtype}) + adapter",
-           "weights": weights, "logits": logits}
+           "weights": weights, "logits": logits, "greedy": texts}
     out["status"] = "passed" if weights["status"] == logits["status"] == "passed" else "failed"
     out["ok"] = out["status"] == "passed"
     out.update(max_abs_diff=logits["max_abs_diff"], rel_err=logits["rel_err"], tolerance=tol, inputs=logits["inputs"],
@@ -376,7 +388,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
 
 
 def verify_merged(base: Path, adapter: Path, merged: Path, log: Path, *, ram_budget: int | None = None,
-                  nf4_compute_dtype: str | None = None) -> dict:
+                  nf4_compute_dtype: str | None = None, greedy: Request | None = None) -> dict:
     """`python -m tutor_wrap.checks.merge_verify BASE ADAPTER MERGED --json` in a subprocess (torch stays out of this
     process and its memory is returned when it exits); its JSON result, stderr appended to `log`."""
     args = [sys.executable, "-m", "tutor_wrap.checks.merge_verify", str(base), str(adapter), str(merged), "--json"]
@@ -384,6 +396,10 @@ def verify_merged(base: Path, adapter: Path, merged: Path, log: Path, *, ram_bud
         args += ["--ram-budget", str(int(ram_budget))]
     if nf4_compute_dtype:
         args += ["--nf4", nf4_compute_dtype]
+    if greedy is not None:
+        spec = log.with_name(log.stem + ".greedy.json")
+        atomic.write_json(spec, asdict(greedy))
+        args += ["--greedy", str(spec)]
     append_log(log, "\n$ " + " ".join(args) + "\n")
     proc = subprocess.run(args, capture_output=True, env=tool_env(), check=False, preexec_fn=die_with_parent)
     out = proc.stdout.decode("utf-8", errors="replace").strip()
@@ -425,15 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--ram-budget", type=int, default=None, help="bytes of RAM the logits check may use")
     ap.add_argument("--no-logits", action="store_true", help="only the streaming weight check")
+    ap.add_argument("--greedy", type=Path, metavar="JSON",
+                    help='also greedy continuations from the loaded merged model: {"prompts": [...], "n": N}')
     ap.add_argument("--nf4", metavar="COMPUTE_DTYPE", choices=["float32", "bfloat16", "float16"],
                     help="a QLoRA merge: compare with the NF4 base + adapter that training ran")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    greedy = Request(**json.loads(args.greedy.read_text("utf-8"))) if args.greedy else None
     t0 = time.perf_counter()
     try:
-        res = (verify_nf4(args.base, args.adapter, args.merged, args.nf4) if args.nf4 else
-               verify(args.base, args.adapter, args.merged, ram_budget=args.ram_budget, logits=not args.no_logits))
+        res = (verify_nf4(args.base, args.adapter, args.merged, args.nf4, greedy=greedy) if args.nf4 else
+               verify(args.base, args.adapter, args.merged, ram_budget=args.ram_budget, logits=not args.no_logits,
+                      greedy=greedy))
     except Exception as exc:  # noqa: BLE001 - reported as JSON to the parent
         res = {"status": "error", "ok": None, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(res) if args.json else f"error: {res['error']}")

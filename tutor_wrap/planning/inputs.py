@@ -71,6 +71,15 @@ def eval_rows(recipe: Recipe) -> list | None:
                                        key="eval.prompts").rows
 
 
+def heldout_examples(recipe: Recipe) -> list[tuple[str, str]] | None:
+    """(prompt in the training format, reference answer or "") for each row of the recipe's eval file."""
+    rows = eval_rows(recipe)
+    if rows is None:
+        return None
+    fmt = dataset_format(recipe)
+    return [(fmt.prompt(r), fmt.answer(r)) for r in rows]
+
+
 def dataset_format(recipe: Recipe) -> Format:
     """The recipe's dataset format, for chat rows in their chat template: the one place every stage gets the
     prompt format from (training config, merged model's template, GGUF check, Modelfile, serving, eval)."""

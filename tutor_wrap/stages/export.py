@@ -3,28 +3,28 @@ merged model on the held-out prompts."""
 
 from __future__ import annotations
 
+import json
+
 from rich.markup import escape
 
-from tutor_wrap.backends import llamacpp
+from tutor_wrap.backends import hf_generate, llamacpp
 from tutor_wrap.backends.gguf_export import export_model
-from tutor_wrap.checks.fidelity import export_fidelity
+from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
-from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
-from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, heldout_examples
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "export"
 DEPENDS = ("merge",)
 
 
-def heldout_examples(recipe: Recipe) -> list[tuple[str, str]] | None:
-    """(prompt in the training format, reference answer or "") for each row of the recipe's eval file."""
-    rows = eval_rows(recipe)
-    if rows is None:
+def merge_greedy(ctx: Context) -> dict | None:
+    """The continuations the merge verification recorded (None: no merge report, or it has none)."""
+    path = ctx.run.stage("merge").get("artifacts", {}).get("report")
+    if not path or not ctx.run.abs(path).is_file():
         return None
-    fmt = dataset_format(recipe)
-    return [(fmt.prompt(r), fmt.answer(r)) for r in rows]
+    return (json.loads(ctx.run.abs(path).read_text("utf-8")).get("verification") or {}).get("greedy")
 
 
 def inputs(ctx: Context) -> dict:
@@ -37,17 +37,32 @@ def inputs(ctx: Context) -> dict:
 def run(ctx: Context) -> StageResult:
     model_dir = ctx.run.artifact("merge", "model")
     out_dir = ctx.run.sub("export")
-    report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types, ctx.hardware.accelerator,
-                          out_dir / "export.log")
+    examples = heldout_examples(ctx.recipe)
+    # The merged model's own greedy continuations: recorded by the merge verification when it had the model
+    # loaded; otherwise (a full fine-tune, a skipped check, other prompts) computed beside the conversion.
+    req = reference_request(examples)
+    hf_texts = req.matches(merge_greedy(ctx)) if req else None
+    hf_from = "the merge verification" if hf_texts is not None else "its own run, beside the conversion"
+    hf_proc = hf_generate.start(model_dir, req, out_dir / ".hf_greedy.json") if req and hf_texts is None else None
+    try:
+        report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types,
+                              ctx.hardware.accelerator, out_dir / "export.log")
+        if hf_proc is not None:
+            hf_texts = hf_generate.finish(hf_proc, out_dir / ".hf_greedy.json")
+    finally:
+        if hf_proc is not None and hf_proc.poll() is None:
+            hf_proc.kill()
+            hf_proc.wait()
     ll = llamacpp.locate()
     template = dataset_format(ctx.recipe).chat_template
     for kind, info in report["files"].items():
         info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
         info.pop("chat_template", None)   # the same text for every file: kept once, below
     report["chat_template"] = template
-    examples = heldout_examples(ctx.recipe)
-    report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples) if examples is not None
+    report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples, hf_texts) if examples is not None
                           else {"skipped": "the recipe has no eval prompts"})
+    if examples is not None:
+        report["fidelity"]["hf_reference_from"] = hf_from
     atomic.write_json(out_dir / "report.json", report)
     arts = {"report": ctx.run.rel(out_dir / "report.json")}
     for kind, info in report["files"].items():

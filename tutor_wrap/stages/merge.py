@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from tutor_wrap.backends.axolotl_merge import copy_trained_tokenizer, keep_add_flags, nf4_compute_dtype, run_nf4_merge, merge_config, run_merge_lora, strip_quantization
+from tutor_wrap.backends.hf_generate import Request
+from tutor_wrap.checks.fidelity import reference_request
 from tutor_wrap.checks.merge_verify import check_verification, verify_merged
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
@@ -31,7 +33,7 @@ from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.models.files import weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
-from tutor_wrap.planning.inputs import dataset_format
+from tutor_wrap.planning.inputs import dataset_format, heldout_examples
 from tutor_wrap.stages.base import Context, StageResult
 
 NAME = "merge"
@@ -39,11 +41,14 @@ DEPENDS = ("train",)
 
 
 def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware, *, method: str = "auto",
-          log: Path, verify: bool = True, chat_template: str | None = None) -> dict:
+          log: Path, verify: bool = True, chat_template: str | None = None, greedy: Request | None = None) -> dict:
     """Merge `adapter` into `base`, writing a complete, verified model folder at `out` (or nothing).
 
     `chat_template` (the training format's, see data/format.py) replaces the base model's template that
     merge-lora copied, so every consumer of the folder and of its GGUF formats prompts as training did.
+
+    `greedy`: continuations the verification computes while it has the merged model loaded (the export's
+    reference, checks/fidelity.py), recorded under `verification.greedy`.
 
     The budget check comes first: when the method does not fit RAM+swap or disk, TutorWrapError is raised
     before any file or folder (output, work dir, log) exists.
@@ -74,7 +79,7 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         verification = None
         if verify:
             verification = verify_merged(base, adapter, merged, log, ram_budget=hw.ram_available_bytes,
-                                         nf4_compute_dtype=nf4)
+                                         nf4_compute_dtype=nf4, greedy=greedy)
             check_verification(verification, log)
         if out.exists():
             shutil.rmtree(out)
@@ -115,8 +120,10 @@ def run(ctx: Context) -> StageResult:
     base = Path(cfg["base_model"])
     if not base.is_dir():
         raise TutorWrapError(f"merge: base model {base} is not a local folder", hint="merge needs the base weights on disk")
+    # Not an input of this stage: the export re-computes its reference when the prompts have changed since.
+    greedy = reference_request(heldout_examples(ctx.recipe))
     report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=merge_dir / "merge.log",
-                   chat_template=template)
+                   chat_template=template, greedy=greedy)
     report["chat_template"] = template
     report["weights_sha256"] = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
     atomic.write_json(merge_dir / "report.json", report)

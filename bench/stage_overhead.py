@@ -35,7 +35,6 @@ from rich.console import Console  # noqa: E402
 
 from tutor_wrap.backends import llamacpp  # noqa: E402
 from tutor_wrap.backends.axolotl_merge import merge_config, run_merge_lora  # noqa: E402
-from tutor_wrap.backends.gguf_export import cached_gguf  # noqa: E402
 from tutor_wrap.backends.llama_server import answer_all, serve  # noqa: E402
 from tutor_wrap.pipeline import run_pipeline  # noqa: E402
 from tutor_wrap.planning.inputs import dataset_format, eval_rows  # noqa: E402
@@ -76,7 +75,7 @@ def bare_eval(run: Path, tmp: Path, recipe, ll) -> float:
     rows = eval_rows(recipe)
     spec, qt = recipe.eval, recipe.eval_quant_type
     report = json.loads((run / "eval/report.json").read_text())
-    base, _ = cached_gguf(recipe.base_model_path(), qt, "cpu", tmp / "base-export.log")   # built by the demo's eval
+    base = run / report["base_gguf"]     # the base GGUF the eval stage used (the cache entry for this run's build)
     tuned = run / "export" / f"{recipe.name}-{qt}.gguf"
     n_ctx = json.loads((run / "plan.json").read_text())["plan"]["sequence_len"] + spec.max_tokens
     prompts = [fmt.prompt(r) for r in rows]

@@ -8,7 +8,8 @@ import pytest
 
 from tutor_wrap.backends import llamacpp
 from tutor_wrap.backends.gguf_export import convert_model
-from tutor_wrap.backends.llama_server import HOST, serve
+from tutor_wrap.backends.llama_server import HOST, answer_all, serve, serve_many
+from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.alpaca import ALPACA, AlpacaRow
 from tutor_wrap.models.files import write_chat_template
 
@@ -49,3 +50,23 @@ def test_the_server_is_stopped_when_the_block_fails(gguf, tmp_path):
             port = server.port
             raise RuntimeError("boom")
     assert not listening(port)
+
+
+def test_several_servers_answer_as_one_does_and_all_stop(gguf, tmp_path):
+    """Requests shared out over one-slot servers (one thread each) get the answers one server (two threads) gives,
+    in the order asked; every server is stopped after the block, also when a request fails."""
+    ll = llamacpp.locate()
+    prompts = [ALPACA.prompt(AlpacaRow(i, f"Say something about {i}.", "", "")) for i in range(12)]
+    with serve(ll, gguf, ctx=256, log=tmp_path / "one.log", threads=2) as server:
+        alone = answer_all(server, prompts, n_predict=24)
+    done = []
+    with serve_many(ll, gguf, ctx=256, log=tmp_path / "many.log", servers=3, threads=1) as servers:
+        ports = [s.port for s in servers]
+        assert len(set(ports)) == 3 and all(listening(p) for p in ports)
+        shared = answer_all(servers, prompts, n_predict=24, done=lambda: done.append(1))
+        with pytest.raises(TutorWrapError, match="HTTP 400"):
+            answer_all(servers, prompts[:4] + [{"not": "a prompt"}] + prompts[4:], n_predict=4)
+    assert shared == alone and len(done) == len(prompts)
+    assert len({t for t, _ in alone}) > 1          # the prompts differ, so order mix-ups would show
+    assert not any(listening(p) for p in ports)
+    assert sorted(p.name for p in tmp_path.glob("many*.log")) == ["many-1.log", "many-2.log", "many.log"]

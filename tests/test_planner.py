@@ -11,6 +11,7 @@ from tutor_wrap.planning.inputs import dataset_format
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.machine import profiles
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.planner import cpu_threads, make_plan, planned_sequence_len
 from tutor_wrap.recipe.load import load_recipe
 
@@ -98,15 +99,32 @@ def _cpu_box(**kw) -> Hardware:
     ({"cpu_physical_cores": None, "cpu_count": 2}, 2),    # a profile without the physical count
 ])
 def test_cpu_threads_follow_cores_affinity_and_load(kw, threads):
-    n, why = cpu_threads(_cpu_box(**kw))
-    assert n == threads and "OMP_NUM_THREADS" in why
+    n, _ = cpu_threads(_cpu_box(**kw))
+    assert n == threads
+
+
+@pytest.mark.parametrize("kw, requests, servers, threads", [
+    ({}, 30, 4, 2),                                       # 8 cores: capped at 4 servers, the cores shared out
+    ({"cpu_physical_cores": 2, "cpu_count": 2}, 30, 2, 1),  # the demo's machine: two one-thread servers
+    ({}, 3, 3, 2),                                        # no more servers than requests
+    ({"cpu_busy": 16.0}, 30, 1, 1),                       # a saturated machine: one server, one thread
+])
+def test_eval_generation_shares_the_cores_out_over_servers(kw, requests, servers, threads):
+    layout = generation_layout(_cpu_box(**kw), requests)
+    assert (layout.servers, layout.threads) == (servers, threads)
+
+
+def test_eval_generation_on_a_gpu_is_one_server():
+    layout = generation_layout(profiles.load_profile("rtx3060-12gb"), 30)
+    assert (layout.servers, layout.threads) == (1, None)
 
 
 def test_cpu_plan_states_and_passes_its_thread_count():
     r = recipe_for_planning(REPO / "recipes/demo.yml")
     plan = make_plan(r, _cpu_box(cpu_busy=2.0))
     assert plan.cpu_threads == 7
-    assert any(c.knob == "cpu_threads" and "2.0 CPUs in use" in c.reason for c in plan.choices)
+    assert any(c.knob == "cpu_threads" and "2.0 CPUs in use" in c.reason and "OMP_NUM_THREADS" in c.reason
+               for c in plan.choices)
     assert make_plan(r, profiles.load_profile("rtx3060-12gb")).cpu_threads is None
 
 

@@ -9,15 +9,17 @@ Greedy comparisons send `cache_prompt: false`: reusing a cached prefix changes n
 from __future__ import annotations
 
 import json
+import queue
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import LoggedProcess, start_logged, tail
@@ -69,23 +71,54 @@ class Server:
         return res["content"], res.get("stop_type") == "eos"
 
 
-def answer_all(server: Server, requests: list, *, n_predict: int, seed: int = 0, chat: bool = False,
+def answer_all(servers: Server | list[Server], requests: list, *, n_predict: int, seed: int = 0, chat: bool = False,
                in_flight: int = 1, done=None) -> list[tuple[str, bool]]:
-    """Greedy answers to every request, in order: raw prompts to /completion, or messages to /v1/chat/completions;
-    `in_flight` at a time (the server's slot count). `done()` is called after each answer (a progress bar)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(req):
+    """Greedy answers to every request, in order: raw prompts to /completion, or messages to /v1/chat/completions,
+    shared out over `servers` (`share_out`). `done()` is called after each answer (a progress bar)."""
+    def one(server: Server, req):
         res = (server.chat(req, n_predict=n_predict, seed=seed) if chat
                else server.complete(req, n_predict=n_predict, seed=seed))
         if done is not None:
             done()
         return res
 
-    if in_flight <= 1:
-        return [one(r) for r in requests]
-    with ThreadPoolExecutor(max_workers=in_flight) as pool:
-        return list(pool.map(one, requests))
+    return share_out(servers, requests, one, in_flight=in_flight)
+
+
+def share_out(servers: Server | list[Server], items: list, work: Callable[[Server, Any], Any], *,
+              in_flight: int = 1) -> list:
+    """`work(server, item)` for every item, results in the items' order. Each server takes the next waiting item
+    as soon as it is done with one, `in_flight` at a time (its slot count). Servers with one slot each give every
+    item what a lone server would: a greedy answer never depends on which server took it or what else ran."""
+    lanes = [s for s in ([servers] if isinstance(servers, Server) else servers) for _ in range(in_flight)]
+    if len(lanes) == 1:
+        return [work(lanes[0], item) for item in items]
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for pair in enumerate(items):
+        todo.put(pair)
+    out: list = [None] * len(items)
+    failed: list[BaseException] = []
+
+    def lane(server: Server) -> None:
+        while not failed:
+            try:
+                i, item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                out[i] = work(server, item)
+            except BaseException as exc:   # noqa: BLE001 - re-raised in the caller's thread
+                failed.append(exc)
+
+    # Daemon threads: on Ctrl-C the caller's `serve` blocks stop the servers, which ends any request in flight.
+    workers = [threading.Thread(target=lane, args=(s,), daemon=True) for s in lanes]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if failed:
+        raise failed[0]
+    return out
 
 
 def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) -> None:
@@ -106,16 +139,20 @@ def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) 
 
 @contextmanager
 def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float = 120,
-          slots: int = 1) -> Iterator[Server]:
+          slots: int = 1, threads: int | None = None) -> Iterator[Server]:
     """llama-server for `gguf` on 127.0.0.1:<free port>; stopped when the block ends, however it ends.
 
     `slots` requests are decoded together (continuous batching), each with `ctx` tokens of context. One slot
     answers requests one after another, so a greedy answer cannot depend on what else is in flight; with several,
     batch composition changes the arithmetic slightly and a near-tie can flip (bench/eval_parallel.py measures it).
+    `threads`: llama.cpp's math threads (its default when None). ggml gives each output row to one thread, so the
+    count changes speed, not results.
     """
     server = Server(free_port())
     args = [str(ll.tool("llama-server")), "-m", str(gguf), "--host", HOST, "--port", str(server.port),
             "-c", str(ctx * slots), "-np", str(slots), "--jinja", "--no-webui", "--no-warmup"]
+    if threads:
+        args += ["-t", str(threads), "-tb", str(threads)]
     proc = start_logged(args, log, env=ll.env())
     try:
         _wait_ready(proc, server, log, ready_timeout)
@@ -127,3 +164,15 @@ def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def serve_many(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, servers: int,
+               threads: int | None = None) -> Iterator[list[Server]]:
+    """`servers` llama-servers for one GGUF, one slot each (`answer_all` shares the requests out); the kernel maps
+    the weights once for all of them. Each logs to its own file (`log`, then log-1, log-2...); all are stopped
+    when the block ends, however it ends."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(serve(ll, gguf, ctx=ctx, threads=threads,
+                                         log=log if i == 0 else log.with_name(f"{log.stem}-{i}{log.suffix}")))
+               for i in range(servers)]

@@ -11,28 +11,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tutor_wrap.backends.llama_server import serve
+from tutor_wrap.backends.llama_server import Server, serve_many, share_out
 from tutor_wrap.data.format import Format
 from tutor_wrap.machine.tools import LlamaCpp
 
 
-def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predict: int, ctx: int, log: Path) -> dict:
+def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predict: int, ctx: int, log: Path,
+                  servers: int = 1, threads: int | None = None) -> dict:
+    """Both requests of a row go to the same server (one of `servers`, planning/generation.py's layout)."""
+    def check_row(server: Server, row) -> dict:
+        messages = fmt.messages(row)
+        trained = fmt.prompt(row)
+        rendered = server.apply_template(messages)
+        chat, _ = server.chat(messages, n_predict=n_predict)
+        direct, eos = server.complete(trained, n_predict=n_predict)
+        return {"title": fmt.title(row), "template_matches": rendered == trained,
+                "answer_matches": chat == direct, "chat_answer": chat, "training_format_answer": direct,
+                "stopped_by_eos": eos, **({} if rendered == trained else {"rendered": rendered})}
+
     t0 = time.monotonic()
-    per_row = []
-    with serve(ll, gguf, ctx=ctx, log=log) as server:
+    with serve_many(ll, gguf, ctx=ctx, log=log, servers=servers, threads=threads) as running:
         started = time.monotonic() - t0
-        for row in rows:
-            messages = fmt.messages(row)
-            trained = fmt.prompt(row)
-            rendered = server.apply_template(messages)
-            chat, _ = server.chat(messages, n_predict=n_predict)
-            direct, eos = server.complete(trained, n_predict=n_predict)
-            per_row.append({"title": fmt.title(row), "template_matches": rendered == trained,
-                            "answer_matches": chat == direct, "chat_answer": chat, "training_format_answer": direct,
-                            "stopped_by_eos": eos, **({} if rendered == trained else {"rendered": rendered})})
-        port = server.port
+        per_row = share_out(running, rows, check_row)
+        ports = [s.port for s in running]
     n = len(per_row)
-    return {"server": "llama-server", "host": "127.0.0.1", "port": port, "gguf": gguf.name, "rows": n,
+    return {"server": "llama-server", "host": "127.0.0.1", "ports": ports, "gguf": gguf.name, "rows": n,
             "templates_matching": sum(r["template_matches"] for r in per_row),
             "answers_matching": sum(r["answer_matches"] for r in per_row),
             "ok": all(r["template_matches"] and r["answer_matches"] for r in per_row),

@@ -293,6 +293,7 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
         memory, budget = None, None
         sharding = "none"
         threads, why = cpu_threads(hw)
+        why += " (OMP_NUM_THREADS for the trainer; accelerate's default is 1)"
         if cpu_procs > 1:
             choose("num_processes", cpu_procs, f"as asked (--num-processes): accelerate starts {cpu_procs} training "
                    "processes (torchrun), each on its share of the rows, gradients averaged over gloo every step")
@@ -349,7 +350,7 @@ BNB_CPU_4BIT = (0, 50, 0)
 
 
 def cpu_threads(hw: Hardware) -> tuple[int, str]:
-    """Math threads for CPU training: one per physical core this process may use, less the cores other work keeps
+    """Math threads for CPU work (training, generation): one per physical core this process may use, less the cores other work keeps
     busy. accelerate runs a single CPU process with OMP_NUM_THREADS=1 unless told otherwise: one core of many.
     Hyper-threads share a core's vector units, and a thread that shares its core with a busy process holds every
     other thread up at each synchronisation (seen here: 2 threads slower than 1 beside a busy process). The
@@ -364,4 +365,4 @@ def cpu_threads(hw: Hardware) -> tuple[int, str]:
     threads = max(1, usable - busy)
     if threads < usable:
         why += f"; {busy} kept busy by other work ({hw.cpu_busy:.1f} CPUs in use when probed), so {threads}"
-    return threads, why + " (OMP_NUM_THREADS for the trainer; accelerate's default is 1)"
+    return threads, why

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,10 +115,13 @@ def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[
         console.print(f"{escape(label)}: {total} answers")
         return
 
+    lock = threading.Lock()   # answers may come from several threads (one per llama-server)
+
     def advance() -> None:
         nonlocal done
-        done += 1
-        if done % 10 == 0 or done == total:
-            print(f"{label}: {done}/{total}", flush=True)
+        with lock:
+            done += 1
+            if done % 10 == 0 or done == total:
+                print(f"{label}: {done}/{total}", flush=True)
 
     yield advance

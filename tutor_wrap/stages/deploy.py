@@ -13,6 +13,7 @@ from tutor_wrap.backends import llamacpp, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -53,8 +54,10 @@ def run(ctx: Context) -> StageResult:
     if rows is not None:
         ctx.console.print(f"deploy: serving check: {len(rows)} held-out prompts through llama-server's "
                           "/v1/chat/completions (the GGUF's chat template) vs the training prompt")
+        layout = generation_layout(ctx.hardware, len(rows))
         serving = served_parity(llamacpp.locate(), gguf, fmt, rows, n_predict=SERVE_TOKENS,
-                                ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log")
+                                ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log",
+                                servers=layout.servers, threads=layout.threads)
     if result["status"] == "created" and rows is not None:
         result["ollama_render_check"] = ollama_parity(r.ollama.model, fmt, rows)
         if result["ollama_render_check"].get("ok") is False:

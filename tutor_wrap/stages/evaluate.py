@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
+from rich.markup import escape
+
 from tutor_wrap.backends import llamacpp
 from tutor_wrap.backends.gguf_export import cached_gguf
-from tutor_wrap.backends.llama_server import Server, serve
+from tutor_wrap.backends.llama_server import Server, answer_all, serve_many
 from tutor_wrap.checks.answers import Judged, judge, reference_similarity, summarize
 from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
 from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
@@ -27,20 +30,15 @@ NAME = "eval"
 DEPENDS = ("export",)
 
 
-def generate(server: Server, requests: list, references: list[str], spec: EvalSpec, fmt: Format, label: str,
+def generate(servers: list[Server], requests: list, references: list[str], spec: EvalSpec, fmt: Format, label: str,
              console, *, chat: bool = False) -> list[Judged]:
-    """One greedy answer per prompt from a running llama-server, one request at a time, prompt cache off: raw
-    training prompts to /completion, or chat messages to /v1/chat/completions (the GGUF's own template)."""
-    out = []
+    """One greedy answer per prompt from running llama-servers of one model (one request at a time each, prompt
+    cache off): raw training prompts to /completion, or chat messages to /v1/chat/completions (the GGUF's own
+    template)."""
     with progress_bar(console, f"eval {label}", len(requests)) as advance:
-        for req, reference in zip(requests, references):
-            if chat:
-                text, stopped = server.chat(req, n_predict=spec.max_tokens, seed=spec.seed)
-            else:
-                text, stopped = server.complete(req, n_predict=spec.max_tokens, seed=spec.seed)
-            out.append(judge(text, stopped, fmt.section_markers, spec.checks, reference))
-            advance()
-    return out
+        answers = answer_all(servers, requests, n_predict=spec.max_tokens, seed=spec.seed, chat=chat, done=advance)
+    return [judge(text, stopped, fmt.section_markers, spec.checks, reference)
+            for (text, stopped), reference in zip(answers, references)]
 
 
 def inputs(ctx: Context) -> dict:
@@ -75,16 +73,19 @@ def evaluate(ctx: Context) -> dict:
     refs = [fmt.answer(row) for row in rows]
     n_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"] + spec.max_tokens
     arms: dict[str, list[Judged]] = {}
-    with serve(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log") as server:
-        arms["base"] = generate(server, prompts, refs, spec, fmt, "base (training format)", ctx.console)
+    layout = generation_layout(ctx.hardware, len(prompts))
+    ctx.console.print(f"eval: {escape(layout.why)}")
+    pool = {"servers": layout.servers, "threads": layout.threads}
+    with serve_many(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log", **pool) as servers:
+        arms["base"] = generate(servers, prompts, refs, spec, fmt, "base (training format)", ctx.console)
         if base_template and base_template != fmt.chat_template:
             # A fair baseline: an Instruct base prompted the way it was tuned, through its own chat template.
             # (Chat rows trained in the base's own template: the first arm is already that.)
             chats = [fmt.plain_messages(row) for row in rows]
-            arms["base_own_template"] = generate(server, chats, refs, spec, fmt, "base (its own chat template)",
+            arms["base_own_template"] = generate(servers, chats, refs, spec, fmt, "base (its own chat template)",
                                                  ctx.console, chat=True)
-    with serve(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log") as server:
-        arms["tuned"] = generate(server, prompts, refs, spec, fmt, "tuned", ctx.console)
+    with serve_many(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log", **pool) as servers:
+        arms["tuned"] = generate(servers, prompts, refs, spec, fmt, "tuned", ctx.console)
     summaries = {arm: summarize(judged) for arm, judged in arms.items()}
     for arm, judged in arms.items():
         similarity = reference_similarity([j.text for j in judged], refs)
@@ -105,6 +106,7 @@ def evaluate(ctx: Context) -> dict:
     report = {
         "recipe": r.name, "primary_metric": pm, "n_prompts": len(prompts), "quant_type": qt,
         "seed": spec.seed, "max_tokens": spec.max_tokens, "arms": list(arms), **summaries,
+        "generation": {**pool, "why": layout.why},
         "best_baseline": best, "stats": stats,
         "base_gguf": ctx.run.rel(base), "tuned_gguf": ctx.run.rel(tuned),
         "prompts": [{"instruction": fmt.title(row),

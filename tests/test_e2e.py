@@ -212,7 +212,7 @@ def test_new_eval_prompts_redo_export_with_its_own_reference(finished_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _redone(proc.stdout) == ["export", "deploy", "eval"]
     fidelity = json.loads((run / "export/report.json").read_text())["fidelity"]
-    assert fidelity["hf_reference_from"] == "its own run, beside the conversion"
+    assert fidelity["hf_reference_from"] == "beside the conversion"
     assert fidelity["hf_vs_F16"]["prompts"] == fidelity["hf_vs_F16"]["agree"] == len(EVAL) + 1
 
 

@@ -11,6 +11,7 @@ from tutor_wrap.planning.inputs import dataset_format
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.machine import profiles
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need
 from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.planner import cpu_threads, make_plan, planned_sequence_len
 from tutor_wrap.recipe.load import load_recipe
@@ -166,3 +167,15 @@ def test_processes_never_grow_the_recipes_batch(tmp_path):
     with pytest.raises(TutorWrapError) as exc:
         make_plan(small, _cpu_box(), processes=2)
     assert "train.batch_size 2 is smaller than 2 processes x micro-batch 2" in str(exc.value)
+
+
+def test_export_hf_reference_fits_the_ram_or_is_skipped_with_the_numbers():
+    """The reference user's merged Llama 3 8B (bf16, 16 GB in shards of about 5 GB) would need about 35 GiB in fp32:
+    on the RTX 3060 box's RAM the export skips that comparison instead of being killed; a 135M model runs beside
+    the conversion; one that fits only alone waits for the converter to finish."""
+    hw = profiles.load_profile("rtx3060-12gb")
+    mode, why = hf_reference_mode(hf_reference_need(8_030_000_000, 5 << 30), 16 << 30, hw.ram_available_bytes)
+    assert mode == "skip" and "GiB of RAM" in why
+    assert hf_reference_mode(hf_reference_need(135_000_000, 540 << 20), 540 << 20, hw.ram_available_bytes)[0] == "beside"
+    need = hf_reference_need(1_500_000_000, 3 << 30)              # 1.5B: about 9.6 GiB in fp32
+    assert hf_reference_mode(need, 3 << 30, need + (1 << 30))[0] == "after"

@@ -84,12 +84,12 @@ def ppl_ctx(tokenizer_json: Path, text: str) -> int:
 
 
 def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list[tuple[str, str]],
-                    hf: list[str] | None = None) -> dict:
+                    hf: list[str] | None, *, hf_skipped: str = "") -> dict:
     """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers.
 
     `examples` are held-out (prompt in the training format, reference answer or ""); `report` is the export's,
     whose `files` entries get each quant's agreement and perplexity. `hf`: the merged model's answers to
-    `reference_request(examples)` when the caller has them already.
+    `reference_request(examples)` (None: not computed, for the reason `hf_skipped`).
     """
     ll = llamacpp.locate()
     tok_json = model_dir / "tokenizer.json"
@@ -98,10 +98,9 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
     f16 = out_dir / files[f16_kind]["path"]
     req = reference_request(examples)
     few = req.prompts
-    if hf is None:
-        hf = hf_generate.continuations(model_dir, req, out_dir / ".hf_greedy.json")
     ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json)
-    result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS)}
+    result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS) if hf is not None
+              else {"skipped": hf_skipped or "no HF reference"}}
     ref_file = reference_text(examples, out_dir / "reference.txt")
     ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
     base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0] if ref_file else None

@@ -52,9 +52,9 @@ from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import append_log, die_with_parent, tail, tool_env
 from tutor_wrap.core.units import GIB
+from tutor_wrap.planning.budgets import hf_reference_need
 from tutor_wrap.models.files import adapter_config, lora_pairs, param_stats, read_header, weight_files
 
-RUNTIME_BYTES = 1 * GIB          # python + torch + transformers + peft imported, measured ~0.8 GiB
 INPUTS = (4, 32)                 # sequences x tokens of the logits check
 RTOL_LOGITS = {"F32": 1e-4, "BF16": 5e-2, "F16": 5e-2}
 ATOL_LOGITS = 1e-4
@@ -74,7 +74,7 @@ def logits_need_bytes(base: Path, adapter: Path) -> int:
     params = param_stats(base)["params"]
     largest = max((f.stat().st_size for f in weight_files(base)), default=0)
     ad = Path(adapter) / "adapter_model.safetensors"
-    return RUNTIME_BYTES + 4 * params + largest + (2 * ad.stat().st_size if ad.is_file() else 0)
+    return hf_reference_need(params, largest) + (2 * ad.stat().st_size if ad.is_file() else 0)
 
 
 def available_ram() -> int:

@@ -150,3 +150,25 @@ def disk_needed(weights_bytes: int, src_bytes: int, quant_types: list[str]) -> t
     """(f16 GGUF bytes, bytes for the f16 plus every quant): the estimate both export and preflight check."""
     f16 = int(weights_bytes * 2 / src_bytes)
     return f16, int(f16 * (1 + sum(quant_type(q).size_ratio for q in quant_types)))
+
+
+# The HF greedy reference export compares the f16 GGUF with: the merged model in fp32 (torch + transformers
+# imported, about 0.8 GiB measured for the merge verification's process) and its largest shard while loading.
+HF_REFERENCE_RUNTIME_BYTES = 1 * GIB
+
+
+def hf_reference_need(params: int, largest_shard: int) -> int:
+    return HF_REFERENCE_RUNTIME_BYTES + 4 * params + largest_shard
+
+
+def hf_reference_mode(need: int, source_bytes: int, available: int) -> tuple[str, str]:
+    """("beside", why): run it beside the conversion (which holds at most the source weights); ("after", why):
+    only after it; ("skip", why): not at all, it would not fit the RAM available."""
+    if need > available:
+        return "skip", (f"skipped: the fp32 HF model needs about {need / GIB:.1f} GiB of RAM, {available / GIB:.1f} GiB "
+                        "available")
+    if need + source_bytes > available:
+        return "after", (f"after the conversion: {need / GIB:.1f} GiB for the fp32 model and up to "
+                         f"{source_bytes / GIB:.1f} GiB for the converter do not fit {available / GIB:.1f} GiB together")
+    return "beside", "beside the conversion"
+

@@ -12,6 +12,8 @@ from tutor_wrap.backends.gguf_export import export_model
 from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
+from tutor_wrap.models.files import param_stats, weight_files
+from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need
 from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, heldout_examples
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -39,28 +41,37 @@ def run(ctx: Context) -> StageResult:
     out_dir = ctx.run.sub("export")
     examples = heldout_examples(ctx.recipe)
     # The merged model's own greedy continuations: recorded by the merge verification when it had the model
-    # loaded; otherwise (a full fine-tune, a skipped check, other prompts) computed beside the conversion.
+    # loaded; otherwise (a full fine-tune, a check skipped for RAM, other prompts) computed here, beside the
+    # conversion when both fit the RAM, after it when only one at a time does, not at all when the model does not.
     req = reference_request(examples)
     hf_texts = req.matches(merge_greedy(ctx)) if req else None
-    hf_from = "the merge verification" if hf_texts is not None else "its own run, beside the conversion"
-    hf_proc = hf_generate.start(model_dir, req, out_dir / ".hf_greedy.json") if req and hf_texts is None else None
+    hf_from, mode = "the merge verification", None
+    if req and hf_texts is None:
+        stats = param_stats(model_dir)
+        need = hf_reference_need(stats["params"], max((p.stat().st_size for p in weight_files(model_dir)), default=0))
+        mode, hf_from = hf_reference_mode(need, sum(p.stat().st_size for p in weight_files(model_dir)),
+                                          ctx.hardware.ram_available_bytes)
+    hf_out = out_dir / ".hf_greedy.json"
+    hf_proc = hf_generate.start(model_dir, req, hf_out) if mode == "beside" else None
     try:
         report = export_model(model_dir, out_dir, ctx.recipe.name, ctx.recipe.export.quant_types,
                               ctx.hardware.accelerator, out_dir / "export.log")
         if hf_proc is not None:
-            hf_texts = hf_generate.finish(hf_proc, out_dir / ".hf_greedy.json")
+            hf_texts = hf_generate.finish(hf_proc, hf_out)
     finally:
         if hf_proc is not None and hf_proc.poll() is None:
             hf_proc.kill()
             hf_proc.wait()
+    if mode == "after":
+        hf_texts = hf_generate.continuations(model_dir, req, hf_out)
     ll = llamacpp.locate()
     template = dataset_format(ctx.recipe).chat_template
     for kind, info in report["files"].items():
         info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
         info.pop("chat_template", None)   # the same text for every file: kept once, below
     report["chat_template"] = template
-    report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples, hf_texts) if examples is not None
-                          else {"skipped": "the recipe has no eval prompts"})
+    report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples, hf_texts, hf_skipped=hf_from)
+                          if examples is not None else {"skipped": "the recipe has no eval prompts"})
     if examples is not None:
         report["fidelity"]["hf_reference_from"] = hf_from
     atomic.write_json(out_dir / "report.json", report)
@@ -75,7 +86,9 @@ def run(ctx: Context) -> StageResult:
                           + (f"  greedy agreement with f16 {agree['agree']}/{agree['prompts']} on "
                              f"{agree['tokens']} tokens" if agree else ""))
     hf = next((v for k, v in report["fidelity"].items() if k.startswith("hf_vs_")), None)
-    if hf:
+    if hf and "skipped" in hf:
+        ctx.console.print(f"export: merged HF model vs {report['outtype'].upper()} GGUF: {escape(hf['skipped'])}")
+    elif hf:
         ctx.console.print(f"export: merged HF model vs {report['outtype'].upper()} GGUF: {hf['agree']}/"
                           f"{hf['prompts']} prompts agree on the first {hf['tokens']} greedy tokens "
                           f"(mean matching prefix {hf['mean_matching_prefix']:.1f})")

@@ -207,8 +207,9 @@ def _merged_logits(merged: Path, ids, greedy: Request | None = None):
     return got, param_stats(merged)["dtype"] or "F32", texts
 
 
-def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None = None) -> dict:
-    """Merged model vs base + adapter (PEFT, unmerged), fp32, one model in memory at a time."""
+def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None = None) -> tuple[dict, dict | None]:
+    """Merged model vs base + adapter (PEFT, unmerged), fp32, one model in memory at a time; and the answer to
+    `greedy` from the merged model while it is loaded (None when not asked)."""
     import torch
     from peft import PeftModel
 
@@ -241,8 +242,8 @@ def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab,
                    "generator": "fixed_inputs(vocab, seed=0): 64-bit LCG, BOS first"},
-        "seconds": round(time.perf_counter() - t0, 1), "greedy": texts,
-    }
+        "seconds": round(time.perf_counter() - t0, 1),
+    }, texts
 
 
 def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = None, logits: bool = True,
@@ -266,8 +267,7 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
                                                         f"{have / GIB:.1f} GiB available", "needs_bytes": need,
                          "available_bytes": have}
     else:
-        out["logits"] = check_logits(base, adapter, merged, greedy)
-        out["greedy"] = out["logits"].pop("greedy")
+        out["logits"], out["greedy"] = check_logits(base, adapter, merged, greedy)
     states = [out["weights"]["status"], out["logits"]["status"]]
     out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
     out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]

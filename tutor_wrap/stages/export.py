@@ -47,10 +47,9 @@ def run(ctx: Context) -> StageResult:
     hf_texts = req.matches(merge_greedy(ctx)) if req else None
     hf_from, mode = "the merge verification", None
     if req and hf_texts is None:
-        stats = param_stats(model_dir)
-        need = hf_reference_need(stats["params"], max((p.stat().st_size for p in weight_files(model_dir)), default=0))
-        mode, hf_from = hf_reference_mode(need, sum(p.stat().st_size for p in weight_files(model_dir)),
-                                          ctx.hardware.ram_available_bytes)
+        sizes = [p.stat().st_size for p in weight_files(model_dir)]
+        need = hf_reference_need(param_stats(model_dir)["params"], max(sizes, default=0))
+        mode, hf_from = hf_reference_mode(need, sum(sizes), ctx.hardware.ram_available_bytes)
     hf_out = out_dir / ".hf_greedy.json"
     hf_proc = hf_generate.start(model_dir, req, hf_out) if mode == "beside" else None
     try:

@@ -33,28 +33,37 @@ def write_recipe(tmp: Path, model: Path, rows: list[dict], train: dict, **extra)
     return p
 
 
-def cli(args, **kw):
+def cli(args, extra_env=None, **kw):
     return subprocess.run([sys.executable, "-m", "tutor_wrap", *args], capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, **kw)
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}, **kw)
 
 
 def test_out_of_memory_under_a_real_cap_replans_smaller_and_succeeds(tiny_model, tmp_path):
-    # Measured here (VmPeak of the trainer, this tiny model, 256-token padded rows): micro-batch 64 about 4.7 GB,
-    # micro-batch 4 about 3.2 GB. A 4.3 GB address-space cap makes 64 fail with a genuine allocation error and
-    # 32 fit. The cap applies to every process of the run, as `ulimit -v` would.
+    # VmPeak of the trainer (this tiny model, 256-token padded rows, MALLOC_ARENA_MAX=2), measured on two hosts:
+    # micro-batch 64 about 4.6 GB, 32 about 4.0, 4 about 3.0. How far down the plan has to go depends on the CPU
+    # and the kernels torch picks (32 fitted under 4.3 GB on one host and not on another), so the test holds the
+    # behaviour, not the stopping point: a cap well under 64's peak and well over the small batches' makes the
+    # first plan fail with a genuine allocation error, and each re-plan halves the micro-batch, keeps the effective
+    # batch, until one fits. glibc reserves 64 MB of address space per malloc arena and makes up to 8 per core;
+    # capping the arenas keeps the numbers from growing with the core count of the machine running the test.
+    # The cap applies to every process of the run, as `ulimit -v` would.
     recipe = write_recipe(tmp_path, tiny_model, long_rows(64),
                           {"max_steps": 1, "batch_size": 64, "micro_batch_size": 64},
                           axolotl={"pad_to_sequence_len": True})
-    cap = int(4.3e9)
+    cap = int(3.8e9)
     proc = cli(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--until", "train"],
+               extra_env={"MALLOC_ARENA_MAX": "2"},
                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "out of memory; re-planning one notch smaller (micro_batch_size 64 -> 32" in proc.stdout.replace("\n", " ")
     log = (tmp_path / "run/train/train.log").read_text()
     assert "can't allocate memory" in log  # a real allocation failure, not a simulated one
     attempts = json.loads((tmp_path / "run/manifest.json").read_text())["stages"]["train"]["info"]["attempts"]
-    assert [(a["micro_batch_size"], a["outcome"]) for a in attempts] == [(64, "out of memory"), (32, "ok")]
-    assert attempts[1]["gradient_accumulation_steps"] == 2  # the effective batch is kept
+    outcomes = [a["outcome"] for a in attempts]
+    assert len(attempts) >= 2 and outcomes == ["out of memory"] * (len(attempts) - 1) + ["ok"], attempts
+    assert [a["micro_batch_size"] for a in attempts] == [64 >> i for i in range(len(attempts))]
+    # the effective batch is kept through gradient accumulation
+    assert all(a["micro_batch_size"] * a["gradient_accumulation_steps"] == 64 for a in attempts), attempts
 
 
 def _trainers(marker: str) -> list[int]:

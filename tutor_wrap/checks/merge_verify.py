@@ -52,7 +52,7 @@ from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import append_log, die_with_parent, tail, tool_env
 from tutor_wrap.core.units import GIB
-from tutor_wrap.planning.budgets import hf_reference_need
+from tutor_wrap.planning.budgets import hf_reference_need_of
 from tutor_wrap.models.files import adapter_config, lora_pairs, param_stats, read_header, weight_files
 
 INPUTS = (4, 32)                 # sequences x tokens of the logits check
@@ -71,10 +71,8 @@ UNSUPPORTED_FOR_WEIGHTS = ("use_dora", "modules_to_save", "trainable_token_indic
 
 def logits_need_bytes(base: Path, adapter: Path) -> int:
     """RAM the logits check needs: one model in fp32 + its largest shard while loading + the adapter + runtime."""
-    params = param_stats(base)["params"]
-    largest = max((f.stat().st_size for f in weight_files(base)), default=0)
     ad = Path(adapter) / "adapter_model.safetensors"
-    return hf_reference_need(params, largest) + (2 * ad.stat().st_size if ad.is_file() else 0)
+    return hf_reference_need_of(base)[0] + (2 * ad.stat().st_size if ad.is_file() else 0)
 
 
 def available_ram() -> int:

@@ -12,7 +12,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.machine.host import WSL_DEFAULT_MEMORY_FRACTION, wsl_limits
-from tutor_wrap.models.files import weight_files
+from tutor_wrap.models.files import param_stats, weight_files
 from tutor_wrap.models.quant import quant_type
 
 
@@ -159,6 +159,12 @@ HF_REFERENCE_RUNTIME_BYTES = 1 * GIB
 
 def hf_reference_need(params: int, largest_shard: int) -> int:
     return HF_REFERENCE_RUNTIME_BYTES + 4 * params + largest_shard
+
+
+def hf_reference_need_of(model_dir: Path) -> tuple[int, int]:
+    """(RAM the fp32 HF reference of a model folder needs, bytes of its weights on disk)."""
+    sizes = [p.stat().st_size for p in weight_files(model_dir)]
+    return hf_reference_need(param_stats(model_dir)["params"], max(sizes, default=0)), sum(sizes)
 
 
 def hf_reference_mode(need: int, source_bytes: int, available: int) -> tuple[str, str]:

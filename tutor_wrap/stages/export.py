@@ -12,8 +12,7 @@ from tutor_wrap.backends.gguf_export import export_model
 from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
-from tutor_wrap.models.files import param_stats, weight_files
-from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need
+from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need_of
 from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, heldout_examples
 from tutor_wrap.stages.base import Context, StageResult
 
@@ -47,9 +46,8 @@ def run(ctx: Context) -> StageResult:
     hf_texts = req.matches(merge_greedy(ctx)) if req else None
     hf_from, mode = "the merge verification", None
     if req and hf_texts is None:
-        sizes = [p.stat().st_size for p in weight_files(model_dir)]
-        need = hf_reference_need(param_stats(model_dir)["params"], max(sizes, default=0))
-        mode, hf_from = hf_reference_mode(need, sum(sizes), ctx.hardware.ram_available_bytes)
+        need, weights_bytes = hf_reference_need_of(model_dir)
+        mode, hf_from = hf_reference_mode(need, weights_bytes, ctx.hardware.ram_available_bytes)
     hf_out = out_dir / ".hf_greedy.json"
     hf_proc = hf_generate.start(model_dir, req, hf_out) if mode == "beside" else None
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from dataclasses import replace
 
-from tutor_wrap.machine import amd, hardware, host, nvidia, probe
+from tutor_wrap.machine import amd, hardware, host, nvidia, probe, visible
 
 FIX = Path(__file__).parent / "fixtures"
 MIB = 1024**2
@@ -170,3 +170,67 @@ def test_cpu_flags_are_read_from_this_machines_cpuinfo():
     have = set(line.split(":", 1)[1].split())
     assert cpu_flags() == [f for f in CPU_FLAGS if f in have]
     assert cpu_flags("flags\t\t: fpu sse avx2 avx512f amx_tile\n") == ["avx2", "avx512f", "amx_tile"]
+
+
+def _gpus(n, names=None, uuids=None):
+    return [hardware.GPU("nvidia", (names or ["RTX 3060"] * n)[i], 12 << 30, uuid=(uuids or [None] * n)[i])
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("spec, picked", [
+    ("", []), ("-1", []),                  # the usual ways to hide every GPU
+    ("1", [1]), ("2,0", [2, 0]),           # a subset, in the order given: index 0 of the trainer is GPU 2
+    ("0,7,1", [0]),                        # the list ends at the first index past the end
+    ("0, 1", [0, 1]), ("1gpu", [1]),       # CUDA reads each entry's leading digits
+    ("1,1", []),                           # a GPU named twice: none
+])
+def test_cuda_visible_devices_by_index(spec, picked):
+    gpus = _gpus(3, names=["a", "b", "c"])
+    got, _ = visible.select(gpus, spec)
+    assert [gpus.index(g) for g in got] == picked
+
+
+def test_cuda_visible_devices_by_uuid_prefix():
+    gpus = _gpus(2, uuids=["GPU-4b2c1a9f-8d3e-6f7a-b5c9-2e4d8a1f6c3b", "GPU-9e00aa11-0000-1111-2222-333344445555"])
+    assert visible.select(gpus, "GPU-9e00")[0] == [gpus[1]]
+    assert visible.select(gpus, "GPU-9e00,GPU-4b2c")[0] == [gpus[1], gpus[0]]
+    assert visible.select(gpus, "GPU-ffff")[0] == []           # names no GPU: the list ends there
+    # a source without UUIDs (rocm-smi): the entries are counted, and preflight is told
+    got, why = visible.select(_gpus(2), "GPU-4b2c")
+    assert len(got) == 1 and "assumed the first 1" in why
+
+
+def test_rocm_hip_picks_from_what_rocr_left():
+    gpus = _gpus(4, names=["g0", "g1", "g2", "g3"])
+    stages = amd.VENDOR.visible_env
+    got, _ = visible.visible(gpus, stages, {"ROCR_VISIBLE_DEVICES": "1,2,3", "HIP_VISIBLE_DEVICES": "0"})
+    assert [g.name for g in got] == ["g1"]
+    got, _ = visible.visible(gpus, stages, {"ROCR_VISIBLE_DEVICES": "3,2", "CUDA_VISIBLE_DEVICES": "1"})
+    assert [g.name for g in got] == ["g2"]                     # HIP honours CUDA_VISIBLE_DEVICES when HIP_... is unset
+    got, _ = visible.visible(gpus, stages, {"HIP_VISIBLE_DEVICES": "2", "CUDA_VISIBLE_DEVICES": "0"})
+    assert [g.name for g in got] == ["g2"]                     # HIP_VISIBLE_DEVICES wins over CUDA_VISIBLE_DEVICES
+
+
+def test_probe_plans_for_the_gpus_the_trainer_will_see():
+    """A GPU hidden with CUDA_VISIBLE_DEVICES is not planned for: the e2e tests hide GPUs this way to train on the
+    CPU, and a person picks one card of two the same way."""
+    two = replace(nvidia.VENDOR, probe=lambda: (nvidia.parse_query_csv((FIX / "nvidia_smi_query_8x_a800.csv")
+                                                                        .read_text())[:2], []))
+    gpus, notes = probe.probe_gpus([two], env={"CUDA_VISIBLE_DEVICES": ""})
+    assert gpus == [] and notes == ["CUDA_VISIBLE_DEVICES='' hides 2 of 2 GPU(s): planning for the CPU"]
+    gpus, notes = probe.probe_gpus([two], env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert len(gpus) == 1 and gpus[0].vram_free_bytes == 12549 * MIB and "hides 1 of 2" in notes[0]
+    gpus, notes = probe.probe_gpus([two], env={})
+    assert len(gpus) == 2 and notes == []
+    # hidden NVIDIA cards do not stop the search: the next vendor's visible GPUs are planned for
+    rocm = replace(amd.VENDOR, probe=lambda: (amd.parse_rocm_smi_json((FIX / "rocm_smi_rx7900xt.json").read_text()), []))
+    gpus, _ = probe.probe_gpus([two, rocm], env={"CUDA_VISIBLE_DEVICES": "", "HIP_VISIBLE_DEVICES": "0"})
+    assert [g.vendor for g in gpus] == ["amd"]
+
+
+def test_gpus_of_different_models_get_the_device_order_note():
+    gpus = nvidia.parse_query_csv((FIX / "nvidia_smi_query_titanv_rtx5880.csv").read_text())
+    _, notes = visible.visible(gpus, nvidia.VENDOR.visible_env, {"CUDA_VISIBLE_DEVICES": "0"})
+    assert any("CUDA_DEVICE_ORDER=PCI_BUS_ID" in n for n in notes)
+    _, notes = visible.visible(gpus, nvidia.VENDOR.visible_env, {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert not any("CUDA_DEVICE_ORDER" in n for n in notes)

@@ -181,4 +181,6 @@ VENDOR = Vendor(
     lora_kernels_reason="Axolotl's fused LoRA kernels (Triton, plus direct calls into bitsandbytes' CUDA dequantize) "
                         "are built and tested for CUDA: off on ROCm",
     bitsandbytes=bitsandbytes, qlora_hint=" (on ROCm qlora needs bitsandbytes >= 0.50)",
+    # ROCr picks first; HIP (which also honours CUDA_VISIBLE_DEVICES) picks from what ROCr left
+    visible_env=(("ROCR_VISIBLE_DEVICES",), ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")),
 )

@@ -23,6 +23,7 @@ class GPU:
     bf16: bool = False
     gfx_target: str | None = None  # AMD "gfx1100"
     driver: str | None = None
+    uuid: str | None = None        # "GPU-4b2c...": CUDA_VISIBLE_DEVICES may name GPUs by it
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import subprocess
 from tutor_wrap.machine.hardware import GPU
 from tutor_wrap.machine.vendor import Vendor
 
-QUERY = "index,name,memory.total,memory.free,compute_cap"
+QUERY = "index,name,memory.total,memory.free,compute_cap,uuid"
 from tutor_wrap.core.units import MIB as _MIB
 
 
@@ -49,7 +49,10 @@ def from_nvml() -> tuple[list[GPU], str | None]:
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
             cc = f"{major}.{minor}"
-            gpus.append(GPU("nvidia", name, int(mem.total), int(mem.free), cc, bf16=bf16_for(cc), driver=driver))
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            gpus.append(GPU("nvidia", name, int(mem.total), int(mem.free), cc, bf16=bf16_for(cc), driver=driver,
+                            uuid=uuid or None))
     except Exception as exc:
         return gpus, f"NVML: {exc}"
     finally:
@@ -87,7 +90,7 @@ def parse_query_csv(text: str) -> list[GPU]:
         cc = cc if cc and re.match(r"^\d+\.\d+$", cc) else None
         total = _mib(rec.get("memory.total", ""))
         gpus.append(GPU("nvidia", name, total or 0, _mib(rec.get("memory.free", "")), cc, bf16=bf16_for(cc),
-                        driver=rec.get("driver_version")))
+                        driver=rec.get("driver_version"), uuid=rec.get("uuid") or None))
     return gpus
 
 

@@ -5,13 +5,15 @@ Light imports only (psutil, NVML, amdsmi), never torch: preflight answers in wel
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tutor_wrap.machine import host
 from tutor_wrap.machine.hardware import GPU, Hardware
 from tutor_wrap.machine.vendor import Vendor
 from tutor_wrap.machine.vendors import VENDORS
+from tutor_wrap.machine.visible import visible
 
 
 def probe(run_dir: Path | None = None) -> Hardware:
@@ -20,12 +22,17 @@ def probe(run_dir: Path | None = None) -> Hardware:
     return Hardware(source="probe", gpus=gpus, probe_notes=notes, packages=planner_packages(), **host.host(run_dir))
 
 
-def probe_gpus(vendors: Sequence[Vendor] = VENDORS) -> tuple[list[GPU], list[str]]:
-    """The GPUs of the first vendor that finds any, and every skipped source's note (for preflight)."""
+def probe_gpus(vendors: Sequence[Vendor] = VENDORS, env: Mapping[str, str] | None = None) -> tuple[list[GPU], list[str]]:
+    """The GPUs of the first vendor that finds any the trainer will see (the *_VISIBLE_DEVICES variables of `env`,
+    this process's environment by default), and every skipped source's or hidden GPU's note (for preflight)."""
+    env = os.environ if env is None else env
     notes: list[str] = []
     for vendor in vendors:
         gpus, why = vendor.probe()
         notes += why
+        if gpus:
+            gpus, hidden = visible(gpus, vendor.visible_env, env)
+            notes += hidden
         if gpus:
             return gpus, notes
     return [], notes

@@ -44,4 +44,7 @@ class Vendor:
     lora_kernels_reason: str
     # None: no constraint beyond the installed bitsandbytes having a backend (the stack check says so)
     bitsandbytes: Callable[["Hardware"], Bitsandbytes | None]
+    # The variables that choose which GPUs the runtime shows, in the order they apply; each stage is the first of
+    # its names that is set (machine/visible.py)
+    visible_env: tuple[tuple[str, ...], ...] = (("CUDA_VISIBLE_DEVICES",),)
     qlora_hint: str = ""           # added to "no plan fits" when 4-bit is unavailable on this vendor

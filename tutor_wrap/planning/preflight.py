@@ -26,7 +26,7 @@ LOW_DISK = 30 * GIB   # below this a 7-8B merge + GGUF export cannot fit at all
 def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
     out: list[Finding] = []
     if not hw.gpus:
-        out.append(Finding("warning", "no GPU found: training runs on the CPU, practical only for models of a few "
+        out.append(Finding("warning", "no GPU visible: training runs on the CPU, practical only for models of a few "
                            "hundred million parameters" + (f" ({'; '.join(hw.probe_notes)})" if hw.probe_notes else "")))
         if hw.wsl and not Path("/usr/lib/wsl/lib").is_dir():
             out.append(Finding("warning", "WSL without /usr/lib/wsl/lib: the Windows GPU driver is not exposed to Linux",

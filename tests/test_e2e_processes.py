@@ -14,6 +14,17 @@ from test_train_recovery import kill_after_checkpoint, long_rows, write_recipe
 
 STEPS, SAVE_EVERY, ROWS, MICRO = 40, 10, 32, 2
 
+# A person's `accelerate config` from another project: one GPU id with multi-GPU. accelerate launch reads it from
+# $HF_HOME/accelerate/default_config.yaml when it is given no --config_file, and then refuses a 2-process launch.
+FOREIGN_ACCELERATE_DEFAULT = "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\nnum_processes: 1\n"
+
+
+def foreign_hf_home(tmp):
+    home = tmp / "hf-home"
+    (home / "accelerate").mkdir(parents=True)
+    (home / "accelerate/default_config.yaml").write_text(FOREIGN_ACCELERATE_DEFAULT)
+    return home
+
 
 def _metrics(run_dir):
     path = run_dir / "train/metrics.jsonl"
@@ -32,14 +43,23 @@ def two_process_run(tiny_model, tmp_path_factory):
                           eval={"prompts": "eval.jsonl", "max_tokens": 8, "primary_metric": "eos_rate"})
     run_dir = tmp / "run"
     args = [sys.executable, "-m", "tutor_wrap", "run", str(recipe), "--run-dir", str(run_dir), "--num-processes", "2"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-
-    kill_after_checkpoint([*args, "--until", "train"], run_dir, SAVE_EVERY)
-    killed_at = max(r["step"] for r in _metrics(run_dir) if r.get("event") == "log")
-
-    second = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(foreign_hf_home(tmp)))   # the plan's launch must not take it
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        kill_after_checkpoint([*args, "--until", "train"], run_dir, SAVE_EVERY)
+        killed_at = max(r["step"] for r in _metrics(run_dir) if r.get("event") == "log")
+        second = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     return run_dir, killed_at, second
+
+
+def test_the_foreign_accelerate_default_would_break_a_bare_launch(tmp_path):
+    """The fixture's foreign default config bites a launch without --config_file: the run above trained through
+    it because tutor_wrap launches with its own accelerate config."""
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines",
+                           "1", "--multi_gpu", "-m", "json.tool", "--help"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(foreign_hf_home(tmp_path))})
+    assert proc.returncode != 0 and "Less than two GPU ids" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_plan_launches_two_cpu_processes(two_process_run):
@@ -50,6 +70,7 @@ def test_the_plan_launches_two_cpu_processes(two_process_run):
     assert plan["gradient_accumulation_steps"] == 1
     log = (run_dir / "train/train.log").read_text()
     assert "--num_processes 2" in log and "--multi_gpu" in log
+    assert f"--config_file {run_dir / 'train/accelerate.yml'}" in log
 
 
 def test_the_ranks_share_the_rows_and_hold_the_same_weights(two_process_run):

@@ -60,10 +60,18 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
 
 
-def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None) -> list[str]:
+# Without --config_file, accelerate launch reads ~/.cache/huggingface/accelerate/default_config.yaml: a person's
+# `accelerate config` from another project (DeepSpeed, FSDP, gpu_ids: 0, a CPU thread count) would silently change
+# this launch. Our own file holds the launcher's defaults, so the plan and the flags below are the only source.
+ACCELERATE_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "no",
+                     "use_cpu": False, "debug": False}
+
+
+def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None, *, accelerate_config: Path) -> list[str]:
     # Precision comes from the Axolotl YAML (bf16/fp16 keys), so accelerate's own mixed precision stays off.
-    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(plan, machines),
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(cfg_path)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+            *accelerate_args(plan, machines), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "axolotl.cli.train", str(cfg_path)]
 
 
 MAX_OOM_RETRIES = 3

@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# The pipelines here deploy models named tiny-tutor and the like: on a machine with Ollama they would land in the
+# person's Ollama (or fail when its server is not running). TUTOR_WRAP_OLLAMA=ollama includes it on purpose.
+os.environ.setdefault("TUTOR_WRAP_OLLAMA", "off")
 
 
 @pytest.fixture(scope="session")

@@ -569,3 +569,29 @@ def test_deploy_keeps_the_users_num_ctx_and_adds_their_stops():
     assert "PARAMETER num_ctx 4096" in text and 'PARAMETER stop "END"' in text
     default = build_spec(ALPACA, "./m.gguf", system=None, eos=None, num_ctx=192, parameters={"stop": "END"})
     assert dict(default.parameters) == {"num_ctx": 192} and default.stops[-1] == "END"
+
+
+def test_tutor_wrap_ollama_chooses_or_turns_off_the_ollama_binary(tmp_path, monkeypatch):
+    from tutor_wrap.backends import ollama as ollama_backend
+    from tutor_wrap.core.errors import TutorWrapError
+
+    mf = tmp_path / "Modelfile"
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", "off")
+    res = ollama_backend.create(mf, "tiny", "hi")
+    assert res["status"] == "ready to create" and res["why"] == "TUTOR_WRAP_OLLAMA is off"
+    assert res["commands"][0] == ["ollama", "create", "tiny", "-f", str(mf)]
+
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", str(tmp_path / "nope/ollama"))
+    with pytest.raises(TutorWrapError, match="TUTOR_WRAP_OLLAMA=.*no such executable"):
+        ollama_backend.create(mf, "tiny", "hi")
+
+    # A stand-in for an ollama binary outside PATH (none can be installed here): the chosen one is the one run.
+    calls = tmp_path / "calls.txt"
+    exe = tmp_path / "bin/my-ollama"
+    exe.parent.mkdir()
+    exe.write_text(f"#!/bin/sh\necho \"$@\" >> '{calls}'\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", str(exe))
+    res = ollama_backend.create(mf, "tiny", "hi")
+    assert res["status"] == "created"
+    assert calls.read_text().splitlines() == [f"create tiny -f {mf}", "run tiny hi"]

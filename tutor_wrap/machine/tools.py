@@ -94,6 +94,20 @@ def converter_architectures(ll: LlamaCpp) -> set[str]:
     return names
 
 
+OLLAMA_ENV = "TUTOR_WRAP_OLLAMA"
+OLLAMA_OFF = ("off", "no", "0", "false")
+
+
 def ollama() -> str | None:
-    """The ollama binary on PATH, if any."""
-    return shutil.which("ollama")
+    """The ollama binary: $TUTOR_WRAP_OLLAMA (a path or name; "off" to write the Modelfile and print the commands
+    without creating the model, as on a machine without Ollama), else the one on PATH, if any."""
+    chosen = os.environ.get(OLLAMA_ENV)
+    if chosen is None:
+        return shutil.which("ollama")
+    if chosen.strip().lower() in OLLAMA_OFF:
+        return None
+    found = shutil.which(os.path.expanduser(chosen))
+    if found is None:
+        raise TutorWrapError(f"{OLLAMA_ENV}={chosen}: no such executable",
+                             hint="point it at the ollama binary, set it to off, or unset it to use the one on PATH")
+    return found

@@ -47,7 +47,7 @@ def run(ctx: Context) -> StageResult:
     result = ollama.create(mf, r.ollama.model, SMOKE_PROMPT)
     if result["status"] != "created":
         create_args, run_args = result["commands"]
-        ctx.console.print("deploy: Ollama is not installed here; ready to create. On the machine with Ollama run:\n  "
+        ctx.console.print(f"deploy: {result['why']}; ready to create. On the machine with Ollama run:\n  "
                           + ollama.quoted(create_args) + "\n  " + ollama.quoted(run_args), markup=False)
     serving = {"skipped": "the recipe has no eval prompts to serve"}
     rows = eval_rows(r)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from tutor_wrap.models.catalog import Architecture, lookup  # noqa: E402
 from tutor_wrap.core.units import GIB as GiB  # noqa: E402
-from tutor_wrap.planning.memory import Knobs, estimate  # noqa: E402
+from tutor_wrap.planning.memory import Knobs, estimate, search  # noqa: E402
 
 # Models of the dev set that are not in the built-in catalog (public config.json values).
 EXTRA = {
@@ -95,7 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = ap.parse_args(argv)
     run(args.csv, args.markdown)
+    search_seconds()
     return 0
+
+
+def search_seconds(repeats: int = 5) -> float:
+    """How long the planner's knob search takes on the reference user's job (Llama 3 8B QLoRA, 12 GiB card): `plan`
+    and `preflight` run it on every call, so it must stay interactive."""
+    import time
+
+    seed = Knobs(method="qlora", lora_r=32, lora_targets="all-linear", seq_len=1024, micro_batch=1, grad_ckpt=True,
+                 optimizer="paged_adamw_8bit", attn="sdpa", packing=False, loss="standard", dtype="bf16")
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        search(lookup("llama-3-8b"), seed, 12 * GiB, allow_qlora=True, allow_flash=True, safety=0.1)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    print(f"planner search, Llama 3 8B on a 12 GiB card: median {med * 1000:.2f} ms over {repeats}")
+    return med
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ def small_disk(tmp_path):
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:   # root in a container without CAP_SYS_ADMIN
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
     try:
         yield mnt
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import append_log, run_logged
+from tutor_wrap.machine.host import usable_cpus
 from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
 from tutor_wrap.models.gguf_file import read_gguf_header
 
@@ -24,7 +25,7 @@ def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -
 
 def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, str]:
     """Run llama-quantize; return (exit code, raw output) for the fallback report."""
-    threads = str(max(1, os.cpu_count() or 1))
+    threads = str(usable_cpus() or os.cpu_count() or 1)
     proc = subprocess.run([str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads],
                           capture_output=True, text=True, env=ll.env(), check=False)
     text = proc.stdout + proc.stderr
@@ -103,7 +104,7 @@ def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, ch
                timeout: float = 1800) -> tuple[float, float]:
     """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk,
     over the first `chunks` chunks (all of the text when None)."""
-    threads = str(max(1, os.cpu_count() or 1))
+    threads = str(usable_cpus() or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="tw-ppl-") as tmp:
         log_file = Path(tmp) / "ppl.log"
         args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b",

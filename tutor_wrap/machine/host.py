@@ -78,6 +78,12 @@ def cpu_busy(window_s: float = 0.3) -> float:
     return round(sum(psutil.cpu_percent(interval=window_s, percpu=True)) / 100.0, 2)
 
 
+def usable_cpus() -> int | None:
+    """The CPUs this process may run on: a container or taskset may allow 2 of a host's 64, which os.cpu_count()
+    does not see. None where the OS cannot say (macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def host(run_dir: Path | None = None) -> dict:
     vm = psutil.virtual_memory()
     sw = psutil.swap_memory()
@@ -85,7 +91,7 @@ def host(run_dir: Path | None = None) -> dict:
     return {
         "cpu_count": os.cpu_count() or 1,
         "cpu_physical_cores": psutil.cpu_count(logical=False),
-        "cpu_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_usable": usable_cpus(),
         "cpu_busy": cpu_busy(),
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,6 +54,13 @@ class GoRenderer:
         if go is None:
             pytest.fail("the train/serve parity tests need the Go toolchain (Ollama renders TEMPLATE with Go's "
                         f"text/template) and `go` is not on PATH: install it with `{GO_INSTALL}`", pytrace=False)
+        version = subprocess.run([go, "version"], capture_output=True, text=True, timeout=60).stdout
+        m = re.search(r"go(\d+)\.(\d+)", version)
+        if m and (int(m.group(1)), int(m.group(2))) < (1, 18):
+            # the renderer uses `any`, and text/template's and/or short-circuit as Ollama's does from Go 1.18 on
+            pytest.fail(f"the train/serve parity tests need Go 1.18 or newer; `go version` says {version.strip()} "
+                        "(Ubuntu 20.04 / Debian 11 ship older ones: use a newer release's golang-go or go.dev/dl)",
+                        pytrace=False)
         out = self.workdir / "render_template"
         env = dict(os.environ)
         env.setdefault("GOCACHE", str(self.workdir / "gocache"))

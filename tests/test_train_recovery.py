@@ -38,23 +38,52 @@ def cli(args, extra_env=None, **kw):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}, **kw)
 
 
+# glibc reserves 64 MB of address space per malloc arena and makes up to 8 per core, and each math thread has its
+# stack: both fixed here so the address space the cap below is set from does not grow with the machine's cores.
+STEADY = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2"}
+CAP_ABOVE_SMALL_BATCH = int(0.8e9)
+
+
+def trainer_vm_peak(args: list[str], marker: str) -> tuple[int, int]:
+    """Run `args`; return (its exit code, the highest VmPeak in bytes of the processes whose command line has
+    `marker`), polled while it runs: VmPeak is a high-water mark, so a late read still sees the peak."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **STEADY})
+    peak = 0
+    while proc.poll() is None:
+        for pid in _trainers(marker):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            peak = max([peak] + [int(line.split()[1]) * 1024 for line in status.splitlines()
+                                 if line.startswith("VmPeak:")])
+        time.sleep(0.05)
+    return proc.returncode, peak
+
+
 def test_out_of_memory_under_a_real_cap_replans_smaller_and_succeeds(tiny_model, tmp_path):
-    # VmPeak of the trainer (this tiny model, 256-token padded rows, MALLOC_ARENA_MAX=2), measured on two hosts:
-    # micro-batch 64 about 4.6 GB, 32 about 4.0, 4 about 3.0. How far down the plan has to go depends on the CPU
-    # and the kernels torch picks (32 fitted under 4.3 GB on one host and not on another), so the test holds the
-    # behaviour, not the stopping point: a cap well under 64's peak and well over the small batches' makes the
-    # first plan fail with a genuine allocation error, and each re-plan halves the micro-batch, keeps the effective
-    # batch, until one fits. glibc reserves 64 MB of address space per malloc arena and makes up to 8 per core;
-    # capping the arenas keeps the numbers from growing with the core count of the machine running the test.
-    # The cap applies to every process of the run, as `ulimit -v` would.
+    # The trainer's address space differs between machines (one host needed 4.37 GB at micro-batch 32, another
+    # under 4.3; a CUDA build of torch maps GBs of libraries), so the cap comes from a measurement: the peak of a
+    # micro-batch-4 run here, plus 0.8 GB. Measured on two hosts: 64 rows of 256 padded tokens need 1.5-1.7 GB more
+    # than 4, 16 rows about 0.5 GB more. The first plan then fails with a genuine allocation error, and the test
+    # holds the behaviour, not the stopping point: each re-plan halves the micro-batch, keeping the effective batch,
+    # until one fits. The cap applies to every process of the run, as `ulimit -v` would.
+    small = tmp_path / "small"
+    small.mkdir()
+    small_recipe = write_recipe(small, tiny_model, long_rows(4), {"max_steps": 1, "batch_size": 4,
+                                "micro_batch_size": 4}, axolotl={"pad_to_sequence_len": True})
+    rc, small_peak = trainer_vm_peak([sys.executable, "-m", "tutor_wrap", "run", str(small_recipe), "--run-dir",
+                                      str(small / "run"), "--until", "train"], str(small / "run/train/axolotl.launch.yml"))
+    assert rc == 0 and small_peak > 0, (rc, small_peak)
+
     recipe = write_recipe(tmp_path, tiny_model, long_rows(64),
                           {"max_steps": 1, "batch_size": 64, "micro_batch_size": 64},
                           axolotl={"pad_to_sequence_len": True})
-    cap = int(3.8e9)
-    proc = cli(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--until", "train"],
-               extra_env={"MALLOC_ARENA_MAX": "2"},
+    cap = small_peak + CAP_ABOVE_SMALL_BATCH
+    proc = cli(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--until", "train"], extra_env=STEADY,
                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, f"cap {cap / 1e9:.2f} GB\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "out of memory; re-planning one notch smaller (micro_batch_size 64 -> 32" in proc.stdout.replace("\n", " ")
     log = (tmp_path / "run/train/train.log").read_text()
     assert "can't allocate memory" in log  # a real allocation failure, not a simulated one

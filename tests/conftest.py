@@ -7,7 +7,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Tests never reach a hub, exactly like the tool in use.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 # The pipelines here deploy models named tiny-tutor and the like: on a machine with Ollama they would land in the

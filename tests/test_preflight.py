@@ -102,3 +102,15 @@ def test_report_is_json_and_renders(tmp_path):
         console.print(table)
     text = out.getvalue()
     assert "machine" in text and "software" in text and "stages" in text
+
+
+def test_preflight_says_which_gpus_the_environment_hid():
+    from dataclasses import replace
+
+    note = "CUDA_VISIBLE_DEVICES='1' hides 1 of 2 GPU(s)"
+    hw = replace(profiles.load_profile("rtx3060-12gb"), probe_notes=[note])
+    assert any(f.severity == "info" and note in f.what for f in preflight.hardware_findings(hw))
+    hidden_all = replace(profiles.load_profile("cpu-only"), probe_notes=["CUDA_VISIBLE_DEVICES='' hides 1 of 1 GPU(s): "
+                                                                         "planning for the CPU"])
+    warn = [f for f in preflight.hardware_findings(hidden_all) if f.severity == "warning"]
+    assert warn and "no GPU visible" in warn[0].what and "hides 1 of 1" in warn[0].what

@@ -31,6 +31,8 @@ def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
         if hw.wsl and not Path("/usr/lib/wsl/lib").is_dir():
             out.append(Finding("warning", "WSL without /usr/lib/wsl/lib: the Windows GPU driver is not exposed to Linux",
                                "install the current NVIDIA driver in Windows (not inside WSL), then `wsl --update`"))
+    elif hw.probe_notes:   # GPUs found, and something worth knowing about how: hidden ones, a fallback source
+        out.append(Finding("info", "GPU probe: " + "; ".join(hw.probe_notes)))
     for i, g in enumerate(hw.gpus):
         no_bf16 = by_name(g.vendor).no_bf16_finding(g)
         if no_bf16:

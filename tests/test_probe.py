@@ -205,6 +205,8 @@ def test_cuda_visible_devices_by_uuid_prefix():
     # a source without UUIDs (rocm-smi): the entries are counted, and preflight is told
     got, why = visible.select(_gpus(2), "GPU-4b2c")
     assert len(got) == 1 and "assumed the first 1" in why
+    got, why = visible.select(gpus, "MIG-8f2e0c3a-1111-2222-3333-444455556666")   # a MIG slice: not probed
+    assert len(got) == 1 and "MIG slice" in why
 
 
 def test_rocm_hip_picks_from_what_rocr_left():

@@ -49,8 +49,11 @@ def from_nvml() -> tuple[list[GPU], str | None]:
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
             cc = f"{major}.{minor}"
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            try:   # only for CUDA_VISIBLE_DEVICES=GPU-...: a device that cannot say must not cost the probe
+                uuid = pynvml.nvmlDeviceGetUUID(h)
+                uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+            except Exception:
+                uuid = None
             gpus.append(GPU("nvidia", name, int(mem.total), int(mem.free), cc, bf16=bf16_for(cc), driver=driver,
                             uuid=uuid or None))
     except Exception as exc:

@@ -33,11 +33,13 @@ def select(gpus: Sequence[GPU], spec: str) -> tuple[list[GPU], str | None]:
         if entry.upper().startswith(("GPU-", "MIG-")):
             hits = [i for i, g in enumerate(gpus) if g.uuid and g.uuid.lower().startswith(entry.lower())]
             if len(hits) != 1:
-                if any(g.uuid is None for g in gpus):
-                    # This source reported no UUIDs (rocm-smi, an old nvidia-smi): count the entries instead.
+                if entry.upper().startswith("MIG-") or any(g.uuid is None for g in gpus):
+                    # MIG slices are not probed, and some sources report no UUIDs (rocm-smi, an old nvidia-smi):
+                    # count the entries instead, and say so.
                     n = len([e for e in entries if e])
-                    return list(gpus[:n]), (f"could not match the UUIDs in {spec!r} (the GPU source reported none); "
-                                            f"assumed the first {n}")
+                    return list(gpus[:n]), (f"could not match the UUIDs in {spec!r} with the probed GPUs; assumed "
+                                            f"the first {n} (a MIG slice has less memory than its GPU: plan with "
+                                            "--hardware FILE for it)")
                 break
             i = hits[0]
         else:

@@ -595,3 +595,18 @@ def test_tutor_wrap_ollama_chooses_or_turns_off_the_ollama_binary(tmp_path, monk
     res = ollama_backend.create(mf, "tiny", "hi")
     assert res["status"] == "created"
     assert calls.read_text().splitlines() == [f"create tiny -f {mf}", "run tiny hi"]
+
+
+def test_preflight_reports_a_bad_tutor_wrap_ollama_instead_of_crashing(tmp_path, monkeypatch):
+    from tutor_wrap.machine import software
+
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", str(tmp_path / "nope/ollama"))
+    v = software.collect()
+    errors = [f for f in software.check_stack(v, "cpu") if f.severity == "error" and "TUTOR_WRAP_OLLAMA" in f.what]
+    assert len(errors) == 1 and "no such executable" in errors[0].what and "unset it" in errors[0].fix
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", "off")
+    v = software.collect()
+    assert v["ollama"] is None and v["ollama_off"]
+    assert any(f.severity == "info" and "TUTOR_WRAP_OLLAMA is off" in f.what for f in software.check_stack(v, "cpu"))
+    monkeypatch.setenv("TUTOR_WRAP_OLLAMA", "")          # empty: as if unset
+    assert software.collect().get("ollama_error") is None

@@ -60,8 +60,7 @@ def create(modelfile_path: Path, name: str, smoke_prompt: str) -> dict:
     run_args = ["ollama", "run", name, smoke_prompt]
     exe = tools.ollama()
     if exe is None:
-        why = (f"{tools.OLLAMA_ENV} is off" if os.environ.get(tools.OLLAMA_ENV) is not None
-               else "Ollama is not installed here")
+        why = f"{tools.OLLAMA_ENV} is off" if tools.ollama_off() else "Ollama is not installed here"
         return {"status": "ready to create", "why": why, "commands": [create_args, run_args]}
     proc = subprocess.run([exe, *create_args[1:]], capture_output=True, text=True, check=False)
     if proc.returncode != 0:

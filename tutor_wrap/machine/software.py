@@ -130,7 +130,11 @@ def collect() -> dict:
     if dists["flash-attn"] is not None and dists["torch"] is not None:
         v.update(_flash_attn_build(dists["flash-attn"], dists["torch"]))
     v.update(_llamacpp())
-    v["ollama"] = tools.ollama()
+    try:
+        v["ollama"] = tools.ollama()
+    except TutorWrapError as exc:   # a TUTOR_WRAP_OLLAMA that names nothing: a finding here, not a crash
+        v["ollama"], v["ollama_error"] = None, str(exc)
+    v["ollama_off"] = tools.ollama_off()
     return v
 
 
@@ -341,7 +345,13 @@ def check_stack(versions: dict, accelerator: str) -> list[Finding]:
         out.append(Finding("warning", "llama.cpp tools not found: the export and eval stages need them"
                            + (f" ({v['llama_cpp_error']})" if v.get("llama_cpp_error") else ""),
                            "python tools/build_llamacpp.py  (or set LLAMA_CPP_DIR to a built checkout)"))
-    if not v.get("ollama"):
+    if v.get("ollama_error"):
+        out.append(Finding("error", v["ollama_error"],
+                           "point TUTOR_WRAP_OLLAMA at the ollama binary, set it to off, or unset it"))
+    elif v.get("ollama_off"):
+        out.append(Finding("info", "TUTOR_WRAP_OLLAMA is off: deploy writes the Modelfile and prints the `ollama "
+                           "create` command instead of running it"))
+    elif not v.get("ollama"):
         out.append(Finding("info", "ollama is not on PATH: deploy writes the Modelfile and prints the `ollama create` "
                            "command instead of running it", "install Ollama from https://ollama.com/download"))
     return out

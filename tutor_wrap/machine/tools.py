@@ -98,13 +98,17 @@ OLLAMA_ENV = "TUTOR_WRAP_OLLAMA"
 OLLAMA_OFF = ("off", "no", "0", "false")
 
 
+def ollama_off() -> bool:
+    return (os.environ.get(OLLAMA_ENV) or "").strip().lower() in OLLAMA_OFF
+
+
 def ollama() -> str | None:
     """The ollama binary: $TUTOR_WRAP_OLLAMA (a path or name; "off" to write the Modelfile and print the commands
     without creating the model, as on a machine without Ollama), else the one on PATH, if any."""
-    chosen = os.environ.get(OLLAMA_ENV)
-    if chosen is None:
+    chosen = (os.environ.get(OLLAMA_ENV) or "").strip()
+    if not chosen:
         return shutil.which("ollama")
-    if chosen.strip().lower() in OLLAMA_OFF:
+    if ollama_off():
         return None
     found = shutil.which(os.path.expanduser(chosen))
     if found is None:

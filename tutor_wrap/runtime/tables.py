@@ -89,7 +89,8 @@ def preflight_tables(report: dict) -> list:
                      else "CPU")
         t.add_row(name, esc(sw.get(name) or "") or "[dim]not installed[/dim]", esc(build))
     t.add_row("llama.cpp", esc(sw.get("llama_cpp") or "") or "[dim]not found[/dim]", "")
-    t.add_row("ollama", esc(sw.get("ollama") or "") or "[dim]not on PATH[/dim]", "")
+    t.add_row("ollama", esc(sw.get("ollama") or "") or ("[dim]off (TUTOR_WRAP_OLLAMA)[/dim]" if sw.get("ollama_off")
+                                                       else "[dim]not on PATH[/dim]"), "")
     out.append(t)
 
     if report.get("findings"):

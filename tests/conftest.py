@@ -13,6 +13,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 # The pipelines here deploy models named tiny-tutor and the like: on a machine with Ollama they would land in the
 # person's Ollama (or fail when its server is not running). TUTOR_WRAP_OLLAMA=ollama includes it on purpose.
 os.environ.setdefault("TUTOR_WRAP_OLLAMA", "off")
+# The pipelines here train on the CPU: they hide CUDA GPUs with CUDA_VISIBLE_DEVICES="" where they start a run; the
+# HIP runtime reads that as unset, so ROCm GPUs are hidden for the whole session with an invalid index.
+os.environ["HIP_VISIBLE_DEVICES"] = "-1"
 
 
 @pytest.fixture(scope="session")

@@ -162,9 +162,9 @@ def test_probe_takes_the_first_vendor_that_finds_gpus(tmp_path, monkeypatch):
     _fake_tool(tmp_path, monkeypatch, "rocm-smi", "rocm_smi_rx7900xt.json")
     no_nvidia = replace(nvidia.VENDOR, probe=lambda: ([], ["NVML: no library"]))
     rocm_smi_only = replace(amd.VENDOR, probe=lambda: (amd.from_rocm_smi()[0], []))
-    gpus, notes = probe.probe_gpus([no_nvidia, rocm_smi_only])
+    gpus, notes = probe.probe_gpus([no_nvidia, rocm_smi_only], env={})   # no GPU hidden (the suite hides ROCm's)
     assert [g.gfx_target for g in gpus] == ["gfx1100"] and notes == ["NVML: no library"]
-    gpus, notes = probe.probe_gpus([rocm_smi_only, no_nvidia])
+    gpus, notes = probe.probe_gpus([rocm_smi_only, no_nvidia], env={})
     assert gpus[0].vendor == "amd" and notes == []            # the first vendor with GPUs ends the search
 
 
@@ -189,7 +189,7 @@ def _gpus(n, names=None, uuids=None):
     ("1", [1]), ("2,0", [2, 0]),           # a subset, in the order given: index 0 of the trainer is GPU 2
     ("0,7,1", [0]),                        # the list ends at the first index past the end
     ("0, 1", [0, 1]), ("1gpu", [1]),       # CUDA reads each entry's leading digits
-    ("1,1", []),                           # a GPU named twice: none
+    ("1,1", []), ("0,7,0", []),            # a GPU named twice, anywhere in the list: none
 ])
 def test_cuda_visible_devices_by_index(spec, picked):
     gpus = _gpus(3, names=["a", "b", "c"])
@@ -202,22 +202,31 @@ def test_cuda_visible_devices_by_uuid_prefix():
     assert visible.select(gpus, "GPU-9e00")[0] == [gpus[1]]
     assert visible.select(gpus, "GPU-9e00,GPU-4b2c")[0] == [gpus[1], gpus[0]]
     assert visible.select(gpus, "GPU-ffff")[0] == []           # names no GPU: the list ends there
+    assert visible.select(gpus, "GPU-9e00,0")[0] == [gpus[1]]  # the first entry decides: UUIDs, then an index ends it
+    assert visible.select(gpus, "0,GPU-9e00")[0] == [gpus[0]]
+    assert visible.select(gpus, "GPU-9e00,GPU-9e00aa")[0] == []  # the same GPU twice
     # a source without UUIDs (rocm-smi): the entries are counted, and preflight is told
     got, why = visible.select(_gpus(2), "GPU-4b2c")
     assert len(got) == 1 and "assumed the first 1" in why
-    got, why = visible.select(gpus, "MIG-8f2e0c3a-1111-2222-3333-444455556666")   # a MIG slice: not probed
-    assert len(got) == 1 and "MIG slice" in why
+    got, why = visible.select(gpus, "MIG-8f2e0c3a-1111,MIG-77aa")  # MIG slices: not probed, one device at most
+    assert len(got) == 1 and "MIG slices" in why
 
 
 def test_rocm_hip_picks_from_what_rocr_left():
     gpus = _gpus(4, names=["g0", "g1", "g2", "g3"])
-    stages = amd.VENDOR.visible_env
-    got, _ = visible.visible(gpus, stages, {"ROCR_VISIBLE_DEVICES": "1,2,3", "HIP_VISIBLE_DEVICES": "0"})
-    assert [g.name for g in got] == ["g1"]
-    got, _ = visible.visible(gpus, stages, {"ROCR_VISIBLE_DEVICES": "3,2", "CUDA_VISIBLE_DEVICES": "1"})
-    assert [g.name for g in got] == ["g2"]                     # HIP honours CUDA_VISIBLE_DEVICES when HIP_... is unset
-    got, _ = visible.visible(gpus, stages, {"HIP_VISIBLE_DEVICES": "2", "CUDA_VISIBLE_DEVICES": "0"})
-    assert [g.name for g in got] == ["g2"]                     # HIP_VISIBLE_DEVICES wins over CUDA_VISIBLE_DEVICES
+    amd_v = amd.VENDOR
+
+    def seen(env):
+        got, _ = visible.visible(gpus, amd_v.visible_env, env, empty_is_unset=amd_v.visible_empty_is_unset)
+        return [g.name for g in got]
+
+    assert seen({"ROCR_VISIBLE_DEVICES": "1,2,3", "HIP_VISIBLE_DEVICES": "0"}) == ["g1"]
+    assert seen({"ROCR_VISIBLE_DEVICES": "3,2", "CUDA_VISIBLE_DEVICES": "1"}) == ["g2"]  # HIP honours CUDA_...
+    assert seen({"HIP_VISIBLE_DEVICES": "2", "CUDA_VISIBLE_DEVICES": "0"}) == ["g2"]     # HIP_... wins over CUDA_...
+    assert seen({"CUDA_VISIBLE_DEVICES": ""}) == ["g0", "g1", "g2", "g3"]     # HIP reads "" as unset
+    assert seen({"HIP_VISIBLE_DEVICES": "", "CUDA_VISIBLE_DEVICES": "1"}) == ["g1"]
+    assert seen({"ROCR_VISIBLE_DEVICES": ""}) == []                         # ROCr does not
+    assert seen({"HIP_VISIBLE_DEVICES": "-1"}) == []                        # what a CPU plan's trainer gets
 
 
 def test_probe_plans_for_the_gpus_the_trainer_will_see():
@@ -239,7 +248,11 @@ def test_probe_plans_for_the_gpus_the_trainer_will_see():
 
 def test_gpus_of_different_models_get_the_device_order_note():
     gpus = nvidia.parse_query_csv((FIX / "nvidia_smi_query_titanv_rtx5880.csv").read_text())
-    _, notes = visible.visible(gpus, nvidia.VENDOR.visible_env, {"CUDA_VISIBLE_DEVICES": "0"})
+    two = replace(nvidia.VENDOR, probe=lambda: (gpus, []))
+    _, notes = probe.probe_gpus([two], env={"CUDA_VISIBLE_DEVICES": "0"})
     assert any("CUDA_DEVICE_ORDER=PCI_BUS_ID" in n for n in notes)
-    _, notes = visible.visible(gpus, nvidia.VENDOR.visible_env, {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    _, notes = probe.probe_gpus([two], env={"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert not any("CUDA_DEVICE_ORDER" in n for n in notes)
+    rocm = replace(amd.VENDOR, probe=lambda: ([replace(g, vendor="amd") for g in gpus], []))
+    _, notes = probe.probe_gpus([rocm], env={"HIP_VISIBLE_DEVICES": "0"})   # no CUDA advice for AMD GPUs
     assert not any("CUDA_DEVICE_ORDER" in n for n in notes)

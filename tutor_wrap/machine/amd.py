@@ -183,4 +183,5 @@ VENDOR = Vendor(
     bitsandbytes=bitsandbytes, qlora_hint=" (on ROCm qlora needs bitsandbytes >= 0.50)",
     # ROCr picks first; HIP (which also honours CUDA_VISIBLE_DEVICES) picks from what ROCr left
     visible_env=(("ROCR_VISIBLE_DEVICES",), ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")),
+    visible_empty_is_unset=("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"),
 )

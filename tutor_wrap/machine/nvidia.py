@@ -142,4 +142,5 @@ VENDOR = Vendor(
     flash_attn_wheels=True, no_flash_attn_reason="",
     lora_kernels=True, lora_kernels_reason="fused Triton LoRA kernels on CUDA",
     bitsandbytes=lambda hw: None,
+    pci_order_env=("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),   # CUDA's default numbers the fastest GPU first
 )

@@ -31,7 +31,8 @@ def probe_gpus(vendors: Sequence[Vendor] = VENDORS, env: Mapping[str, str] | Non
         gpus, why = vendor.probe()
         notes += why
         if gpus:
-            gpus, hidden = visible(gpus, vendor.visible_env, env)
+            gpus, hidden = visible(gpus, vendor.visible_env, env, empty_is_unset=vendor.visible_empty_is_unset,
+                                   pci_order=vendor.pci_order_env)
             notes += hidden
         if gpus:
             return gpus, notes

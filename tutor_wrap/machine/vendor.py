@@ -47,4 +47,6 @@ class Vendor:
     # The variables that choose which GPUs the runtime shows, in the order they apply; each stage is the first of
     # its names that is set (machine/visible.py)
     visible_env: tuple[tuple[str, ...], ...] = (("CUDA_VISIBLE_DEVICES",),)
+    visible_empty_is_unset: tuple[str, ...] = ()        # of those, the ones whose runtime reads "" as unset
+    pci_order_env: tuple[str, str] | None = None       # (variable, value) that numbers GPUs in PCI order
     qlora_hint: str = ""           # added to "no plan fits" when 4-bit is unavailable on this vendor

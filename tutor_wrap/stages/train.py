@@ -38,7 +38,9 @@ def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_
     args = launch_args(launch_yml, plan, ctx.machines, accelerate_config=accelerate_yml)
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
+        # No GPU for a CPU plan: "" hides CUDA's; the HIP runtime reads "" as unset, so ROCm's get an invalid index
         env["CUDA_VISIBLE_DEVICES"] = ""
+        env["HIP_VISIBLE_DEVICES"] = "-1"
         # The plan's thread count, unless the person set OMP_NUM_THREADS themselves (theirs wins, as with torch).
         if plan.get("cpu_threads") and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(plan["cpu_threads"])

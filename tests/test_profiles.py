@@ -48,11 +48,17 @@ def test_reference_machine_is_wsl_with_default_caps():
 
 
 def test_round_trip_shipped_and_probed(tmp_path):
-    for hw in (profiles.load_profile("2x-rtx4090-24gb"), probe()):
+    from dataclasses import replace
+
+    shipped = profiles.load_profile("2x-rtx4090-24gb")
+    with_uuids = replace(shipped, gpus=[replace(g, uuid=f"GPU-{i}abc") for i, g in enumerate(shipped.gpus)])
+    for hw in (shipped, with_uuids, probe()):
         path = profiles.save_profile(hw, tmp_path / "mybox.yml")
+        assert "GPU-" not in path.read_text()          # a profile does not identify the very cards
         back = profiles.load_profile(path)
         assert back.source == "mybox"
-        assert back.to_dict() == {**hw.to_dict(), "source": "mybox", "probe_notes": []}
+        expected = replace(hw, source="mybox", probe_notes=[], gpus=[replace(g, uuid=None) for g in hw.gpus])
+        assert back.to_dict() == expected.to_dict()
 
 
 def test_sizes_with_units(tmp_path):

@@ -102,10 +102,13 @@ def _check_types(hw: Hardware, path: Path) -> None:
 
 def save_profile(hw: Hardware, path: str | Path) -> Path:
     """Write `hw` as a profile (e.g. `probe()` on the training box, to plan from a laptop). Probe notes are
-    dropped: they describe the probing machine, not the hardware."""
+    dropped: they describe the probing machine, not the hardware; so are GPU UUIDs (they identify the very cards,
+    and a profile is meant to be passed around)."""
     path = Path(path)
-    data = replace(hw, source=path.stem, probe_notes=[]).to_dict()
+    data = replace(hw, source=path.stem, probe_notes=[], gpus=[replace(g, uuid=None) for g in hw.gpus]).to_dict()
     data.pop("probe_notes")
+    for g in data["gpus"]:
+        g.pop("uuid")
     atomic.write_text(path, "# tutor_wrap hardware profile (sizes in bytes)\n" + yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU, read_metrics  # noqa: E402
-from tutor_wrap.backends.axolotl_train import ACCELERATE_CONFIG, launch_args  # noqa: E402
+from tutor_wrap.backends.axolotl_train import launch_args  # noqa: E402
 from tutor_wrap.core.proc import tool_env  # noqa: E402
 
 
@@ -41,10 +41,8 @@ def run_variant(cfg: dict, threads: int, dtype: str, steps: int, work: Path, out
                     "CUDA_VISIBLE_DEVICES": ""})
     log = out / f"train-t{threads}-{dtype}.log"
     with open(log, "wb") as fh:
-        acc = work / "accelerate.yml"
-        acc.write_text(yaml.safe_dump(ACCELERATE_CONFIG, sort_keys=False))
-        rc = subprocess.run(launch_args(yml, {"num_processes": 1, "accelerator": "cpu"}, accelerate_config=acc),
-                            env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(launch_args(yml, {"num_processes": 1, "accelerator": "cpu"}), env=env, stdout=fh,
+                            stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"variant threads={threads} dtype={dtype} failed (exit {rc}); log: {log}")
     rows = [r for r in read_metrics(metrics) if r.get("event") == "log" and "loss" in r]

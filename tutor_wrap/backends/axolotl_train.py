@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from tutor_wrap.core import atomic
 from tutor_wrap.planning.distributed import accelerate_args
 
 # Ordered: the first pattern found in the log's tail names the failure.
@@ -67,7 +70,10 @@ ACCELERATE_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type":
                      "use_cpu": False, "debug": False}
 
 
-def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None, *, accelerate_config: Path) -> list[str]:
+def launch_args(cfg_path: Path, plan: dict, machines: dict | None = None) -> list[str]:
+    """The launch command; writes the accelerate config it names beside the Axolotl YAML (accelerate.yml)."""
+    accelerate_config = cfg_path.with_name("accelerate.yml")
+    atomic.write_text(accelerate_config, yaml.safe_dump(ACCELERATE_CONFIG, sort_keys=False))
     # Precision comes from the Axolotl YAML (bf16/fp16 keys), so accelerate's own mixed precision stays off.
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
             *accelerate_args(plan, machines), "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -177,4 +177,3 @@ def hf_reference_mode(need: int, source_bytes: int, available: int) -> tuple[str
         return "after", (f"after the conversion: {need / GIB:.1f} GiB for the fp32 model and up to "
                          f"{source_bytes / GIB:.1f} GiB for the converter do not fit {available / GIB:.1f} GiB together")
     return "beside", "beside the conversion"
-

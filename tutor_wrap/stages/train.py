@@ -12,7 +12,7 @@ import yaml
 from rich.markup import escape
 
 from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU, loss_points, read_metrics, write_loss_csv, write_loss_png
-from tutor_wrap.backends.axolotl_train import (ACCELERATE_CONFIG, MAX_OOM_RETRIES, classify_failure, complete_checkpoints, launch_args,
+from tutor_wrap.backends.axolotl_train import (MAX_OOM_RETRIES, classify_failure, complete_checkpoints, launch_args,
                                                reap_leftover_trainer, smaller)
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
@@ -33,9 +33,7 @@ def inputs(ctx: Context) -> dict:
 def _launch(ctx: Context, launch_cfg: dict, train_dir: Path, log: Path, metrics_path: Path, plan: dict) -> int:
     launch_yml = train_dir / "axolotl.launch.yml"
     atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
-    accelerate_yml = train_dir / "accelerate.yml"
-    atomic.write_text(accelerate_yml, yaml.safe_dump(ACCELERATE_CONFIG, sort_keys=False))
-    args = launch_args(launch_yml, plan, ctx.machines, accelerate_config=accelerate_yml)
+    args = launch_args(launch_yml, plan, ctx.machines)
     env = tool_env({ENV_METRICS: str(metrics_path)})
     if ctx.hardware.accelerator == "cpu":
         # No GPU for a CPU plan: "" hides CUDA's; the HIP runtime reads "" as unset, so ROCm's get an invalid index

@@ -6,6 +6,7 @@ verification subprocess) is shared by the module; the tamper tests edit copies o
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,18 @@ def test_cli_merge_is_verified_against_peft(merged):
     assert report["method"] == "memory_efficient"
     assert report["measured_peak_rss_bytes"] > 0.3 * GIB
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []  # no work dir left
+
+
+@pytest.mark.parametrize("cpu_path", ["default"] + (["avx2"] if platform.machine() in ("x86_64", "AMD64") else []))
+def test_the_verdict_holds_on_each_cpu_code_path(merged, tiny_model, adapter, cpu_path):
+    """torch picks its CPU kernels by ISA (ATEN_CPU_CAPABILITY): the fp32 tolerance covers summation order on any."""
+    out, _ = merged
+    env = {} if cpu_path == "default" else {"ATEN_CPU_CAPABILITY": cpu_path}
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap.checks.merge_verify", str(tiny_model), str(adapter),
+                           str(out), "--json"], capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and res["status"] == "passed", res
+    assert res["logits"]["max_abs_diff"] < res["logits"]["tolerance"] / 10
 
 
 def test_merged_weights_differ_from_base(merged, tiny_model):

@@ -256,3 +256,14 @@ def test_gpus_of_different_models_get_the_device_order_note():
     rocm = replace(amd.VENDOR, probe=lambda: ([replace(g, vendor="amd") for g in gpus], []))
     _, notes = probe.probe_gpus([rocm], env={"HIP_VISIBLE_DEVICES": "0"})   # no CUDA advice for AMD GPUs
     assert not any("CUDA_DEVICE_ORDER" in n for n in notes)
+
+
+def test_isa_level_names_the_best_instruction_set_present():
+    from tutor_wrap.machine.host import isa_level
+
+    assert isa_level(["avx2", "fma"]) == "AVX2"
+    assert isa_level(["avx2", "fma", "avx512f"]) == "AVX-512"
+    assert isa_level(["avx2", "fma", "avx512f", "avx512_bf16"]) == "AVX512-BF16"
+    assert isa_level(["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]) == "AMX"
+    assert isa_level(["avx512_bf16"]) == "baseline"   # a level needs all its flags
+    assert isa_level([]) == "baseline"

@@ -17,13 +17,17 @@ SUBMODULE_HEAD = f"llama_cpp_python-{VERSION}/.git/modules/vendor/llama.cpp/HEAD
 # llama-simple prints with printf: the generation path the project relies on (see tutor_wrap.backends.llamacpp.complete).
 # llama-server: the serving check in deploy (the GGUF's chat template through its Jinja engine, on loopback).
 TARGETS = ["llama-quantize", "llama-completion", "llama-perplexity", "llama-simple", "llama-server"]
-CMAKE_FLAGS = ["-DGGML_NATIVE=OFF",  # no -march=native: binaries must not need this host's exact CPU
-               "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release",
+CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYPE=Release",
                # The server target would otherwise try to download its web UI from Hugging Face.
                "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
-# GGML_NATIVE=OFF also drops every SIMD extension (scalar code is several times slower), so
-# re-enable the x86-64-v3 set, which any x86 machine from the last decade has, when we have it.
-X86_V3 = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "sse4_2": "SSE42"}
+# The build is for the CPU it runs on (GGML_NATIVE, -march=native): an AVX-512 machine gets AVX-512 kernels, where a
+# portable x86-64-v3 build ran AVX2 code everywhere. The instruction sets it was built with are recorded in
+# BUILD_OK.json, and a machine that lacks one of them (a copied .cache, a different VM host) rebuilds instead of
+# crashing on an illegal instruction. llama.cpp's runtime-dispatched variants (GGML_BACKEND_DL with
+# GGML_CPU_ALL_VARIANTS) would serve every CPU from one build but compile the CPU backend 14 times on x86,
+# beyond the build time this project allows on 2 cores.
+ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "popcnt", "movbe", "lzcnt", "abm", "gfni",
+                "vaes", "vpclmulqdq", "sha_ni", "asimd", "sve", "sme", "i8mm", "bf16", "fphp", "dotprod", "fp16")
 SOURCE_MARKER = ".tutor_wrap_source.json"  # lives inside src/, so it moves atomically with it
 
 
@@ -89,12 +93,31 @@ def extract(tarball, dest):
     os.rename(tmp, dest / "src")  # a half-extracted tree never sits at src/
 
 
+def cpu_isa(cpuinfo=None):
+    """The instruction-set flags of this CPU that a native build may use (x86 `flags`, ARM `Features`)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return []
+    words = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            words.update(value.split())
+    return sorted(w for w in words if w.startswith(ISA_PREFIXES) and w not in ("smep", "smap"))
+
+
+def isa_missing(info):
+    """What the recorded build uses that this CPU lacks; a build from before the ISA was recorded was portable
+    (x86-64-v3), so it is rebuilt for this CPU once."""
+    if "cpu_isa" not in info:
+        return ["(a portable build: rebuilt once for this CPU)"]
+    return sorted(set(info["cpu_isa"]) - set(cpu_isa()))
+
+
 def cmake_flags():
-    flags = list(CMAKE_FLAGS)
-    cpuinfo = Path("/proc/cpuinfo")
-    if os.uname().machine == "x86_64" and cpuinfo.exists() and set(X86_V3) <= set(cpuinfo.read_text().split()):
-        flags += [f"-DGGML_{name}=ON" for name in X86_V3.values()]
-    return flags
+    return ["-DGGML_NATIVE=ON", *CMAKE_FLAGS]
 
 
 def run_logged(cmd, logf, env):
@@ -128,6 +151,14 @@ def build(dest, commit):
 
 
 def install(dest, ok_file, bin_dir):
+    try:
+        missing = isa_missing(json.loads(ok_file.read_text()))
+    except (OSError, ValueError):
+        missing = []
+    if missing and (dest / "src" / "build").exists():
+        # -march=native reads the same on every CPU, so make would keep the objects: start the build over.
+        log(f"the llama.cpp build was made for another CPU ({', '.join(missing[:6])} missing here): rebuilding")
+        shutil.rmtree(dest / "src" / "build")
     ok_file.unlink(missing_ok=True)
     for stale in dest.glob("src.tmp-*"):  # left by an interrupted extraction
         shutil.rmtree(stale)
@@ -146,7 +177,7 @@ def install(dest, ok_file, bin_dir):
     if subprocess.run([str(bin_dir / "llama-completion"), "--version"], capture_output=True).returncode:
         sys.exit(f"{bin_dir / 'llama-completion'} --version failed; see {dest / 'build.log'}")
     info = {"llama_cpp_python": VERSION, "llama_cpp_build": marker["commit"],
-            "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
+            "cpu_target": "native", "cpu_isa": cpu_isa(), "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
             "gguf_py": "src/gguf-py", "sha256": SHA256}
     tmp = ok_file.with_name(ok_file.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -166,7 +197,9 @@ def main():
             info = json.loads(ok_file.read_text())
         except (OSError, ValueError):
             return False
-        return info.get("sha256") == SHA256 and all(os.access(bin_dir / t, os.X_OK) for t in TARGETS)
+        if info.get("sha256") != SHA256 or not all(os.access(bin_dir / t, os.X_OK) for t in TARGETS):
+            return False
+        return not isa_missing(info)
 
     if not ready():
         dest.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,16 @@ def load_nf4(base: Path, compute_dtype: str):
         device_map="cpu", use_safetensors=True, trust_remote_code=False, local_files_only=True).eval()
 
 
+def dequantized(layer, compute_dtype: str):
+    """A 4-bit layer's weight as training multiplied with it, in fp32: bitsandbytes' own dequantization, rounded to
+    the compute dtype (MatMul4Bit casts the dequantized weight to the activations' dtype before the matmul)."""
+    import bitsandbytes as bnb
+    import torch
+
+    w = layer.weight
+    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(getattr(torch, compute_dtype)).to(torch.float32)
+
+
 def _lora(adapter: Path):
     from tutor_wrap.models.files import adapter_config, lora_pairs
 
@@ -87,8 +97,7 @@ def merge(base: Path, adapter: Path, out: Path, compute_dtype: str) -> dict:
                 for key in f.keys():
                     stored = f.get_tensor(key)
                     if key in quantized:
-                        w = quantized[key].weight
-                        deq = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+                        deq = dequantized(quantized[key], compute_dtype)
                         n_quant += 1
                         if key in pairs:
                             a_k, b_k = pairs[key]

@@ -60,8 +60,6 @@ RTOL_LOGITS = {"F32": 1e-4, "BF16": 5e-2, "F16": 5e-2}
 ATOL_LOGITS = 1e-4
 RTOL_WEIGHT = {"F32": 4 * 2.0**-24, "BF16": 4 * 2.0**-8, "F16": 4 * 2.0**-11}  # 4 unit roundoffs
 ATOL_WEIGHT_OF_DELTA = 1e-5
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
 UNSUPPORTED_FOR_WEIGHTS = ("use_dora", "modules_to_save", "trainable_token_indices", "rank_pattern", "alpha_pattern",
                            "fan_in_fan_out", "lora_bias", "layer_replication")
 
@@ -281,12 +279,19 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
 
 
 # ---- QLoRA: the reference is the model training ran (NF4 base + adapter), not the full-precision base ---------
-
-# Next-token agreement a QLoRA merge must reach with the trained model on INPUTS. A merge into the trained NF4
-# weights computes what training computed up to summation order (measured 100% on the tiny test model); issue 22
-# measured 35% for a merge that also round-tripped the embeddings and head through NF4, and 44% for one into the
-# full-precision base.
-NF4_MIN_TOP1 = 0.99
+#
+# Which arithmetic is the reference. Training's forward through a bitsandbytes 4-bit layer with gradients on
+# (bnb.matmul_4bit -> MatMul4Bit) dequantizes the NF4 weight to the compute dtype and multiplies with torch; only
+# inference calls without gradients take one of bitsandbytes' fused 4-bit kernels, and which one depends on the
+# machine: on an AVX512-BF16 CPU, Linear4bit.forward in eval mode repacks the weight and runs a bf16 kernel whatever
+# the compute dtype (bitsandbytes 0.50, nn/modules.py and backends/cpu/ops.py: a kernels-community build when the hub
+# cache has it, else its own C++), elsewhere torch's gemm on the dequantized weight; a GPU runs CUDA/HIP kernels. Judging the merge against whichever kernel loaded made the check pass on
+# one host and fail on another (issue 28: logits 0.021 off against a tolerance of 5e-4 on an AVX-512 EPYC, weights
+# equal to 4e-9). So the reference is kernel-independent: the plain model in fp32 whose quantized layers carry
+# bitsandbytes' own dequantized weights rounded to the compute dtype (the values training multiplied with), plus the
+# adapter through PEFT, unmerged. Merged and reference then differ only by torch's fp32 summation order and the
+# merged model's storage rounding: the same tolerances as the plain LoRA check (RTOL_LOGITS). What the fused kernel
+# of this machine computes is recorded beside it (`kernel_vs_reference`), not judged.
 
 
 def _logit_stats(got, ref) -> dict:
@@ -296,27 +301,32 @@ def _logit_stats(got, ref) -> dict:
             "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
-def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, full_precision_drift: bool = True,
-               greedy: Request | None = None) -> dict:
-    """A QLoRA merge against the model training ran: bitsandbytes' NF4 base (loaded as Axolotl loads it) + the
-    adapter through PEFT. Weights: every quantized layer of the merged model = its dequantized NF4 weight + the LoRA
-    delta (dtype rounding tolerance), every other tensor = the base's exactly. Logits: on INPUTS, max difference
-    within the dtype's tolerance and top-1 agreement >= NF4_MIN_TOP1. `full_precision_drift` also measures how
-    far a merge into the full-precision base (what a plain LoRA merge computes) would be from the trained model."""
-    import bitsandbytes as bnb
+def _flips_beyond_ties(got, ref, tol: float) -> int:
+    """Positions where the merged model's next token differs from the reference's although the reference preferred
+    its own token by more than 2 * tol: no error within tol can explain such a flip (near-ties may flip)."""
     import torch
-    from peft import PeftModel
+
+    pick = got.argmax(-1)
+    margin = ref.max(-1).values - torch.gather(ref, -1, pick.unsqueeze(-1)).squeeze(-1)
+    return int((margin > 2 * tol).sum())
+
+
+def _dequantized_weights(model, compute_dtype: str) -> dict:
+    """Every 4-bit layer's weight as training multiplied with it (fp32), keyed like the checkpoint's tensors."""
+    import bitsandbytes as bnb
+
+    from tutor_wrap.backends.nf4_merge import dequantized
+
+    return {f"{name}.weight": dequantized(mod, compute_dtype) for name, mod in model.named_modules()
+            if isinstance(mod, bnb.nn.Linear4bit)}
+
+
+def _nf4_weight_check(base: Path, adapter: Path, merged: Path, deq: dict, pairs: dict, scale: float) -> dict:
+    """Every quantized layer of the merged model = its dequantized NF4 weight + the LoRA delta (the stored dtype's
+    rounding tolerance); every other tensor = the base's exactly."""
+    import torch
     from safetensors import safe_open
 
-    from tutor_wrap.backends.nf4_merge import load_nf4
-
-    t0 = time.perf_counter()
-    acfg = adapter_config(adapter)
-    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
-    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
-    pairs = lora_pairs(adapter)
-    model = load_nf4(base, compute_dtype)
-    quantized = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     base_index = {k: f for f in weight_files(base) for k in read_header(f)}
     merged_index = {k: f for f in weight_files(merged) for k in read_header(f)}
     failures, worst = [], {"key": None, "ratio": 0.0}
@@ -329,12 +339,11 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
                 m_raw = f.get_tensor(key)
             with safe_open(str(base_index[key]), framework="pt", device="cpu") as f:
                 b_raw = f.get_tensor(key)
-            if key not in quantized:
+            if key not in deq:
                 if not torch.equal(m_raw, b_raw):
                     failures.append({"key": key, "why": "not quantized in training, but differs from the base"})
                 continue
-            w = quantized[key].weight
-            expected = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
+            expected = deq[key]
             delta = torch.zeros_like(expected)
             if key in pairs:
                 a_k, b_k = pairs[key]
@@ -348,32 +357,66 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
                 worst = {"key": key, "ratio": ratio, "max_abs_diff": float(err.max())}
             if ratio > 1.0:
                 failures.append({"key": key, "why": f"differs from NF4 weight + adapter (max abs diff {float(err.max()):.3g})"})
-    weights = {"status": "passed" if not failures else "failed", "tensors": len(merged_index),
-               "quantized_tensors": len(quantized), "adapted_tensors": len(pairs), "worst": worst,
-               "failures": failures[:20]}
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    return {"status": "passed" if not failures else "failed", "tensors": len(merged_index),
+            "quantized_tensors": len(deq), "adapted_tensors": len(pairs), "worst": worst, "failures": failures[:20]}
+
+
+def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, full_precision_drift: bool = True,
+               greedy: Request | None = None) -> dict:
+    """A QLoRA merge against the model training ran: the base as bitsandbytes quantized it (loaded as Axolotl loads
+    it) + the adapter. Weights: see _nf4_weight_check. Logits on INPUTS: the merged model against the
+    kernel-independent reference (see above), within RTOL_LOGITS of the merged dtype, and no next-token flip that
+    the tolerance cannot explain. `full_precision_drift` also measures how far a merge into the full-precision base
+    (what a plain LoRA merge computes) would be from the trained model."""
+    import torch
+    from peft import PeftModel
+
+    from tutor_wrap.backends.nf4_merge import load_nf4
+
+    t0 = time.perf_counter()
+    acfg = adapter_config(adapter)
+    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    pairs = lora_pairs(adapter)
+    nf4 = load_nf4(base, compute_dtype)
+    deq = _dequantized_weights(nf4, compute_dtype)
+    weights = _nf4_weight_check(base, adapter, merged, deq, pairs, scale)
+    vocab = int(nf4.get_input_embeddings().weight.shape[0])
     ids = torch.tensor(fixed_inputs(vocab), dtype=torch.long)
-    trained = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+    # This machine's 4-bit kernel, for the record only.
+    trained = PeftModel.from_pretrained(nf4, str(adapter), is_trainable=False).eval()
     with torch.no_grad():
-        ref = trained(input_ids=ids).logits.float()
-    del trained, model, quantized
+        kernel = trained(input_ids=ids).logits.float()
+    del trained, nf4
+    gc.collect()
+    # One fp32 model: with the adapter on the full-precision base first (the drift a plain merge would have), then
+    # the same model with its quantized layers set to the dequantized weights: the reference.
+    ref_model = PeftModel.from_pretrained(_load_causal_lm(base), str(adapter), is_trainable=False).eval()
+    inner = ref_model.get_base_model()
+    with torch.no_grad():
+        fp_logits = ref_model(input_ids=ids).logits.float() if full_precision_drift else None
+        for key, w in deq.items():
+            mod = inner.get_submodule(key.removesuffix(".weight"))
+            getattr(mod, "base_layer", mod).weight.copy_(w)
+        ref = ref_model(input_ids=ids).logits.float()
+    del ref_model, inner, deq
     gc.collect()
     got, dtype, texts = _merged_logits(merged, ids, greedy)
     ref_max = float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
     stats = _logit_stats(got, ref)
-    ok = stats["max_abs_diff"] <= tol and stats["top1_agreement"] >= NF4_MIN_TOP1 and bool(torch.isfinite(got).all())
-    logits = {"status": "passed" if ok else "failed", **stats, "tolerance": tol, "min_top1_agreement": NF4_MIN_TOP1,
-              "merged_dtype": dtype, "reference_max_abs": ref_max,
+    flips = _flips_beyond_ties(got, ref, tol)
+    ok = stats["max_abs_diff"] <= tol and flips == 0 and bool(torch.isfinite(got).all())
+    logits = {"status": "passed" if ok else "failed", **stats, "tolerance": tol, "rtol": RTOL_LOGITS.get(dtype, 5e-2),
+              "atol": ATOL_LOGITS, "flips_beyond_ties": flips, "merged_dtype": dtype, "reference_max_abs": ref_max,
+              "kernel_vs_reference": {**_logit_stats(kernel, ref),
+                                      "what": "bitsandbytes' 4-bit inference kernel on this machine (not judged)"},
               "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab}}
-    if full_precision_drift:
-        fp = PeftModel.from_pretrained(_load_causal_lm(base), str(adapter), is_trainable=False).eval()
-        with torch.no_grad():
-            logits["full_precision_merge_vs_trained"] = _logit_stats(fp(input_ids=ids).logits.float(), ref)
-        del fp
-        gc.collect()
+    if fp_logits is not None:
+        logits["full_precision_merge_vs_trained"] = _logit_stats(fp_logits, ref)
     out = {"base": str(base), "adapter": str(adapter), "merged": str(merged),
-           "reference": f"the trained model: NF4 base (bitsandbytes, compute dtype {compute_dtype}) + adapter",
+           "reference": f"the trained model: NF4 base (bitsandbytes' dequantized weights in {compute_dtype}) + "
+                        "adapter, plain fp32 forward",
            "weights": weights, "logits": logits, "greedy": texts}
     out["status"] = "passed" if weights["status"] == logits["status"] == "passed" else "failed"
     out["ok"] = out["status"] == "passed"
@@ -422,6 +465,7 @@ def check_verification(res: dict, log: Path) -> None:
         if lg.get("status") == "failed":
             detail = (f"logits max abs diff {lg['max_abs_diff']:.3g} (tolerance {lg['tolerance']:.3g}), next-token "
                       f"agreement {lg.get('top1_agreement', 0):.0%}"
+                      + (f", {lg['flips_beyond_ties']} flip(s) beyond near-ties" if lg.get("flips_beyond_ties") else "")
                       + (f", adapter effect {lg['adapter_effect']:.3g}" if "adapter_effect" in lg else "")
                       + (f"; {detail}" if detail else ""))
         raise TutorWrapError(f"merge: the merged model does not match base + adapter: {detail}; details: {log}",

@@ -59,6 +59,17 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str]:
     return [f for f in CPU_FLAGS if f in have]
 
 
+# Named levels, best first: what preflight prints and what the CPU dtype choice reads (a level needs all its flags).
+ISA_LEVELS = (("AMX", ("amx_tile", "amx_bf16")), ("AVX512-BF16", ("avx512f", "avx512_bf16")), ("AVX-512", ("avx512f",)),
+              ("AVX2", ("avx2", "fma")))
+
+
+def isa_level(flags) -> str:
+    """The best named instruction-set level among `flags` (cpu_flags' output); "baseline" below AVX2."""
+    have = set(flags)
+    return next((name for name, need in ISA_LEVELS if set(need) <= have), "baseline")
+
+
 def apple_mps() -> bool:
     """Apple silicon: PyTorch's MPS backend exists there (noted only: Axolotl does not train on it here)."""
     return platform.system() == "Darwin" and platform.machine() == "arm64"

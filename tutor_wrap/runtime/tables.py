@@ -10,6 +10,7 @@ from rich.markup import escape as esc
 from rich.table import Table
 
 from tutor_wrap.core.units import gib
+from tutor_wrap.machine.host import isa_level
 
 
 def plan_table(plan, title: str = "plan") -> Table:
@@ -68,8 +69,9 @@ def preflight_tables(report: dict) -> list:
                   f"{esc(arch)}  bf16={'yes' if g['bf16'] else 'no'}")
     if not hw["gpus"]:
         t.add_row("GPU", "none")
-    t.add_row("CPU", f"{esc(hw.get('cpu_model') or '?')}  {hw['cpu_count']} threads  "
-              f"{' '.join(hw.get('cpu_flags') or []) or 'no AVX2'}" + ("  Apple MPS" if hw.get("mps") else ""))
+    flags = hw.get("cpu_flags") or []
+    t.add_row("CPU", f"{esc(hw.get('cpu_model') or '?')}  {hw['cpu_count']} threads  {isa_level(flags)}"
+              f" ({' '.join(flags) or 'no AVX2'})" + ("  Apple MPS" if hw.get("mps") else ""))
     t.add_row("RAM", f"{gib(hw['ram_available_bytes'])} free of {gib(hw['ram_total_bytes'])}")
     t.add_row("swap", f"{gib(hw['swap_free_bytes'])} free of {gib(hw['swap_total_bytes'])}")
     t.add_row("disk", f"{gib(hw['disk_free_bytes'])} free")

@@ -40,13 +40,18 @@ def test_extraction_lands_whole_or_not_at_all(tmp_path):
 
 
 def test_a_build_for_another_cpu_is_rebuilt_and_this_machines_is_kept():
-    """The build is native (-march=native): a marker naming an instruction set this CPU lacks, or none at all
-    (the portable build of older versions), asks for a rebuild; this machine's own record does not."""
+    """The build is native (-march=native) and records the instruction sets it was made with: a record from a CPU
+    with another set, from a portable build, or from before the record existed asks for a rebuild; this machine's
+    own record does not. A portable build (container images) is kept on any CPU that has its instruction sets."""
     b = load_script()
     here = b.cpu_isa()
-    assert b.isa_missing({"cpu_isa": here}) == []
-    assert b.isa_missing({"cpu_isa": here + ["amx_fp16_not_a_real_flag"]}) == ["amx_fp16_not_a_real_flag"]
-    assert b.isa_missing({}) != []
+    assert b.built_for_here({"cpu_target": "native", "cpu_isa": here}, portable=False)
+    assert not b.built_for_here({"cpu_target": "native", "cpu_isa": here + ["amx_fp16_x"]}, portable=False)
+    assert not b.built_for_here({"cpu_target": "native", "cpu_isa": here[:-1]}, portable=False)
+    assert not b.built_for_here({}, portable=False)
+    _, needs, name = b.target(portable=True)
+    assert b.built_for_here({"cpu_target": name, "cpu_isa": needs}, portable=True)
+    assert not b.built_for_here({"cpu_target": name, "cpu_isa": needs}, portable=False)
     # x86 lists `flags`, ARM `Features`; kernel security bits that merely share a prefix are not instruction sets
     assert b.cpu_isa("flags\t: fpu sse2 avx2 smep smap avx512_bf16 hypervisor\n") == ["avx2", "avx512_bf16", "sse2"]
     assert b.cpu_isa("Features\t: fp asimd asimddp sve i8mm bf16\n") == ["asimd", "asimddp", "bf16", "i8mm", "sve"]

@@ -108,7 +108,8 @@ def test_cli_merge_is_verified_against_peft(merged):
     assert v["max_abs_diff"] <= v["tolerance"] and v["max_abs_diff"] < 1e-4
     assert v["inputs"]["sequences"] * v["inputs"]["tokens"] >= 64
     lg = v["logits"]
-    assert lg["status"] == "passed" and lg["merged_dtype"] == "F32" and lg["top1_agreement"] == 1.0
+    # a next-token flip is allowed only at a near-tie the tolerance explains (summation order differs by CPU)
+    assert lg["status"] == "passed" and lg["merged_dtype"] == "F32" and lg["flips_beyond_ties"] == 0
     # the adapter really changes the output, far beyond the tolerance: a merge that dropped it would fail
     assert lg["adapter_effect"] > 100 * lg["tolerance"]
     w = v["weights"]

@@ -29,6 +29,7 @@ CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DCMAKE_BUILD_TYP
 ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "popcnt", "movbe", "lzcnt", "abm", "gfni",
                 "vaes", "vpclmulqdq", "sha_ni", "asimd", "sve", "sme", "i8mm", "bf16", "fphp", "dotprod", "fp16")
 SOURCE_MARKER = ".tutor_wrap_source.json"  # lives inside src/, so it moves atomically with it
+TARGET_MARKER = ".tutor_wrap_target.json"  # in build/: the CPU target its objects were compiled for
 
 
 def log(msg):
@@ -108,16 +109,29 @@ def cpu_isa(cpuinfo=None):
     return sorted(w for w in words if w.startswith(ISA_PREFIXES) and w not in ("smep", "smap"))
 
 
-def isa_missing(info):
-    """What the recorded build uses that this CPU lacks; a build from before the ISA was recorded was portable
-    (x86-64-v3), so it is rebuilt for this CPU once."""
-    if "cpu_isa" not in info:
-        return ["(a portable build: rebuilt once for this CPU)"]
-    return sorted(set(info["cpu_isa"]) - set(cpu_isa()))
+def built_for_here(info, portable):
+    """Whether a recorded build is the one this machine wants: a native build made on a CPU with exactly these
+    instruction sets (one from a lesser CPU runs, but slower than it should; one from a greater CPU crashes), or a
+    portable build whose instruction sets this CPU has."""
+    want = target(portable)
+    if info.get("cpu_target") != want[2]:
+        return False
+    return set(info.get("cpu_isa", [])) <= set(cpu_isa()) if portable else info.get("cpu_isa") == want[1]
 
 
-def cmake_flags():
-    return ["-DGGML_NATIVE=ON", *CMAKE_FLAGS]
+# --portable (container images, which run on CPUs other than the one that built them): the x86-64-v3 set, which any
+# x86 machine from the last decade has. GGML_NATIVE=OFF alone would drop every SIMD extension.
+X86_V3 = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "sse4_2": "SSE42"}
+
+
+def target(portable):
+    """(cmake flags for the CPU code, the instruction sets the binaries will need, a name for the record)."""
+    if not portable:
+        return ["-DGGML_NATIVE=ON"], cpu_isa(), "native"
+    if os.uname().machine == "x86_64" and set(X86_V3) <= set(cpu_isa()):
+        return (["-DGGML_NATIVE=OFF", *(f"-DGGML_{name}=ON" for name in X86_V3.values())], sorted(X86_V3),
+                "portable x86-64-v3")
+    return ["-DGGML_NATIVE=OFF"], [], "portable"
 
 
 def run_logged(cmd, logf, env):
@@ -125,12 +139,12 @@ def run_logged(cmd, logf, env):
     return subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def build(dest, commit):
+def build(dest, commit, cpu_flags):
     src, build_dir, log_path = dest / "src", dest / "src" / "build", dest / "build.log"
     # Without a ceiling, llama.cpp's build-info would take the commit of whatever git repo
     # encloses DIR (e.g. tutor_wrap itself) as the llama.cpp version.
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest))
-    configure = ["cmake", "-S", str(src), "-B", str(build_dir), *cmake_flags(),
+    configure = ["cmake", "-S", str(src), "-B", str(build_dir), *cpu_flags, *CMAKE_FLAGS,
                  f"-DLLAMA_BUILD_COMMIT={commit[:7]}"]
     jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with open(log_path, "w") as logf:
@@ -150,15 +164,7 @@ def build(dest, commit):
         sys.exit(f"llama.cpp build failed (exit {rc}); full log: {log_path}")
 
 
-def install(dest, ok_file, bin_dir):
-    try:
-        missing = isa_missing(json.loads(ok_file.read_text()))
-    except (OSError, ValueError):
-        missing = []
-    if missing and (dest / "src" / "build").exists():
-        # -march=native reads the same on every CPU, so make would keep the objects: start the build over.
-        log(f"the llama.cpp build was made for another CPU ({', '.join(missing[:6])} missing here): rebuilding")
-        shutil.rmtree(dest / "src" / "build")
+def install(dest, ok_file, bin_dir, portable=False):
     ok_file.unlink(missing_ok=True)
     for stale in dest.glob("src.tmp-*"):  # left by an interrupted extraction
         shutil.rmtree(stale)
@@ -172,12 +178,23 @@ def install(dest, ok_file, bin_dir):
             shutil.rmtree(src)
         extract(tarball, dest)
         marker = json.loads((src / SOURCE_MARKER).read_text())
-    build(dest, marker["commit"])
+    cpu_flags, isa, cpu_target = target(portable)
+    build_dir = dest / "src" / "build"
+    try:
+        compiled_for = json.loads((build_dir / TARGET_MARKER).read_text())
+    except (OSError, ValueError):
+        compiled_for = None
+    if build_dir.exists() and compiled_for != {"cpu_target": cpu_target, "cpu_isa": isa}:
+        # Objects compiled for another CPU or target: -march=native reads the same everywhere, so make would keep them.
+        log(f"the build dir was compiled for {compiled_for or 'an unrecorded target'}: starting it over")
+        shutil.rmtree(build_dir)
+    build(dest, marker["commit"], cpu_flags)
+    (build_dir / TARGET_MARKER).write_text(json.dumps({"cpu_target": cpu_target, "cpu_isa": isa}))
     # Catches binaries that link but cannot load their shared libraries.
     if subprocess.run([str(bin_dir / "llama-completion"), "--version"], capture_output=True).returncode:
         sys.exit(f"{bin_dir / 'llama-completion'} --version failed; see {dest / 'build.log'}")
     info = {"llama_cpp_python": VERSION, "llama_cpp_build": marker["commit"],
-            "cpu_target": "native", "cpu_isa": cpu_isa(), "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
+            "cpu_target": cpu_target, "cpu_isa": isa, "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
             "gguf_py": "src/gguf-py", "sha256": SHA256}
     tmp = ok_file.with_name(ok_file.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -189,7 +206,10 @@ def main():
     cache = Path(os.environ.get("TUTOR_WRAP_CACHE") or repo / ".cache")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", type=Path, default=cache / "llama.cpp")
-    dest = ap.parse_args().dest.resolve()
+    ap.add_argument("--portable", action="store_true",
+                    help="binaries for any x86-64-v3 CPU instead of this one's (container images)")
+    args = ap.parse_args()
+    dest = args.dest.resolve()
     ok_file, bin_dir = dest / "BUILD_OK.json", dest / "src" / "build" / "bin"
 
     def ready():
@@ -199,14 +219,14 @@ def main():
             return False
         if info.get("sha256") != SHA256 or not all(os.access(bin_dir / t, os.X_OK) for t in TARGETS):
             return False
-        return not isa_missing(info)
+        return built_for_here(info, args.portable)
 
     if not ready():
         dest.mkdir(parents=True, exist_ok=True)
         with open(dest / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # serialise concurrent runs on the same DIR
             if not ready():  # a run we waited for may have finished the job
-                install(dest, ok_file, bin_dir)
+                install(dest, ok_file, bin_dir, args.portable)
     log(f"llama.cpp ready at {dest}")
 
 

@@ -203,6 +203,23 @@ def _merged_logits(merged: Path, ids, greedy: Request | None = None):
     return got, param_stats(merged)["dtype"] or "F32", texts
 
 
+def _logit_stats(got, ref) -> dict:
+    diff = (got - ref).abs()
+    ref_max = float(ref.abs().max())
+    return {"max_abs_diff": float(diff.max()), "rel_err": float(diff.max()) / ref_max if ref_max else None,
+            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+
+
+def _flips_beyond_ties(got, ref, tol: float) -> int:
+    """Positions where the merged model's next token differs from the reference's although the reference preferred
+    its own token by more than 2 * tol: no error within tol can explain such a flip (near-ties may flip)."""
+    import torch
+
+    pick = got.argmax(-1)
+    margin = ref.max(-1).values - torch.gather(ref, -1, pick.unsqueeze(-1)).squeeze(-1)
+    return int((margin > 2 * tol).sum())
+
+
 def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None = None) -> tuple[dict, dict | None]:
     """Merged model vs base + adapter (PEFT, unmerged), fp32, one model in memory at a time; and the answer to
     `greedy` from the merged model while it is loaded (None when not asked)."""
@@ -230,8 +247,10 @@ def check_logits(base: Path, adapter: Path, merged: Path, greedy: Request | None
     diff = (got - ref).abs()
     max_abs, ref_max = float(diff.max()), float(ref.abs().max())
     tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
+    flips = _flips_beyond_ties(got, ref, tol)
     return {
-        "status": "passed" if max_abs <= tol and torch.isfinite(got).all() else "failed",
+        "status": "passed" if max_abs <= tol and flips == 0 and torch.isfinite(got).all() else "failed",
+        "flips_beyond_ties": flips,
         "max_abs_diff": max_abs, "mean_abs_diff": float(diff.mean()), "rel_err": max_abs / ref_max if ref_max else None,
         "tolerance": tol, "rtol": RTOL_LOGITS.get(dtype, 5e-2), "atol": ATOL_LOGITS, "merged_dtype": dtype,
         "reference_max_abs": ref_max, "adapter_effect": float((ref - plain).abs().max()),
@@ -292,23 +311,6 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
 # adapter through PEFT, unmerged. Merged and reference then differ only by torch's fp32 summation order and the
 # merged model's storage rounding: the same tolerances as the plain LoRA check (RTOL_LOGITS). What the fused kernel
 # of this machine computes is recorded beside it (`kernel_vs_reference`), not judged.
-
-
-def _logit_stats(got, ref) -> dict:
-    diff = (got - ref).abs()
-    ref_max = float(ref.abs().max())
-    return {"max_abs_diff": float(diff.max()), "rel_err": float(diff.max()) / ref_max if ref_max else None,
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
-
-
-def _flips_beyond_ties(got, ref, tol: float) -> int:
-    """Positions where the merged model's next token differs from the reference's although the reference preferred
-    its own token by more than 2 * tol: no error within tol can explain such a flip (near-ties may flip)."""
-    import torch
-
-    pick = got.argmax(-1)
-    margin = ref.max(-1).values - torch.gather(ref, -1, pick.unsqueeze(-1)).squeeze(-1)
-    return int((margin > 2 * tol).sum())
 
 
 def _dequantized_weights(model, compute_dtype: str) -> dict:

@@ -48,14 +48,19 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+def cpu_feature_words(cpuinfo: str | None = None) -> set[str]:
+    """Every feature word the kernel lists for the CPU (x86 `flags`, ARM `Features`)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            return []
-    m = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    have = set(m.group(1).split()) if m else set()
+            return set()
+    m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", cpuinfo, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    have = cpu_feature_words(cpuinfo)
     return [f for f in CPU_FLAGS if f in have]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.paths import REPO_DIR, cache_dir
 from tutor_wrap.core.proc import tool_env
+from tutor_wrap.machine.host import cpu_feature_words
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ def locate() -> LlamaCpp:
     marker = managed / "BUILD_OK.json"
     if marker.is_file():
         info = json.loads(marker.read_text("utf-8"))
+        lacking = sorted(set(info.get("cpu_isa") or []) - cpu_feature_words())
+        if lacking:
+            # A native build from another machine (a copied .cache) would die of an illegal instruction mid-stage.
+            raise TutorWrapError(f"the llama.cpp build in {managed} was made for a CPU with {', '.join(lacking[:5])}, "
+                                 "which this CPU lacks",
+                                 hint=f"run `{sys.executable} {REPO_DIR / 'tools' / 'build_llamacpp.py'}` (or `make "
+                                      "setup`): it rebuilds for this CPU")
         found = _from_dir(managed / "src", f"llama-cpp-python {info.get('llama_cpp_python')} "
                                             f"(llama.cpp {info.get('llama_cpp_build')})")
         if found is not None:

@@ -108,9 +108,11 @@ def test_export_measures_fidelity_to_the_merged_model(finished_run):
 
 def test_quantized_model_generates_text(finished_run):
     run, _ = finished_run
-    out = llamacpp.complete(llamacpp.locate(), run / "export/tiny-Q4_K_M.gguf",
-                            "Below is an instruction", n_predict=8)
-    assert out.text.strip() or out.stopped_by_eos
+    # the training prompt of a held-out row: the tune answers with text before its EOS (an EOS-only GGUF fails)
+    prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              f"request.\n\n### Instruction:\n{EVAL[0]['instruction']}\n\n### Response:\n")
+    out = llamacpp.complete(llamacpp.locate(), run / "export/tiny-Q4_K_M.gguf", prompt, n_predict=8)
+    assert out.text.strip()
 
 
 def test_modelfile_parses_and_speaks_the_training_format(finished_run):
@@ -138,8 +140,12 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     # "k" varies between 2-thread runs; the check itself is tested on crafted answers in test_eval_checks.py)
     assert report["tuned"]["code_runs_rate"] == report["base"]["code_runs_rate"] == 0.0
     assert report["tuned"]["answer_match_rate"] >= report["base"]["answer_match_rate"]
-    assert all(p["tuned"]["checks"]["answer_match"] or "reference 'ok'" in p["tuned"]["details"]["answer_match"]
-               for p in report["prompts"])
+    # ... and judged each answer by its text: it passes exactly when the answer's final answer is the reference's
+    from tutor_wrap.checks import math_answer
+    for p in report["prompts"]:
+        assert p["tuned"]["checks"]["answer_match"] == math_answer.matches(p["tuned"]["text"], "ok"), p["tuned"]
+        if not p["tuned"]["checks"]["answer_match"]:
+            assert "reference 'ok'" in p["tuned"]["details"]["answer_match"]
     assert all(p["tuned"]["details"]["code_runs"] == "no python block" for p in report["prompts"])
     st = report["stats"]["tuned_vs_base"]
     assert st["n"] == len(EVAL) and st["wins"] + st["losses"] + st["ties"] == len(EVAL) and 0 <= st["p_value"] <= 1

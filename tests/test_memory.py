@@ -27,8 +27,15 @@ def total(arch, **kw):
 
 def test_qlora_weight_and_adapter_sizes(l3):
     br = estimate(l3, SEED)
-    # NF4 + double quant ~0.516 B/param on the 6.98 B decoder-linear params
-    assert br.weights_quantized == pytest.approx(l3.decoder_linear_params * 0.516, rel=0.01)
+    # NF4 with double quantization as bitsandbytes stores it, measured on a real 4096 x 4096 layer: packed codes,
+    # 8-bit absmax per block and the second-level scales (what QLoRA keeps of every decoder linear layer)
+    import bitsandbytes.functional as bf
+    import torch
+
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    q, st = bf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, quant_storage=torch.bfloat16)
+    stored = sum(t.numel() * t.element_size() for t in (q, st.absmax, st.state2.absmax, st.state2.code, st.offset))
+    assert br.weights_quantized == pytest.approx(l3.decoder_linear_params * stored / w.numel(), rel=0.01)
     # Axolotl keeps embed_tokens + lm_head in bf16 for qlora: 2 x 525 M x 2 B
     assert br.weights_16bit == pytest.approx(2 * 128256 * 4096 * 2, rel=0.01)
     # 83.9 M LoRA params: fp32 weights + fp32 grads + ~2.03 B of 8-bit Adam states
@@ -132,4 +139,11 @@ def test_bench_runs():
     repo = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(repo / "bench/memory_bench.py")], capture_output=True, text=True,
                          check=True, cwd=repo)
-    assert "median abs error" in out.stdout and "planner search, Llama 3 8B on a 12 GiB card: median" in out.stdout
+    assert "planner search, Llama 3 8B on a 12 GiB card: median" in out.stdout
+    # the summary line is the median of the rows it prints (the abs % error column of the rows marked for stats)
+    rows = [ln.split() for ln in out.stdout.splitlines() if ln.rstrip().endswith((" yes", " no"))]
+    errs = sorted(float(r[-2]) for r in rows if r[-1] == "yes")
+    n = len(errs)
+    median = (errs[n // 2] + errs[(n - 1) // 2]) / 2
+    assert n >= 10 and f"{n} rows in stats" in out.stdout
+    assert f"median abs error {median:.1f}%, max abs error {max(errs):.1f}%" in out.stdout

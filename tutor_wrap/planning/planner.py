@@ -13,6 +13,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.units import GIB
 from tutor_wrap.core.versions import version_tuple
 from tutor_wrap.machine.hardware import Hardware
+from tutor_wrap.machine.host import isa_level
 from tutor_wrap.machine.vendors import by_name
 from tutor_wrap.recipe.schema import Recipe
 
@@ -22,6 +23,12 @@ SAFETY = 0.10            # fraction of VRAM the plan leaves free (allocator spik
 # (4 x 135e6 x 600 / 6 / 2 = ~27 GFLOP/s per core).
 CPU_FLOPS_PER_CORE = 27e9
 IMPRACTICAL_S_PER_STEP = 120
+# bf16 against fp32 training on the CPU, by ISA level, measured through Axolotl (bench/cpu_train.py on the demo's
+# config, 2 threads, median seconds per step over steps 3..10, two runs): (speed-up range, final-loss change range in
+# %, the CPU). Only a level measured here can be planned in bf16, and only when it wins by BF16_MIN_SPEEDUP without
+# losing more than BF16_MAX_LOSS_PCT of final loss: a few percent of speed is not worth a model that learns less.
+CPU_BF16_MEASURED = {"AVX512-BF16": ((1.06, 1.11), (1.2, 1.4), "an AMD EPYC with avx512f and avx512_bf16, 2026-12-04")}
+BF16_MIN_SPEEDUP, BF16_MAX_LOSS_PCT = 1.2, 0.5
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,22 @@ def _choose_sharding(choose, sharding: str, n: int, arch, k, vram: int) -> None:
                                          if needs else ""))
 
 
+def cpu_dtype(flags: list[str]) -> tuple[str, str]:
+    """fp32 or bf16 for CPU training on a CPU with these flags, from CPU_BF16_MEASURED, with the figure as reason."""
+    level = isa_level(flags)
+    fp16 = "fp16 matmuls fall to a naive kernel (about 20x slower)"
+    if level not in ("AVX512-BF16", "AMX"):
+        return "fp32", f"CPU ({level}): {fp16}; bf16 has no native instructions below AVX512-BF16"
+    if level not in CPU_BF16_MEASURED:
+        return "fp32", f"CPU ({level}): {fp16}; bf16 is not measured on this ISA yet (bench/cpu_train.py)"
+    (s_lo, s_hi), (l_lo, l_hi), where = CPU_BF16_MEASURED[level]
+    figure = f"bf16 measured x{s_lo:.2f}-{s_hi:.2f} per step, final loss {l_lo:+.1f} to {l_hi:+.1f}% on {where}"
+    if s_lo >= BF16_MIN_SPEEDUP and max(l_lo, l_hi) <= BF16_MAX_LOSS_PCT:
+        return "bf16", f"CPU ({level}): {figure}"
+    return "fp32", (f"CPU ({level}): {figure}: below the x{BF16_MIN_SPEEDUP} without a loss cost that would pay for "
+                    f"bf16; {fp16}")
+
+
 def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:
     # LoRA: forward 2*N*T plus backward through the frozen weights 2*N*T (no weight gradients for them).
     return 4 * params * tokens / (CPU_FLOPS_PER_CORE * max(1, cores))
@@ -274,7 +297,7 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
                             + "; plain LoRA is used")
         else:
             choose("method", method, "as the recipe asks")
-        dtype = choose("dtype", "fp32", "CPU: fp16 matmuls fall to a naive kernel (about 20x slower), bf16 is emulated")
+        dtype = choose("dtype", *cpu_dtype(hw.cpu_flags))
         micro = choose("micro_batch_size", t.micro_batch_size or max(1, min(t.batch_size // cpu_procs, 4)),
                        "as the recipe asks" if t.micro_batch_size else "CPU default: small batches, no VRAM to fill"
                        + (f", {cpu_procs} processes sharing batch_size {t.batch_size}" if cpu_procs > 1 else ""))

@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tutor_wrap-installed
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test clean-runs go-toolchain llamacpp
+.PHONY: setup demo test test-fast clean-runs go-toolchain llamacpp
 
 setup:
 	@$(PARALLEL) $(STAMP) llamacpp
@@ -41,9 +41,15 @@ go-toolchain:
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
+# Everything (what CI runs), with the 25 slowest tests listed at the end.
 test:
 	@$(PARALLEL) $(STAMP) llamacpp go-toolchain
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=25
+
+# The development lane: unit + tools tests, no training (tests/conftest.py: LANES).
+test-fast:
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain
+	$(VPY) -m pytest -q -m "not e2e" --durations=10
 
 clean-runs:
 	rm -rf runs

@@ -31,3 +31,16 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     from tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-chat") / "tiny-chat-llama", chat=True)
+
+
+# Lanes: every test module declares one (pytestmark). `make test-fast` runs unit + tools (no training, minutes);
+# `make test` and CI run all three.
+LANES = ("unit", "tools", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    unlaned = sorted({item.nodeid.split("::")[0] for item in items
+                      if sum(1 for lane in LANES if item.get_closest_marker(lane)) != 1})
+    if unlaned:
+        raise pytest.UsageError(f"tests without exactly one lane mark ({', '.join(LANES)}): {', '.join(unlaned)}; "
+                                "add `pytestmark = pytest.mark.<lane>` to the module")

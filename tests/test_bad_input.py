@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.tools
+
 GOOD_ROW = {"instruction": "Explain lists.", "input": "", "output": "A list holds items.\n\n```python\nx = [1]\n```"}
 
 

@@ -4,8 +4,12 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tutor_wrap.core.paths import cache_dir
 
+
+pytestmark = pytest.mark.tools
 REPO = Path(__file__).resolve().parents[1]
 
 

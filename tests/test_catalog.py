@@ -7,6 +7,8 @@ import pytest
 from tutor_wrap.models.catalog import CATALOG, from_config, known_ids, lookup
 from tutor_wrap.core.errors import TutorWrapError
 
+pytestmark = pytest.mark.tools
+
 # Published parameter counts (model cards / safetensors metadata of the Hugging Face checkpoints).
 KNOWN_TOTALS = {
     "llama-2-7b": 6_738_415_616,

@@ -13,6 +13,8 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.chat_templates import CHATML, LLAMA3, identify, render_jinja
 from tutor_wrap.data.formats import get
 
+pytestmark = pytest.mark.unit
+
 SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system"
            "\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>'"
            " + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt"

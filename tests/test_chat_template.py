@@ -14,6 +14,8 @@ from tutor_wrap.data.chat_templates import CHAT_TEMPLATES
 from tutor_wrap.data.formats import FORMATS
 from tutor_wrap.models.files import write_chat_template
 
+pytestmark = pytest.mark.tools
+
 ROWS = [
     {"instruction": "Explain Python lists.", "input": ""},
     {"instruction": "What does this error mean?", "input": "TypeError: can only concatenate str (not \"int\") to str"},

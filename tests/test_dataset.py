@@ -5,6 +5,8 @@ import pytest
 from tutor_wrap.data.alpaca import load_alpaca
 from tutor_wrap.core.errors import TutorWrapError
 
+pytestmark = pytest.mark.unit
+
 
 def row(i="Explain x", o="Like this."):
     return json.dumps({"instruction": i, "input": "", "output": o})

@@ -9,6 +9,8 @@ from tutor_wrap.backends import llamacpp
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.backends.gguf_export import convert_model, export_model
 
+pytestmark = pytest.mark.tools
+
 
 @pytest.fixture
 def small_disk(tmp_path):

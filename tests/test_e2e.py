@@ -11,6 +11,8 @@ import yaml
 
 from tutor_wrap.backends import llamacpp, modelfile
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["plan", "train", "merge", "export", "deploy", "eval"]
 

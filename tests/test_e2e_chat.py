@@ -15,6 +15,8 @@ from tiny_model import CHAT_DEFAULT_SYSTEM, CHAT_TEMPLATE
 from tutor_wrap.backends import llamacpp, modelfile
 from tutor_wrap.data.chat_templates import CHATML
 
+pytestmark = pytest.mark.e2e
+
 STAGES = ["plan", "train", "merge", "export", "deploy", "eval"]
 
 

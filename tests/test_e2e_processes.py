@@ -15,8 +15,8 @@ from test_train_recovery import kill_after_checkpoint, long_rows, write_recipe
 STEPS, SAVE_EVERY, ROWS, MICRO = 40, 10, 32, 2
 
 # The planner refuses more training processes than CPUs this process may use (a 1-CPU container, taskset).
-pytestmark = pytest.mark.skipif(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < 2,
-                                reason="two training processes need two usable CPUs")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) < 2,
+                                reason="two training processes need two usable CPUs")]
 
 # A person's `accelerate config` from another project: one GPU id with multi-GPU. accelerate launch reads it from
 # $HF_HOME/accelerate/default_config.yaml when it is given no --config_file, and then refuses a 2-process launch.

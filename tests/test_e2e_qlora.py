@@ -14,6 +14,8 @@ import yaml
 
 from test_e2e import EVAL, TRAIN
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_model, tmp_path_factory):

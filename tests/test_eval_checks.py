@@ -9,6 +9,8 @@ from tutor_wrap.checks.stats import mcnemar_exact, paired, wilson
 from tutor_wrap.data.alpaca import ALPACA
 from tutor_wrap.recipe.schema import EvalChecks
 
+pytestmark = pytest.mark.tools
+
 CHECKS = EvalChecks(code_block=True, code_runs=True, max_words=200)
 
 

@@ -9,6 +9,8 @@ from tutor_wrap.backends import llamacpp
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.backends.gguf_export import check_convertible, convert_model
 
+pytestmark = pytest.mark.tools
+
 
 def test_an_architecture_the_converter_does_not_know_is_named(tiny_model, tmp_path):
     model = tmp_path / "foo"

@@ -8,9 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_e2e import STAGES, make_recipe
 
 from tutor_wrap.backends import llamacpp, modelfile
+
+pytestmark = pytest.mark.e2e
 
 
 def _status(manifest: Path) -> dict:

@@ -9,6 +9,8 @@ from gguf import GGUFEndian, GGUFReader, GGUFWriter
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.models.gguf_file import ArrayInfo, read_gguf_header
 
+pytestmark = pytest.mark.unit
+
 
 def write_gguf(path, endian):
     w = GGUFWriter(str(path), "llama", endianess=endian)

@@ -13,6 +13,8 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.alpaca import ALPACA, AlpacaRow
 from tutor_wrap.models.files import write_chat_template
 
+pytestmark = pytest.mark.tools
+
 
 def listening(port: int) -> bool:
     with socket.socket() as s:

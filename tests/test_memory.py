@@ -10,6 +10,8 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.units import GIB as GiB
 from tutor_wrap.planning.memory import Knobs, estimate, fits, search
 
+pytestmark = pytest.mark.tools
+
 RTX3060 = 12 * GiB      # 12288 MiB card
 
 SEED = Knobs(method="qlora", lora_r=32, lora_targets="all-linear", seq_len=1024, micro_batch=1, grad_ckpt=True,

@@ -23,6 +23,8 @@ from tutor_wrap.backends.modelfile import (
     validate,
 )
 
+pytestmark = pytest.mark.unit
+
 try:  # hypothesis is a dev extra; the seeded fuzz below runs either way
     from hypothesis import given, settings
     from hypothesis import strategies as st

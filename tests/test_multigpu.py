@@ -17,6 +17,8 @@ from tutor_wrap.planning.memory import Knobs, estimate
 from tutor_wrap.planning.planner import SAFETY, make_plan
 from tutor_wrap.recipe.load import load_recipe
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "recipes" / "python-tutor-llama3-8b-rtx3060.yml"
 LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192,

@@ -38,6 +38,8 @@ from tutor_wrap.data.alpaca import ALPACA, ALPACA_SYSTEM_NO_INPUT, ALPACA_SYSTEM
 from tutor_wrap.data.chat_templates import CHATML, LLAMA3, for_chat_template
 from tutor_wrap.data.formats import get as for_dataset
 
+pytestmark = pytest.mark.tools
+
 GO_SOURCE = Path(__file__).resolve().parent / "go" / "render_template.go"
 GO_INSTALL = "apt-get update && apt-get install -y golang-go"
 

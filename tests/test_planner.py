@@ -16,6 +16,8 @@ from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.planner import cpu_threads, make_plan, planned_sequence_len
 from tutor_wrap.recipe.load import load_recipe
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yml"))
 # The demo's local SmolLM2 folder exists only after `make demo`; the same architecture is in the catalog.

@@ -2,10 +2,14 @@
 
 import json
 
+import pytest
+
 from tutor_wrap.planning import preflight
 from tutor_wrap.machine import profiles
 from tutor_wrap.core.units import GIB
 from tutor_wrap.recipe.schema import Recipe
+
+pytestmark = pytest.mark.unit
 
 
 def fake_model(root, shard_bytes=(4_976_698_672, 4_999_802_720, 4_915_916_176, 1_168_138_808)):

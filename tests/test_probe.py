@@ -13,6 +13,8 @@ from dataclasses import replace
 
 from tutor_wrap.machine import amd, hardware, host, nvidia, probe, visible
 
+pytestmark = pytest.mark.tools
+
 FIX = Path(__file__).parent / "fixtures"
 MIB = 1024**2
 

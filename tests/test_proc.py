@@ -1,4 +1,8 @@
+import pytest
+
 from tutor_wrap.core.proc import redact, tool_env
+
+pytestmark = pytest.mark.unit
 
 
 def test_tokens_and_secrets_are_redacted():

@@ -9,6 +9,8 @@ from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.machine.probe import probe
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = {"rtx3060-12gb", "rtx4090-24gb", "a100-80gb", "h100-80gb", "mi300x-192gb", "radeon-rx7900xtx-24gb",
            "cpu-only", "2x-rtx4090-24gb", "8x-h100-80gb"}
 

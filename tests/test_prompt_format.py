@@ -4,6 +4,8 @@ import pytest
 
 from tutor_wrap.data.alpaca import ALPACA
 
+pytestmark = pytest.mark.tools
+
 ROWS = [
     {"instruction": "Explain Python lists.", "input": "", "output": "A list holds items.\n\n```python\nx = [1]\n```"},
     {"instruction": "What does this error mean?", "input": "TypeError: can only concatenate str (not \"int\") to str",

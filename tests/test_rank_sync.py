@@ -10,6 +10,8 @@ import pytest
 
 from tutor_wrap.backends.llama_server import free_port
 
+pytestmark = pytest.mark.e2e   # real process groups over gloo, as the two-process training uses
+
 
 def _rank(rank: int, port: int, same: bool, path: str) -> None:
     import torch

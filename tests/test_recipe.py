@@ -5,6 +5,8 @@ import pytest
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.recipe.load import load_recipe
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 
 GOOD = """\

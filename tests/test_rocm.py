@@ -16,6 +16,8 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.planning.planner import make_plan
 from tutor_wrap.recipe.load import load_recipe
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1]
 RADEON_RECIPE = REPO / "recipes" / "llama3-8b-metamathqa-radeon.yml"
 MI300X_RECIPE = REPO / "recipes" / "llama2-7b-lora-mi300x.yml"

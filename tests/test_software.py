@@ -5,6 +5,8 @@ import pytest
 from tutor_wrap.machine import software
 from tutor_wrap.machine.software import bnb_backend, check_stack, torchvision_for
 
+pytestmark = pytest.mark.tools
+
 BNB_0502 = ["libbitsandbytes_cpu.so", "libbitsandbytes_cuda118.so", "libbitsandbytes_cuda121.so",
             "libbitsandbytes_cuda124.so", "libbitsandbytes_cuda126.so", "libbitsandbytes_cuda128.so",
             "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so", "libbitsandbytes_rocm64.so",

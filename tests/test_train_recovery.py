@@ -14,6 +14,8 @@ import yaml
 
 from tutor_wrap.backends.axolotl_train import classify_failure, complete_checkpoints, smaller
 
+pytestmark = pytest.mark.e2e
+
 WORDS = "explain the list dict set tuple loop function class value name".split()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,26 @@ def test_export_measures_fidelity_to_the_merged_model(finished_run):
     assert q4["perplexity"] > 0 and report["files"]["F16"]["perplexity"] > 0
     assert abs(q4["perplexity_change_pct"]) < 50
     assert q4["agreement_with_F16"]["prompts"] == len(EVAL)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="torch's AVX2 code path is x86's")
+def test_the_fidelity_reference_agrees_with_the_gguf_on_torchs_avx2_path(finished_run, tiny_model):
+    """The export's HF reference comes from whatever kernels torch picks for this CPU; computed again on the AVX2
+    path (ATEN_CPU_CAPABILITY=avx2), it still follows the f16 GGUF's greedy path, as the host's best path did."""
+    from tutor_wrap.checks.fidelity import agreement, gguf_continuations
+
+    run, _ = finished_run
+    spec = run / "merge/merge.greedy.json"
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap.checks.merge_verify", str(tiny_model), str(run / "train/out"),
+                           str(run / "merge/model"), "--json", "--greedy", str(spec)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and res["status"] == "passed", res
+    req = json.loads(spec.read_text())
+    tok = run / "merge/model/tokenizer.json"
+    f16 = gguf_continuations(llamacpp.locate(), run / "export/tiny-F16.gguf", req["prompts"], req["n"], tok)
+    agr = agreement(res["greedy"]["texts"], f16, tok, req["n"])
+    assert agr["prompts"] == len(EVAL) and agr["agree"] == len(EVAL), agr
 
 
 def test_quantized_model_generates_text(finished_run):

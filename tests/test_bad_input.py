@@ -108,7 +108,24 @@ CASES = [
     ("ollama-parameter-misspelt", lambda r, t, m: edit(r, "ollama.parameters", {"tempreature": 0.2}), None,
      "did you mean 'temperature'"),
     ("lora-target-unknown", lambda r, t, m: edit(r, "lora.targets", ["qq_proj"]), None, "is not a linear module of"),
+    # accepted before, then a traceback or a failure after training (issue 30)
+    ("stop-is-a-number", lambda r, t, m: edit(r, "ollama.parameters", {"stop": 5}), None,
+     "stop must be a string or a list"),
+    ("num-ctx-zero", lambda r, t, m: edit(r, "ollama.parameters", {"num_ctx": 0}), None, "num_ctx: 0 is outside"),
+    ("negative-temperature", lambda r, t, m: edit(r, "ollama.parameters", {"temperature": -0.5}), None,
+     "temperature: -0.5 is outside"),
+    ("top-p-above-one", lambda r, t, m: edit(r, "ollama.parameters", {"top_p": 1.5}), None, "top_p: 1.5 is outside"),
+    ("eval-quant-not-exported", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "quant_type": "Q8_0"}), None,
+     "eval.quant_type Q8_0 is not among export.quant_types"),
+    ("answer-match-without-references", lambda r, t, m: edit(r, "eval", {"prompts": eval_without_answers(t),
+                                                                          "checks": {"answer_match": True}}), None,
+     "line 1, 2: no reference answer"),
 ]
+
+
+def eval_without_answers(tmp: Path) -> str:
+    (tmp / "eval.jsonl").write_text('{"instruction": "What is 2+2?"}\n{"instruction": "And 3+3?", "output": ""}\n')
+    return "eval.jsonl"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

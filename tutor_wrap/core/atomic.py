@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tutor_wrap.core.errors import TutorWrapError
 
@@ -59,51 +57,3 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def tmp_sibling(path: Path) -> Path:
-    """A temporary name beside `path` (same filesystem, so the final rename is atomic)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.partial")
-
-
-@contextmanager
-def staged_file(path: Path) -> Iterator[Path]:
-    """Yield a temp path for a tool to write; rename to `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    tmp.unlink(missing_ok=True)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"{tmp} was not written")
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def staged_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temp directory; it replaces `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,7 @@ from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
 from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER, ChatTemplate, identify
 from tutor_wrap.data.format import Dataset, Format
+from tutor_wrap.data.jsonl import line_numbers
 from tutor_wrap.data.lengths import token_lengths
 from tutor_wrap.machine import tools
 from tutor_wrap.models.catalog import PROJECTIONS
@@ -58,8 +59,21 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
-    eval_rows(recipe)
+    _check_eval_rows(recipe, fmt)
     return Inputs(model_dir, fmt, data, lengths, notes)
+
+
+def _check_eval_rows(recipe: Recipe, fmt: Format) -> None:
+    """The eval file reads in the dataset's format, and has what its checks need: answer_match compares with each
+    row's reference answer, so a row without one would end the eval stage, after training, with nothing to judge."""
+    rows = eval_rows(recipe)
+    if rows is None or not recipe.eval.checks.answer_match:
+        return
+    bare = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if not fmt.answer(r).strip()]
+    if bare:
+        raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers(bare)}: no reference answer, "
+                             "and eval.checks.answer_match compares each answer with its row's reference",
+                             hint="add the reference answer to those rows, or set eval.checks.answer_match: false")
 
 
 def eval_rows(recipe: Recipe) -> list | None:

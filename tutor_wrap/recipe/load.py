@@ -145,5 +145,12 @@ def load_recipe(path: Path | str) -> Recipe:
         if err["type"] == "missing":
             raise TutorWrapError(f"{where}: missing required key '{dotted}'", hint="see recipes/demo.yml for an example of it") from None
         msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            # A check across blocks (the Recipe's own validators): its message starts with the key it is about.
+            # "PROBLEM; fix: HINT" carries the remedy.
+            key = tuple(msg.split(" ", 1)[0].split("."))
+            line = lines.get(key)
+            msg, _, hint = msg.partition("; fix: ")
+            raise TutorWrapError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}", hint=hint or None) from None
         raise TutorWrapError(f"{where}: {dotted}: {msg} (got {err.get('input')!r})") from None
     return recipe.model_copy(update={"source": path.resolve()})

@@ -144,6 +144,19 @@ class ExportSpec(_Strict):
         return out
 
 
+# Values Ollama's runner (llama.cpp's sampler and context) can use; outside them Ollama fails at load or samples
+# nonsense without a word (num_ctx 0, a negative temperature).
+_PARAMETER_RANGES = {
+    "num_ctx": (1, 2**31 - 1, "the context in tokens"), "num_batch": (1, 2**31 - 1, "tokens per batch"),
+    "num_predict": (-2, 2**31 - 1, "-1 = until the end, -2 = until the context is full"),
+    "temperature": (0.0, 100.0, "0 = greedy"), "top_k": (0, 2**31 - 1, "0 = off"),
+    "top_p": (0.0, 1.0, "a probability"), "min_p": (0.0, 1.0, "a probability"),
+    "typical_p": (0.0, 1.0, "a probability; 1 = off"), "repeat_penalty": (0.0, 100.0, "1 = off"),
+    "repeat_last_n": (-1, 2**31 - 1, "-1 = the whole context, 0 = off"),
+    "num_thread": (0, 4096, "0 = Ollama's choice"), "num_keep": (-1, 2**31 - 1, "-1 = the whole prompt"),
+}
+
+
 class OllamaSpec(_Strict):
     model: str
     system: str | None = None
@@ -155,6 +168,15 @@ class OllamaSpec(_Strict):
         listed = [k for k, val in v.items() if isinstance(val, list) and k != "stop"]
         if listed:
             raise ValueError(f"only 'stop' takes a list of strings; {', '.join(listed)} takes one value")
+        stop = v.get("stop")
+        if stop is not None and not (isinstance(stop, str) and stop) and not (
+                isinstance(stop, list) and stop and all(isinstance(x, str) and x for x in stop)):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {stop!r} "
+                             "(quote it: stop: [\"5\"])")
+        for key, (lo, hi, why) in _PARAMETER_RANGES.items():
+            val = v.get(key)
+            if isinstance(val, (int, float)) and not isinstance(val, bool) and not (lo <= val <= hi):
+                raise ValueError(f"{key}: {val} is outside {lo}..{hi} ({why})")
         return v
 
     @field_validator("model")
@@ -224,6 +246,15 @@ class Recipe(_Strict):
 
     # Not part of the file: where it came from, for resolving relative paths and for error messages.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _eval_quant_is_exported(self) -> "Recipe":
+        # eval serves the GGUF export made: a type export does not make would end the run after training.
+        if self.eval and self.eval.quant_type and self.eval.quant_type.upper() not in self.export.quant_types:
+            raise ValueError(f"eval.quant_type {self.eval.quant_type} is not among export.quant_types "
+                             f"({', '.join(self.export.quant_types)}); fix: add it there, or drop eval.quant_type to "
+                             f"evaluate {self.export.quant_types[0]}")
+        return self
 
     def resolve(self, p: Path | str | None) -> Path | None:
         if p is None:               # e.g. dataset.path of a hub dataset

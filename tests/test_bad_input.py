@@ -117,6 +117,12 @@ CASES = [
     ("top-p-above-one", lambda r, t, m: edit(r, "ollama.parameters", {"top_p": 1.5}), None, "top_p: 1.5 is outside"),
     ("eval-quant-not-exported", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "quant_type": "Q8_0"}), None,
      "eval.quant_type Q8_0 is not among export.quant_types"),
+    ("ollama-name-too-long", lambda r, t, m: edit(r, "ollama.model", "m" * 129), None, "Ollama takes 1 to 128"),
+    ("ollama-namespace-with-a-dot", lambda r, t, m: edit(r, "ollama.model", "my.team/tutor"), None,
+     "namespace 'my.team' contains '.'"),
+    ("ollama-name-double-dot", lambda r, t, m: edit(r, "ollama.model", "tutor..v2"), None, "contains '..'"),
+    ("full-with-a-lora-block", lambda r, t, m: {**r, "method": "full", "lora": {"r": 8}}, None,
+     "method full trains every weight"),
     ("answer-match-without-references", lambda r, t, m: edit(r, "eval", {"prompts": eval_without_answers(t),
                                                                           "checks": {"answer_match": True}}), None,
      "line 1, 2: no reference answer"),
@@ -320,3 +326,23 @@ def test_a_second_run_on_a_busy_run_dir_is_refused(tiny_model, tmp_path):
     finally:
         holder.kill()
         os.close(fd)
+
+
+# Flags that cannot work together: argparse's exit 2 with one line naming them, before anything starts.
+ARGUMENT_CASES = [
+    ("from-after-until", ["--from", "eval", "--until", "plan"], "--from eval comes after --until plan"),
+    ("rank-past-the-count", ["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "10.0.0.1"],
+     "--machine-rank 2 with --num-machines 2: 0 to 1"),
+    ("zero-machines", ["--num-machines", "0"], "--num-machines 0: at least 1"),
+    ("no-main-address", ["--num-machines", "2", "--machine-rank", "1"], "needs --main-process-ip"),
+    ("port-out-of-range", ["--main-process-port", "70000"], "--main-process-port 70000"),
+    ("zero-processes", ["--num-processes", "0"], "--num-processes 0: at least 1"),
+]
+
+
+@pytest.mark.parametrize("case", ARGUMENT_CASES, ids=[c[0] for c in ARGUMENT_CASES])
+def test_run_flags_that_cannot_work_together_exit_2(case, tiny_model, tmp_path):
+    _, flags, expected = case
+    proc = _cli("run", _good(tmp_path, tiny_model), "--run-dir", tmp_path / "run", *flags)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert expected in proc.stderr and not (tmp_path / "run").exists()

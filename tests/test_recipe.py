@@ -74,3 +74,9 @@ def test_unknown_key_error_points_at_its_line(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(TutorWrapError, match="does not exist"):
         load_recipe(tmp_path / "nope.yml")
+
+
+@pytest.mark.parametrize("name", ["registry.example.com/team/tutor:v1", "team/tutor", "Tutor_2:Q4.1", "a" * 128])
+def test_names_ollama_takes_are_taken(tmp_path, name):
+    """[host/][namespace/]model[:tag] as Ollama's ParseName reads it: a host with dots, upper case, 128 characters."""
+    assert load_recipe(write(tmp_path, GOOD.replace("model: tutor", f"model: '{name}'"))).ollama.model == name

@@ -238,9 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_args_problem(args) -> str | None:
+    """What makes `run`'s flags impossible together (argparse checks each alone): said before anything starts."""
+    if args.from_stage and args.until and STAGES.index(args.from_stage) > STAGES.index(args.until):
+        return f"--from {args.from_stage} comes after --until {args.until}: nothing would run"
+    if args.num_machines < 1:
+        return f"--num-machines {args.num_machines}: at least 1"
+    if not 0 <= args.machine_rank < args.num_machines:
+        return f"--machine-rank {args.machine_rank} with --num-machines {args.num_machines}: 0 to {args.num_machines - 1}"
+    if args.num_machines > 1 and not args.main_process_ip:
+        return "--num-machines > 1 needs --main-process-ip (the address of the machine with --machine-rank 0)"
+    if not 0 < args.main_process_port < 65536:
+        return f"--main-process-port {args.main_process_port}: 1 to 65535"
+    if args.num_processes is not None and args.num_processes < 1:
+        return f"--num-processes {args.num_processes}: at least 1"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.func is cmd_run and (problem := run_args_problem(args)):
+        parser.error(problem)   # exit 2, like every other bad argument
     try:
         return args.func(args)
     except TutorWrapError as exc:

@@ -20,7 +20,31 @@ from tutor_wrap.models.quant import QUANT_TYPES
 
 Method = Literal["full", "lora", "lora8bit", "qlora"]
 # Ollama model names: optional namespace, name, optional tag; lower-case letters, digits, '.', '_', '-'.
-_OLLAMA_NAME = re.compile(r"^(?:[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*(?::[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+# Ollama's model names (types/model/name.go, ParseName): [host/][namespace/]model[:tag], 128 characters at most in
+# all, each part of letters, digits, '_', '-' and '.', no '.' in the namespace, no '..' anywhere. Stricter here: each
+# part starts with a letter or digit, so a name never reads as a flag on `ollama create`'s command line.
+_OLLAMA_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+OLLAMA_NAME_MAX = 128
+
+
+def ollama_name_problem(name: str) -> str | None:
+    """Why Ollama would refuse `name` (None: it takes it)."""
+    if not 0 < len(name) <= OLLAMA_NAME_MAX:
+        return f"is {len(name)} characters; Ollama takes 1 to {OLLAMA_NAME_MAX}"
+    if ".." in name:
+        return "contains '..'"
+    path, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    parts = path.split("/")
+    if len(parts) > 3:
+        return "has more than host/namespace/model"
+    if ":" in name and not tag:
+        return "has an empty tag after ':'"
+    for part in parts + ([tag] if tag else []):
+        if not _OLLAMA_PART.match(part):
+            return f"part {part!r} is not letters, digits, '.', '_' or '-' starting with a letter or digit"
+    if len(parts) >= 2 and "." in parts[-2]:
+        return f"namespace {parts[-2]!r} contains '.' (Ollama allows it in the host and the model name only)"
+    return None
 
 
 class _Strict(BaseModel):
@@ -182,10 +206,11 @@ class OllamaSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _OLLAMA_NAME.match(v):
+        problem = ollama_name_problem(v)
+        if problem:
             raise ValueError(
-                f"{v!r} is not a valid Ollama model name: use lower-case letters, digits, '.', '_' or '-', "
-                "optionally 'namespace/' before and ':tag' after, e.g. python-tutor:latest"
+                f"{v!r} is not a valid Ollama model name: it {problem}; use [host/][namespace/]model[:tag], e.g. "
+                "python-tutor:latest"
             )
         return v
 
@@ -246,6 +271,13 @@ class Recipe(_Strict):
 
     # Not part of the file: where it came from, for resolving relative paths and for error messages.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _lora_block_means_something(self) -> "Recipe":
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("lora is set, but method full trains every weight and has no adapter; fix: remove the "
+                             "lora: block, or choose method lora or qlora")
+        return self
 
     @model_validator(mode="after")
     def _eval_quant_is_exported(self) -> "Recipe":

@@ -2,6 +2,7 @@
 traceback, and nothing already finished in the run directory changed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -299,6 +300,14 @@ def _finished_run_dir(tmp_path, model) -> Path:
     run.mkdir()
     (run / "manifest.json").write_text(json.dumps({"recipe_path": str(_good(tmp_path, model)), "stages": {}}))
     return run
+
+
+def test_an_ollama_setting_that_names_nothing_is_refused_at_plan(tiny_model, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap", "plan", str(_good(tmp_path, tiny_model)), "--no-validate"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TUTOR_WRAP_OLLAMA": str(tmp_path / "no-ollama-here")})
+    _one_error(proc, "TUTOR_WRAP_OLLAMA=")
+    assert "set it to off" in proc.stderr
 
 
 @pytest.mark.parametrize("case", COMMAND_CASES, ids=[c[0] for c in COMMAND_CASES])

@@ -29,7 +29,7 @@ def fake_model(root, shard_bytes=(4_976_698_672, 4_999_802_720, 4_915_916_176, 1
 def recipe(base, method="qlora", quants=("Q4_K_M",)):
     return Recipe.model_validate({
         "name": "t", "base_model": str(base), "dataset": {"path": "d.jsonl"}, "method": method,
-        "lora": {"r": 32, "alpha": 16}, "train": {"sequence_len": 1024, "batch_size": 8},
+        **({"lora": {"r": 32, "alpha": 16}} if method != "full" else {}), "train": {"sequence_len": 1024, "batch_size": 8},
         "export": {"quant_types": list(quants)}, "ollama": {"model": "t"}})
 
 

@@ -60,6 +60,7 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
     _check_eval_rows(recipe, fmt)
+    tools.ollama()   # a TUTOR_WRAP_OLLAMA that names nothing would otherwise surface at deploy, after training
     return Inputs(model_dir, fmt, data, lengths, notes)
 
 

@@ -109,3 +109,13 @@ def test_names_with_brackets_print_as_written(tiny_model, tmp_path):
                           env={**os.environ, "COLUMNS": "500"})   # one line per message: no wrapping to undo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"-> {run}" in proc.stdout and (run / "axolotl.yml").is_file()
+
+
+def test_preflight_json_ok_agrees_with_its_exit_code():
+    """The reference user's job on their WSL box: the merge won't fit, so `ok` is false and the exit is 1."""
+    import json
+
+    proc = cli("preflight", "recipes/python-tutor-llama3-8b-rtx3060.yml", "--hardware", "rtx3060-12gb", "--json")
+    report = json.loads(proc.stdout)
+    assert "won't fit" in [v["verdict"] for v in report["stages"]]
+    assert report["ok"] is False and proc.returncode == 1

@@ -269,3 +269,23 @@ def test_isa_level_names_the_best_instruction_set_present():
     assert isa_level(["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]) == "AMX"
     assert isa_level(["avx512_bf16"]) == "baseline"   # a level needs all its flags
     assert isa_level([]) == "baseline"
+
+
+def test_a_profiles_cpu_flags_name_its_level_and_unknown_flags_say_so(tmp_path):
+    import yaml
+
+    from tutor_wrap.machine import profiles
+    from tutor_wrap.machine.host import isa_level
+
+    # published instruction sets of the shipped machines' CPUs: Tiger Lake has AVX-512 without BF16, Zen 3 AVX2,
+    # Sapphire Rapids AMX
+    assert isa_level(profiles.load_profile("cpu-only").cpu_flags) == "AVX-512"
+    assert isa_level(profiles.load_profile("rtx3060-12gb").cpu_flags) == "AVX2"
+    assert isa_level(profiles.load_profile("8x-h100-80gb").cpu_flags) == "AMX"
+    data = yaml.safe_load((profiles.PROFILE_DIR / "cpu-only.yml").read_text())
+    data.pop("cpu_flags")
+    (tmp_path / "noflags.yml").write_text(yaml.safe_dump(data))
+    assert isa_level(profiles.load_profile(str(tmp_path / "noflags.yml")).cpu_flags) == "unknown"
+    data["cpu_flags"] = ["AVX2", "FMA", "AVX512F", "AVX512_BF16"]   # as people write them
+    (tmp_path / "upper.yml").write_text(yaml.safe_dump(data))
+    assert isa_level(profiles.load_profile(str(tmp_path / "upper.yml")).cpu_flags) == "AVX512-BF16"

@@ -3,7 +3,7 @@
 
 llama.cpp is not packaged for this OS and GitHub is unreachable, but the llama-cpp-python
 sdist vendors a full llama.cpp tree (C++ sources, convert_hf_to_gguf.py, gguf-py).
-Usage: python3 tools/build_llamacpp.py [--dest DIR]   (stdlib only, python >= 3.10)
+Usage: python3 tools/build_llamacpp.py [--dest DIR] [--portable]   (stdlib only, python >= 3.10)
 """
 import argparse, fcntl, hashlib, json, os, shutil, subprocess, sys, tarfile, tempfile, time
 from pathlib import Path
@@ -184,12 +184,17 @@ def install(dest, ok_file, bin_dir, portable=False):
         compiled_for = json.loads((build_dir / TARGET_MARKER).read_text())
     except (OSError, ValueError):
         compiled_for = None
-    if build_dir.exists() and compiled_for != {"cpu_target": cpu_target, "cpu_isa": isa}:
+    want = {"cpu_target": cpu_target, "cpu_isa": isa}
+    if build_dir.exists() and compiled_for != want:
         # Objects compiled for another CPU or target: -march=native reads the same everywhere, so make would keep them.
-        log(f"the build dir was compiled for {compiled_for or 'an unrecorded target'}: starting it over")
+        was = (f"{compiled_for.get('cpu_target')} on a CPU with other instruction sets" if compiled_for
+               else "an unrecorded target (a build from an older tutor_wrap)")
+        log(f"the build dir was compiled for {was}: starting it over")
         shutil.rmtree(build_dir)
+    # Recorded before compiling: an interrupted build for this same target resumes where make stopped.
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / TARGET_MARKER).write_text(json.dumps(want))
     build(dest, marker["commit"], cpu_flags)
-    (build_dir / TARGET_MARKER).write_text(json.dumps({"cpu_target": cpu_target, "cpu_isa": isa}))
     # Catches binaries that link but cannot load their shared libraries.
     if subprocess.run([str(bin_dir / "llama-completion"), "--version"], capture_output=True).returncode:
         sys.exit(f"{bin_dir / 'llama-completion'} --version failed; see {dest / 'build.log'}")
@@ -205,7 +210,8 @@ def main():
     repo = Path(__file__).resolve().parent.parent
     cache = Path(os.environ.get("TUTOR_WRAP_CACHE") or repo / ".cache")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dest", type=Path, default=cache / "llama.cpp")
+    ap.add_argument("--dest", type=Path, default=cache / "llama.cpp",
+                    help=f"where the sdist, sources and build go (default: {cache / 'llama.cpp'})")
     ap.add_argument("--portable", action="store_true",
                     help="binaries for any x86-64-v3 CPU instead of this one's (container images)")
     args = ap.parse_args()

@@ -113,6 +113,8 @@ def cmd_preflight(args) -> int:
         notes = check_recipe(recipe).notes   # the inputs, checked as plan and run check them
         report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir, args.num_processes)
         report["input_notes"] = notes
+        # `ok` is the verdict a script reads: a stage that won't fit fails it like an error finding does.
+        report["ok"] = report["ok"] and not any(v.get("verdict") == "won't fit" for v in report["stages"])
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -123,8 +125,7 @@ def cmd_preflight(args) -> int:
             print(f"warning: {note}", file=sys.stderr)
         if not report.get("ok", True):
             console.print("[bold red]preflight found errors: fix them before `run`[/]")
-    bad = not report.get("ok", True) or any(v.get("verdict") == "won't fit" for v in report.get("stages", []))
-    return 1 if bad else 0
+    return 0 if report["ok"] else 1
 
 
 def cmd_merge(args) -> int:

@@ -41,7 +41,7 @@ class Hardware:
     cpu_usable: int | None = None  # CPUs this process may run on (affinity: a container or taskset may allow fewer)
     cpu_busy: float | None = None  # CPUs' worth of work other processes were doing when probed
     cpu_model: str = ""
-    cpu_flags: list[str] = field(default_factory=list)   # AVX2 / AVX-512 / AMX present
+    cpu_flags: list[str] | None = None   # AVX2 / AVX-512 / AMX present (host.CPU_FLAGS); None: not known
     mps: bool = False                                     # Apple silicon (PyTorch MPS), noted only
     # Versions of the packages the planner's choices depend on (bitsandbytes, flash-attn, cut-cross-entropy), from
     # package metadata; a profile may list them, else the planner assumes the project's pins.
@@ -70,8 +70,13 @@ class Hardware:
             if bad:
                 raise KeyError(", ".join(sorted(f"gpus.{b}" for b in bad)))
             gpus.append(GPU(**g))
+        flags = data.get("cpu_flags")
+        if flags is not None and not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)):
+            raise ValueError(f"cpu_flags is {flags!r}: a list of the CPU's flags as /proc/cpuinfo spells them, "
+                             "e.g. [avx2, fma, avx512f, avx512_bf16], or leave it out when unknown")
         return cls(**{**data, "gpus": gpus, "probe_notes": list(data.get("probe_notes") or []),
-                      "cpu_flags": list(data.get("cpu_flags") or []), "packages": dict(data.get("packages") or {})})
+                      "cpu_flags": None if flags is None else [f.lower() for f in flags],
+                      "packages": dict(data.get("packages") or {})})
 
 
 def describe(hw: Hardware) -> str:

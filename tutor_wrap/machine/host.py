@@ -70,7 +70,10 @@ ISA_LEVELS = (("AMX", ("amx_tile", "amx_bf16")), ("AVX512-BF16", ("avx512f", "av
 
 
 def isa_level(flags) -> str:
-    """The best named instruction-set level among `flags` (cpu_flags' output); "baseline" below AVX2."""
+    """The best named instruction-set level among `flags` (cpu_flags' output); "baseline" below AVX2, "unknown"
+    when the flags are not known (None: a profile without cpu_flags)."""
+    if flags is None:
+        return "unknown"
     have = set(flags)
     return next((name for name, need in ISA_LEVELS if set(need) <= have), "baseline")
 

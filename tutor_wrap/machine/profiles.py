@@ -72,6 +72,8 @@ def load_profile(name_or_file: str | Path) -> Hardware:
                              hint="keys are the fields of tutor_wrap.machine.hardware.Hardware and GPU") from None
     except TypeError as exc:
         raise TutorWrapError(f"{path}: {exc}", hint="required: cpu_count, ram_*_bytes, swap_*_bytes, disk_free_bytes") from None
+    except ValueError as exc:
+        raise TutorWrapError(f"{path}: {exc}") from None
     _check_types(hw, path)
     return hw
 

@@ -68,8 +68,16 @@ def locate() -> LlamaCpp:
     managed = cache_dir() / "llama.cpp"
     marker = managed / "BUILD_OK.json"
     if marker.is_file():
-        info = json.loads(marker.read_text("utf-8"))
-        lacking = sorted(set(info.get("cpu_isa") or []) - cpu_feature_words())
+        try:
+            info = json.loads(marker.read_text("utf-8"))
+        except (OSError, ValueError):
+            info = None
+        isa = info.get("cpu_isa") if isinstance(info, dict) else None
+        if not isinstance(info, dict) or not (isa is None or isinstance(isa, list)):
+            raise TutorWrapError(f"{marker} is not the build record build_llamacpp.py writes",
+                                 hint=f"delete it and run `{sys.executable} {REPO_DIR / 'tools' / 'build_llamacpp.py'}`"
+                                      " (or `make setup`)")
+        lacking = sorted(set(isa or []) - cpu_feature_words())
         if lacking:
             # A native build from another machine (a copied .cache) would die of an illegal instruction mid-stage.
             raise TutorWrapError(f"the llama.cpp build in {managed} was made for a CPU with {', '.join(lacking[:5])}, "

@@ -224,6 +224,8 @@ def cpu_dtype(flags: list[str]) -> tuple[str, str]:
     """fp32 or bf16 for CPU training on a CPU with these flags, from CPU_BF16_MEASURED, with the figure as reason."""
     level = isa_level(flags)
     fp16 = "fp16 matmuls fall to a naive kernel (about 20x slower)"
+    if level == "unknown":
+        return "fp32", f"CPU instruction sets unknown (the profile lists no cpu_flags): {fp16}, bf16 unmeasured"
     if level not in ("AVX512-BF16", "AMX"):
         return "fp32", f"CPU ({level}): {fp16}; bf16 has no native instructions below AVX512-BF16"
     if level not in CPU_BF16_MEASURED:
@@ -232,8 +234,8 @@ def cpu_dtype(flags: list[str]) -> tuple[str, str]:
     figure = f"bf16 measured x{s_lo:.2f}-{s_hi:.2f} per step, final loss {l_lo:+.1f} to {l_hi:+.1f}% on {where}"
     if s_lo >= BF16_MIN_SPEEDUP and max(l_lo, l_hi) <= BF16_MAX_LOSS_PCT:
         return "bf16", f"CPU ({level}): {figure}"
-    return "fp32", (f"CPU ({level}): {figure}: below the x{BF16_MIN_SPEEDUP} without a loss cost that would pay for "
-                    f"bf16; {fp16}")
+    return "fp32", (f"CPU ({level}): {figure}; bf16 is planned only at x{BF16_MIN_SPEEDUP} or more with at most "
+                    f"{BF16_MAX_LOSS_PCT}% loss cost; {fp16}")
 
 
 def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:

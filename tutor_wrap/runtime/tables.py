@@ -69,9 +69,10 @@ def preflight_tables(report: dict) -> list:
                   f"{esc(arch)}  bf16={'yes' if g['bf16'] else 'no'}")
     if not hw["gpus"]:
         t.add_row("GPU", "none")
-    flags = hw.get("cpu_flags") or []
+    flags = hw.get("cpu_flags")
     t.add_row("CPU", f"{esc(hw.get('cpu_model') or '?')}  {hw['cpu_count']} threads  {isa_level(flags)}"
-              f" ({' '.join(flags) or 'no AVX2'})" + ("  Apple MPS" if hw.get("mps") else ""))
+              + (f" ({esc(' '.join(flags)) or 'no AVX2'})" if flags is not None else " (the profile lists no cpu_flags)")
+              + ("  Apple MPS" if hw.get("mps") else ""))
     t.add_row("RAM", f"{gib(hw['ram_available_bytes'])} free of {gib(hw['ram_total_bytes'])}")
     t.add_row("swap", f"{gib(hw['swap_free_bytes'])} free of {gib(hw['swap_total_bytes'])}")
     t.add_row("disk", f"{gib(hw['disk_free_bytes'])} free")

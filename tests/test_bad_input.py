@@ -269,6 +269,16 @@ def _profile(tmp_path, **change) -> Path:
     return p
 
 
+def _adapter(tmp_path, config: dict | None, weights: str = "adapter_model.safetensors") -> Path:
+    """A folder posing as a LoRA adapter: its config (None: none) and a weights file of that name."""
+    d = tmp_path / "adapter"
+    d.mkdir()
+    if config is not None:
+        (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    (d / weights).write_bytes(b"not weights")
+    return d
+
+
 def _under_a_file(tmp_path) -> Path:
     """A folder that cannot be created, for root too: its parent is a plain file."""
     f = tmp_path / "a-file"
@@ -295,6 +305,15 @@ COMMAND_CASES = [
     ("profile-unknown-vendor", lambda t, m: ["plan", _good(t, m), "--hardware",
                                              _profile(t, gpus=[{"vendor": "intel", "name": "Arc", "vram_total_bytes": 1}])],
      "unknown GPU vendor 'intel'"),
+    ("merge-adapter-not-a-folder", lambda t, m: ["merge", "--base", m, "--adapter", t / "nope", "--out", t / "out"],
+     "nope: not a directory"),
+    ("merge-adapter-without-config", lambda t, m: ["merge", "--base", m, "--adapter", _adapter(t, None), "--out",
+                                                   t / "out"], "no adapter_config.json"),
+    ("merge-adapter-r-zero", lambda t, m: ["merge", "--base", m, "--adapter", _adapter(t, {"r": 0, "lora_alpha": 16}),
+                                           "--out", t / "out"], "r 0 and lora_alpha 16"),
+    ("merge-adapter-pickled", lambda t, m: ["merge", "--base", m, "--adapter", _adapter(t, {"r": 8, "lora_alpha": 16},
+                                                                                         "adapter_model.bin"),
+                                            "--out", t / "out"], "no adapter_model.safetensors (found: adapter_model.bin)"),
     ("deploy-name-like-a-flag", lambda t, m: ["deploy", _finished_run_dir(t, m), "--name=--insecure"],
      "not a valid Ollama model name"),
 ]

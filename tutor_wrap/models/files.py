@@ -156,6 +156,33 @@ def adapter_config(adapter: Path) -> dict:
     return json.loads((adapter / "adapter_config.json").read_text("utf-8"))
 
 
+def check_adapter(adapter: Path) -> dict:
+    """A LoRA adapter folder as PEFT saves it (adapter_config.json with r and lora_alpha, weights in
+    adapter_model.safetensors), or one error naming what is missing; its config when it is one."""
+    adapter = Path(adapter)
+    hint = "point --adapter at the folder training wrote (runs/<name>/train/out) or a PEFT LoRA save_pretrained folder"
+    if not adapter.is_dir():
+        raise TutorWrapError(f"{adapter}: not a directory", hint=hint)
+    try:
+        cfg = adapter_config(adapter)
+    except FileNotFoundError:
+        raise TutorWrapError(f"{adapter}: no adapter_config.json: not a PEFT adapter folder", hint=hint) from None
+    except (OSError, ValueError) as exc:
+        raise TutorWrapError(f"{adapter / 'adapter_config.json'}: not readable JSON ({exc})", hint=hint) from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        raise TutorWrapError(f"{adapter / 'adapter_config.json'}: peft_type "
+                             f"{cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} is not LORA", hint=hint)
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1 or not isinstance(alpha, (int, float)):
+        raise TutorWrapError(f"{adapter / 'adapter_config.json'}: r {r!r} and lora_alpha {alpha!r}: a LoRA needs a "
+                             "positive integer r and a number lora_alpha", hint=hint)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        found = ", ".join(sorted(p.name for p in adapter.iterdir() if p.name.startswith("adapter_model"))) or "none"
+        raise TutorWrapError(f"{adapter}: no adapter_model.safetensors (found: {found}); only safetensors adapters "
+                             "are read (no pickle)", hint=hint)
+    return cfg
+
+
 def lora_pairs(adapter: Path) -> dict[str, tuple[str, str]]:
     """base weight key -> (lora_A key, lora_B key) in adapter_model.safetensors (PEFT's naming)."""
     pairs: dict[str, dict] = {}

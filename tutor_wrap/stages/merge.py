@@ -31,7 +31,7 @@ from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.proc import tail
 from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.models.files import weight_files, write_chat_template
+from tutor_wrap.models.files import check_adapter, weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
 from tutor_wrap.planning.inputs import dataset_format, heldout_examples
 from tutor_wrap.stages.base import Context, StageResult
@@ -53,6 +53,7 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
     The budget check comes first: when the method does not fit RAM+swap or disk, TutorWrapError is raised
     before any file or folder (output, work dir, log) exists.
     """
+    check_adapter(adapter)
     budget = choose_method(base, adapter, hw, method)
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)

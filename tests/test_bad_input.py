@@ -124,10 +124,18 @@ CASES = [
     ("ollama-name-double-dot", lambda r, t, m: edit(r, "ollama.model", "tutor..v2"), None, "contains '..'"),
     ("full-with-a-lora-block", lambda r, t, m: {**r, "method": "full", "lora": {"r": 8}}, None,
      "method full trains every weight"),
+    ("eval-prompt-longer-than-the-context", lambda r, t, m: edit(r, "eval", {"prompts": long_eval_prompt(t)}), None,
+     "line 2: the prompt is longer than the context the model is trained and served with (256 tokens"),
     ("answer-match-without-references", lambda r, t, m: edit(r, "eval", {"prompts": eval_without_answers(t),
                                                                           "checks": {"answer_match": True}}), None,
      "line 1, 2: no reference answer"),
 ]
+
+
+def long_eval_prompt(tmp: Path) -> str:
+    rows = [{"instruction": "Say ok."}, {"instruction": "Say ok to " + "this and that, " * 300}]
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return "eval.jsonl"
 
 
 def eval_without_answers(tmp: Path) -> str:

@@ -204,3 +204,11 @@ def test_the_cpu_dtype_follows_the_measurement_for_the_cpus_isa(monkeypatch):
     assert dtype == "bf16" and "x1.50-1.60" in why and "a test CPU" in why
     monkeypatch.setattr(planner, "CPU_BF16_MEASURED", {"AVX512-BF16": ((1.5, 1.6), (2.0, 3.0), "a test CPU")})
     assert planner.cpu_dtype(bf16_cpu)[0] == "fp32"   # faster, but the model learned less
+
+
+def test_the_planned_context_holds_the_longest_eval_prompt():
+    """Rows of 100 tokens would shorten 1024 to 128; eval serves its prompts in that context, so a 300-token
+    eval prompt keeps 320 (the next multiple of 64)."""
+    assert planned_sequence_len(1024, [100, 90])[0] == 128
+    seq, why = planned_sequence_len(1024, [100, 90], eval_prompt=300)
+    assert seq == 320 and "eval prompt is 300 tokens" in why

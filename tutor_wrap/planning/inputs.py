@@ -29,6 +29,8 @@ class Inputs:
     fmt: Format                      # the dataset's format (chat rows: in their chat template)
     data: Dataset
     lengths: list[int] | None        # tokens per training row (None without a local tokenizer or rows)
+    # (line, tokens) of each eval prompt in the training format: eval and deploy serve them in the planned context
+    eval_prompt_lengths: list[tuple[int, int]] | None = None
     notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
 
 
@@ -59,9 +61,13 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
-    _check_eval_rows(recipe, fmt)
+    rows = _check_eval_rows(recipe, fmt)
     tools.ollama()   # a TUTOR_WRAP_OLLAMA that names nothing would otherwise surface at deploy, after training
-    return Inputs(model_dir, fmt, data, lengths, notes)
+    eval_lengths = None
+    if rows and model_dir is not None:
+        counted = token_lengths(model_dir, [fmt.prompt(r) for r in rows])
+        eval_lengths = list(zip([getattr(r, "line", i + 1) for i, r in enumerate(rows)], counted)) if counted else None
+    return Inputs(model_dir, fmt, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes)
 
 
 def _check_eval_rows(recipe: Recipe, fmt: Format) -> None:
@@ -69,12 +75,25 @@ def _check_eval_rows(recipe: Recipe, fmt: Format) -> None:
     row's reference answer, so a row without one would end the eval stage, after training, with nothing to judge."""
     rows = eval_rows(recipe)
     if rows is None or not recipe.eval.checks.answer_match:
-        return
+        return rows
     bare = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if not fmt.answer(r).strip()]
     if bare:
         raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers(bare)}: no reference answer, "
                              "and eval.checks.answer_match compares each answer with its row's reference",
                              hint="add the reference answer to those rows, or set eval.checks.answer_match: false")
+    return rows
+
+
+def check_eval_prompts_fit(recipe: Recipe, inputs: Inputs, sequence_len: int) -> None:
+    """Eval and deploy's serving check give each held-out prompt the planned context (plus the answer's tokens):
+    a longer prompt would end them with an HTTP 400 from llama-server, after training."""
+    too_long = [(line, n) for line, n in inputs.eval_prompt_lengths or [] if n > sequence_len]
+    if too_long:
+        longest = max(n for _, n in too_long)
+        raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers([ln for ln, _ in too_long])}: "
+                             f"the prompt is longer than the context the model is trained and served with "
+                             f"({sequence_len} tokens; longest {longest})",
+                             hint=f"shorten those prompts, or raise train.sequence_len to at least {longest}")
 
 
 def eval_rows(recipe: Recipe) -> list | None:

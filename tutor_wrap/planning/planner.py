@@ -243,23 +243,27 @@ def cpu_seconds_per_step(params: int, tokens: int, cores: int) -> float:
     return 4 * params * tokens / (CPU_FLOPS_PER_CORE * max(1, cores))
 
 
-def planned_sequence_len(requested: int, lengths: list[int] | None) -> tuple[int, str]:
+def planned_sequence_len(requested: int, lengths: list[int] | None, eval_prompt: int = 0) -> tuple[int, str]:
     """The recipe's sequence length, shortened to the longest real row (rounded up to 64) when all rows are
-    shorter: memory for activations and logits grows with it, and nothing is gained past the longest row."""
+    shorter: memory for activations and logits grows with it, and nothing is gained past the longest row. Not
+    below the longest eval prompt (`eval_prompt` tokens): eval and deploy serve the model in this context."""
     if not lengths:
         return requested, "as the recipe asks (no local tokenizer to measure the rows with)"
-    longest = max(lengths)
+    longest = max(max(lengths), eval_prompt)
     if longest < requested:
         planned = min(requested, -(-longest // 64) * 64)
-        return planned, f"the longest row is {longest} tokens (base model's tokenizer): {requested} would only add padding"
+        what = "row" if longest == max(lengths) else "eval prompt"
+        return planned, f"the longest {what} is {longest} tokens (base model's tokenizer): {requested} would only add padding"
     dropped = sum(n > requested for n in lengths)
     return requested, f"as the recipe asks; {dropped} of {len(lengths)} rows are longer and will be dropped"
 
 
-def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, processes: int | None = None) -> Plan:
-    """`processes`: the training processes asked for (`--num-processes`); None plans one per GPU, or one on a CPU."""
+def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, processes: int | None = None,
+              eval_prompt: int = 0) -> Plan:
+    """`processes`: the training processes asked for (`--num-processes`); None plans one per GPU, or one on a CPU.
+    `eval_prompt`: tokens of the longest eval prompt, which the planned context must hold."""
     _check_processes(hw, processes)
-    seq, seq_reason = planned_sequence_len(recipe.train.sequence_len, lengths)
+    seq, seq_reason = planned_sequence_len(recipe.train.sequence_len, lengths, eval_prompt)
     if seq != recipe.train.sequence_len:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"sequence_len": seq})})
     t = recipe.train

@@ -16,7 +16,7 @@ from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.planning.inputs import Inputs, dataset_format, check_inputs, rows_kept
+from tutor_wrap.planning.inputs import Inputs, check_eval_prompts_fit, check_inputs, dataset_format, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
 from tutor_wrap.recipe.schema import Recipe
 from tutor_wrap.runtime.tables import plan_table
@@ -55,7 +55,9 @@ def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = 
             processes: int | None = None) -> Prepared:
     """Inputs checked, the plan made and the Axolotl config rendered; nothing written."""
     inputs = check_recipe(recipe, trains_here=trains_here)
-    plan = make_plan(recipe, hw, inputs.lengths, processes=processes)
+    longest_eval = max((n for _, n in inputs.eval_prompt_lengths or []), default=0)
+    plan = make_plan(recipe, hw, inputs.lengths, processes=processes, eval_prompt=longest_eval)
+    check_eval_prompts_fit(recipe, inputs, plan.sequence_len)
     kept, notes = rows_kept(inputs, plan.sequence_len)
     cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,

@@ -1,8 +1,9 @@
 """Recipe + Hardware -> Plan: the training knobs, each with the reason it was chosen, and the memory breakdown.
 
 On a GPU the knobs come from a search over the memory model (tutor_wrap.planning.memory): the fastest combination whose
-predicted peak fits the card with a safety margin. On the CPU they come from rules (fp32, no CUDA kernels), and
-the plan carries an estimate of the time per step so a person sees when CPU training is impractical.
+predicted peak fits the card with a safety margin. On the CPU they come from rules (no CUDA kernels; the dtype from
+bf16-against-fp32 measurements by instruction-set level, CPU_BF16_MEASURED), and the plan carries an estimate of the
+time per step so a person sees when CPU training is impractical.
 """
 
 from __future__ import annotations

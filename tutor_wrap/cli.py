@@ -110,9 +110,9 @@ def cmd_preflight(args) -> int:
     if recipe is not None:
         from tutor_wrap.stages.plan import check_recipe
 
-        notes = check_recipe(recipe).notes   # the inputs, checked as plan and run check them
-        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir, args.num_processes)
-        report["input_notes"] = notes
+        inputs = check_recipe(recipe)   # the inputs, checked as plan and run check them
+        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir, args.num_processes, inputs)
+        report["input_notes"] = inputs.notes
         # `ok` is the verdict a script reads: a stage that won't fit fails it like an error finding does.
         report["ok"] = report["ok"] and not any(v.get("verdict") == "won't fit" for v in report["stages"])
     if args.json:

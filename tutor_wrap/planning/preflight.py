@@ -103,13 +103,17 @@ def _targets(recipe):
     return t if t == "all-linear" else tuple(t)
 
 
-def train_verdict(recipe, hw: Hardware, processes: int | None = None) -> dict:
-    """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time)."""
+def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=None) -> dict:
+    """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time).
+    `inputs` (planning/inputs.Inputs, when checked): the rows' and eval prompts' token lengths, so the plan is the one
+    `plan` makes (the context shortened to the longest row), not the recipe's sequence_len."""
     # Imported here: the planner pulls in the recipe schema (pydantic), which a preflight without a recipe never needs.
     from tutor_wrap.planning.planner import SAFETY, make_plan
 
+    lengths = inputs.lengths if inputs is not None else None
+    longest_eval = max((n for _, n in (inputs.eval_prompt_lengths or [])), default=0) if inputs is not None else 0
     try:
-        plan = make_plan(recipe, hw, processes=processes)
+        plan = make_plan(recipe, hw, lengths, processes=processes, eval_prompt=longest_eval)
     except TutorWrapError as exc:
         return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
                 "remedy": getattr(exc, "hint", None)}
@@ -144,13 +148,14 @@ def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
     return shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, {len(shards)} shards"
 
 
-def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None, processes: int | None = None) -> list[dict]:
+def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None, processes: int | None = None,
+                   inputs=None) -> list[dict]:
     """Per stage: fits / tight (within 10%) / won't fit, with "needs X GiB / has Y GiB" and the remedy.
 
     train: the planner's memory model. merge: `budgets.predict_sizes` on the real shard sizes (or the
     catalog's for a hub id). export: disk for the f16 GGUF plus each quant, after the merged model.
     """
-    out: list[dict] = [train_verdict(recipe, hw, processes)]
+    out: list[dict] = [train_verdict(recipe, hw, processes, inputs)]
     try:
         shards, adapter, src_bytes, sizes_from = _weights(recipe, run_dir)
     except TutorWrapError as exc:

@@ -124,6 +124,19 @@ def test_the_qlora_check_passes_on_each_cpu_code_path(qlora_run, tiny_model, cpu
     assert res["logits"]["max_abs_diff"] < res["logits"]["tolerance"] / 10
 
 
+def test_the_qlora_logits_check_is_skipped_with_the_need_when_ram_is_short(qlora_run, tiny_model):
+    """The reference user's 8B on 16 GB: one fp32 model does not fit, so the logits check says what it needs and the
+    streaming weight check still judges every tensor (it used to load the fp32 model regardless)."""
+    run, _ = qlora_run
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap.checks.merge_verify", str(tiny_model), str(run / "train/out"),
+                           str(run / "merge/model"), "--nf4", "float32", "--ram-budget", "1000", "--json"],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and res["status"] == "passed", res
+    assert res["logits"]["status"] == "skipped" and res["logits"]["needs_bytes"] > 1000
+    assert res["weights"]["status"] == "passed" and res["weights"]["quantized_tensors"] == 2 * 7
+
+
 def _rewrite_adapted(merged, adapter, dst, fn):
     """A copy of the merged model with fn(weight, delta) in place of each adapted weight (delta = scale * B @ A)."""
     import torch

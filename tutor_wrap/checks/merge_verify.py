@@ -303,31 +303,32 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
 # (bnb.matmul_4bit -> MatMul4Bit) dequantizes the NF4 weight to the compute dtype and multiplies with torch; only
 # inference calls without gradients take one of bitsandbytes' fused 4-bit kernels, and which one depends on the
 # machine: on an AVX512-BF16 CPU, Linear4bit.forward in eval mode repacks the weight and runs a bf16 kernel whatever
-# the compute dtype (bitsandbytes 0.50, nn/modules.py and backends/cpu/ops.py: a kernels-community build when the hub
-# cache has it, else its own C++), elsewhere torch's gemm on the dequantized weight; a GPU runs CUDA/HIP kernels. Judging the merge against whichever kernel loaded made the check pass on
-# one host and fail on another (issue 28: logits 0.021 off against a tolerance of 5e-4 on an AVX-512 EPYC, weights
-# equal to 4e-9). So the reference is kernel-independent: the plain model in fp32 whose quantized layers carry
-# bitsandbytes' own dequantized weights rounded to the compute dtype (the values training multiplied with), plus the
-# adapter through PEFT, unmerged. Merged and reference then differ only by torch's fp32 summation order and the
-# merged model's storage rounding: the same tolerances as the plain LoRA check (RTOL_LOGITS). What the fused kernel
-# of this machine computes is recorded beside it (`kernel_vs_reference`), not judged.
+# the compute dtype (bitsandbytes 0.50, nn/modules.py and backends/cpu/ops.py: a kernels-community build when the
+# hub cache has it, else its own C++), elsewhere torch's gemm on the dequantized weight; a GPU runs CUDA/HIP
+# kernels. Judging the merge against whichever kernel loaded made the check pass on one host and fail on another
+# (issue 28: logits 0.021 off against a tolerance of 5e-4 on an AVX-512 EPYC, weights equal to 4e-9). So the
+# reference is kernel-independent: the plain model in fp32 whose quantized layers carry bitsandbytes' own
+# dequantized weights rounded to the compute dtype (the values training multiplied with), plus the adapter through
+# PEFT, unmerged. Merged and reference then differ only by torch's fp32 summation order and the merged model's
+# storage rounding: the same tolerances as the plain LoRA check (RTOL_LOGITS). What the fused kernel of this machine
+# computes is recorded beside it (`kernel_vs_reference`), not judged.
 
 
-def _dequantized_weights(model, compute_dtype: str) -> dict:
-    """Every 4-bit layer's weight as training multiplied with it (fp32), keyed like the checkpoint's tensors."""
+def _quantized_layers(model) -> dict:
+    """The 4-bit layers of a bitsandbytes-loaded model, keyed like the checkpoint's weight tensors."""
     import bitsandbytes as bnb
 
-    from tutor_wrap.backends.nf4_merge import dequantized
-
-    return {f"{name}.weight": dequantized(mod, compute_dtype) for name, mod in model.named_modules()
-            if isinstance(mod, bnb.nn.Linear4bit)}
+    return {f"{name}.weight": mod for name, mod in model.named_modules() if isinstance(mod, bnb.nn.Linear4bit)}
 
 
-def _nf4_weight_check(base: Path, adapter: Path, merged: Path, deq: dict, pairs: dict, scale: float) -> dict:
+def _nf4_weight_check(base: Path, adapter: Path, merged: Path, quantized: dict, compute_dtype: str, pairs: dict,
+                      scale: float) -> dict:
     """Every quantized layer of the merged model = its dequantized NF4 weight + the LoRA delta (the stored dtype's
-    rounding tolerance); every other tensor = the base's exactly."""
+    rounding tolerance); every other tensor = the base's exactly. One tensor dequantized at a time."""
     import torch
     from safetensors import safe_open
+
+    from tutor_wrap.backends.nf4_merge import dequantized
 
     base_index = {k: f for f in weight_files(base) for k in read_header(f)}
     merged_index = {k: f for f in weight_files(merged) for k in read_header(f)}
@@ -341,11 +342,11 @@ def _nf4_weight_check(base: Path, adapter: Path, merged: Path, deq: dict, pairs:
                 m_raw = f.get_tensor(key)
             with safe_open(str(base_index[key]), framework="pt", device="cpu") as f:
                 b_raw = f.get_tensor(key)
-            if key not in deq:
+            if key not in quantized:
                 if not torch.equal(m_raw, b_raw):
                     failures.append({"key": key, "why": "not quantized in training, but differs from the base"})
                 continue
-            expected = deq[key]
+            expected = dequantized(quantized[key], compute_dtype)
             delta = torch.zeros_like(expected)
             if key in pairs:
                 a_k, b_k = pairs[key]
@@ -360,20 +361,21 @@ def _nf4_weight_check(base: Path, adapter: Path, merged: Path, deq: dict, pairs:
             if ratio > 1.0:
                 failures.append({"key": key, "why": f"differs from NF4 weight + adapter (max abs diff {float(err.max()):.3g})"})
     return {"status": "passed" if not failures else "failed", "tensors": len(merged_index),
-            "quantized_tensors": len(deq), "adapted_tensors": len(pairs), "worst": worst, "failures": failures[:20]}
+            "quantized_tensors": len(quantized), "adapted_tensors": len(pairs), "worst": worst, "failures": failures[:20]}
 
 
 def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, full_precision_drift: bool = True,
-               greedy: Request | None = None) -> dict:
+               greedy: Request | None = None, ram_budget: int | None = None) -> dict:
     """A QLoRA merge against the model training ran: the base as bitsandbytes quantized it (loaded as Axolotl loads
     it) + the adapter. Weights: see _nf4_weight_check. Logits on INPUTS: the merged model against the
     kernel-independent reference (see above), within RTOL_LOGITS of the merged dtype, and no next-token flip that
-    the tolerance cannot explain. `full_precision_drift` also measures how far a merge into the full-precision base
-    (what a plain LoRA merge computes) would be from the trained model."""
+    the tolerance cannot explain; skipped with the numbers when the 4-bit model and one fp32 model do not fit the
+    RAM (`ram_budget`, as the LoRA check). `full_precision_drift` also measures how far a merge into the
+    full-precision base (what a plain LoRA merge computes) would be from the trained model."""
     import torch
     from peft import PeftModel
 
-    from tutor_wrap.backends.nf4_merge import load_nf4
+    from tutor_wrap.backends.nf4_merge import dequantized, load_nf4
 
     t0 = time.perf_counter()
     acfg = adapter_config(adapter)
@@ -381,49 +383,71 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
     scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
     pairs = lora_pairs(adapter)
     nf4 = load_nf4(base, compute_dtype)
-    deq = _dequantized_weights(nf4, compute_dtype)
-    weights = _nf4_weight_check(base, adapter, merged, deq, pairs, scale)
-    vocab = int(nf4.get_input_embeddings().weight.shape[0])
-    ids = torch.tensor(fixed_inputs(vocab), dtype=torch.long)
-    # This machine's 4-bit kernel, for the record only.
-    trained = PeftModel.from_pretrained(nf4, str(adapter), is_trainable=False).eval()
-    with torch.no_grad():
-        kernel = trained(input_ids=ids).logits.float()
-    del trained, nf4
-    gc.collect()
-    # One fp32 model: with the adapter on the full-precision base first (the drift a plain merge would have), then
-    # the same model with its quantized layers set to the dequantized weights: the reference.
-    ref_model = PeftModel.from_pretrained(_load_causal_lm(base), str(adapter), is_trainable=False).eval()
-    inner = ref_model.get_base_model()
-    with torch.no_grad():
-        fp_logits = ref_model(input_ids=ids).logits.float() if full_precision_drift else None
-        for key, w in deq.items():
-            mod = inner.get_submodule(key.removesuffix(".weight"))
-            getattr(mod, "base_layer", mod).weight.copy_(w)
-        ref = ref_model(input_ids=ids).logits.float()
-    del ref_model, inner, deq
-    gc.collect()
-    got, dtype, texts = _merged_logits(merged, ids, greedy)
-    ref_max = float(ref.abs().max())
-    tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
-    stats = _logit_stats(got, ref)
-    flips = _flips_beyond_ties(got, ref, tol)
-    ok = stats["max_abs_diff"] <= tol and flips == 0 and bool(torch.isfinite(got).all())
-    logits = {"status": "passed" if ok else "failed", **stats, "tolerance": tol, "rtol": RTOL_LOGITS.get(dtype, 5e-2),
-              "atol": ATOL_LOGITS, "flips_beyond_ties": flips, "merged_dtype": dtype, "reference_max_abs": ref_max,
-              "kernel_vs_reference": {**_logit_stats(kernel, ref),
-                                      "what": "bitsandbytes' 4-bit inference kernel on this machine (not judged)"},
-              "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab}}
-    if fp_logits is not None:
-        logits["full_precision_merge_vs_trained"] = _logit_stats(fp_logits, ref)
+    quantized = _quantized_layers(nf4)
+    weights = _nf4_weight_check(base, adapter, merged, quantized, compute_dtype, pairs, scale)
     out = {"base": str(base), "adapter": str(adapter), "merged": str(merged),
            "reference": f"the trained model: NF4 base (bitsandbytes' dequantized weights in {compute_dtype}) + "
-                        "adapter, plain fp32 forward",
-           "weights": weights, "logits": logits, "greedy": texts}
-    out["status"] = "passed" if weights["status"] == logits["status"] == "passed" else "failed"
-    out["ok"] = out["status"] == "passed"
-    out.update(max_abs_diff=logits["max_abs_diff"], rel_err=logits["rel_err"], tolerance=tol, inputs=logits["inputs"],
-               seconds=round(time.perf_counter() - t0, 1))
+                        "adapter, plain fp32 forward", "weights": weights, "greedy": None}
+    # Peak of the logits check: the 4-bit model (the NF4 merge's own footprint, about a quarter of the fp32 need
+    # and below it) beside one fp32 model.
+    need = int(logits_need_bytes(base, adapter) * 1.25)
+    have = available_ram()
+    if ram_budget is not None:
+        have = min(have, ram_budget) if have else ram_budget
+    if need > have:
+        logits = {"status": "skipped", "reason": f"skipped: needs {need / GIB:.1f} GiB of RAM for the 4-bit and one "
+                                                 f"fp32 model, {have / GIB:.1f} GiB available",
+                  "needs_bytes": need, "available_bytes": have}
+        del nf4, quantized
+        gc.collect()
+    else:
+        vocab = int(nf4.get_input_embeddings().weight.shape[0])
+        ids = torch.tensor(fixed_inputs(vocab), dtype=torch.long)
+        # One fp32 model: with the adapter on the full-precision base first (the drift a plain merge would have),
+        # then with its quantized layers set, one at a time, to the dequantized weights: the reference. Taken before
+        # the 4-bit model runs: on an AVX512-BF16 CPU its first eval-mode forward repacks the weights in place.
+        ref_model = PeftModel.from_pretrained(_load_causal_lm(base), str(adapter), is_trainable=False).eval()
+        inner = ref_model.get_base_model()
+        with torch.no_grad():
+            fp_logits = ref_model(input_ids=ids).logits.float() if full_precision_drift else None
+            for key, layer in quantized.items():
+                mod = inner.get_submodule(key.removesuffix(".weight"))
+                getattr(mod, "base_layer", mod).weight.copy_(dequantized(layer, compute_dtype))
+            ref = ref_model(input_ids=ids).logits.float()
+        del ref_model, inner
+        gc.collect()
+        # This machine's 4-bit kernel, for the record only.
+        trained = PeftModel.from_pretrained(nf4, str(adapter), is_trainable=False).eval()
+        with torch.no_grad():
+            kernel = trained(input_ids=ids).logits.float()
+        del trained, nf4, quantized
+        gc.collect()
+        got, dtype, texts = _merged_logits(merged, ids, greedy)
+        out["greedy"] = texts
+        ref_max = float(ref.abs().max())
+        tol = RTOL_LOGITS.get(dtype, 5e-2) * ref_max + ATOL_LOGITS
+        stats = _logit_stats(got, ref)
+        flips = _flips_beyond_ties(got, ref, tol)
+        ok = stats["max_abs_diff"] <= tol and flips == 0 and bool(torch.isfinite(got).all())
+        logits = {"status": "passed" if ok else "failed", **stats, "tolerance": tol,
+                  "rtol": RTOL_LOGITS.get(dtype, 5e-2), "atol": ATOL_LOGITS, "flips_beyond_ties": flips,
+                  "merged_dtype": dtype, "reference_max_abs": ref_max,
+                  "kernel_vs_reference": {**_logit_stats(kernel, ref),
+                                          "what": "bitsandbytes' 4-bit inference kernel on this machine (not judged)"},
+                  "inputs": {"sequences": int(ids.shape[0]), "tokens": int(ids.shape[1]), "vocab": vocab}}
+        if fp_logits is not None:
+            logits["full_precision_merge_vs_trained"] = _logit_stats(fp_logits, ref)
+    out["logits"] = logits
+    states = [weights["status"], logits["status"]]
+    out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
+    out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]
+    if logits["status"] != "skipped":
+        out.update(max_abs_diff=logits["max_abs_diff"], rel_err=logits["rel_err"], tolerance=logits["tolerance"],
+                   inputs=logits["inputs"])
+    else:
+        out.update(max_abs_diff=(weights.get("worst") or {}).get("max_abs_diff"), rel_err=None, tolerance=None,
+                   inputs=None)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
@@ -495,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     greedy = Request(**json.loads(args.greedy.read_text("utf-8"))) if args.greedy else None
     t0 = time.perf_counter()
     try:
-        res = (verify_nf4(args.base, args.adapter, args.merged, args.nf4, greedy=greedy) if args.nf4 else
+        res = (verify_nf4(args.base, args.adapter, args.merged, args.nf4, greedy=greedy, ram_budget=args.ram_budget)
+               if args.nf4 else
                verify(args.base, args.adapter, args.merged, ram_budget=args.ram_budget, logits=not args.no_logits,
                       greedy=greedy))
     except Exception as exc:  # noqa: BLE001 - reported as JSON to the parent

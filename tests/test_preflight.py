@@ -118,3 +118,22 @@ def test_preflight_says_which_gpus_the_environment_hid():
                                                                          "planning for the CPU"])
     warn = [f for f in preflight.hardware_findings(hidden_all) if f.severity == "warning"]
     assert warn and "no GPU visible" in warn[0].what and "hides 1 of 1" in warn[0].what
+
+
+def test_preflight_judges_the_plan_that_plan_makes(tmp_path):
+    """With the rows measured, the context is shortened to the longest row: preflight's CPU time is that plan's,
+    not the recipe's sequence_len's (they differed by the ratio of the two)."""
+    from tutor_wrap.data import formats
+    from tutor_wrap.data.format import Dataset
+    from tutor_wrap.planning.inputs import Inputs
+    from tutor_wrap.planning.planner import make_plan
+
+    base = fake_model(tmp_path / "m")
+    r, hw = recipe(base, method="lora"), profiles.load_profile("cpu-only")
+    inputs = Inputs(None, formats.get("alpaca"), Dataset(path=None, rows=[], warnings=[]), [100] * 8,
+                    eval_prompt_lengths=[(1, 40)])
+    measured = make_plan(r, hw, inputs.lengths, eval_prompt=inputs.longest_eval_prompt)
+    assert measured.sequence_len == 128 < r.train.sequence_len
+    why = by(preflight.stage_verdicts(r, hw, inputs=inputs), "train")["why"]
+    unmeasured = make_plan(r, hw).seconds_per_step
+    assert f"~{measured.seconds_per_step:.0f} s" in why and f"~{unmeasured:.0f} s" not in why

@@ -82,6 +82,29 @@ def available_ram() -> int:
         return 0
 
 
+def ram_for_checks(ram_budget: int | None) -> int:
+    """RAM the logits checks may use: what is available, capped by the caller's budget."""
+    have = available_ram()
+    if ram_budget is not None:
+        have = min(have, ram_budget) if have else ram_budget
+    return have
+
+
+def _verdict(out: dict) -> dict:
+    """status/ok from the weight and logits parts, and the summary fields the merge report shows (logits when they
+    ran, else the weight check's worst tensor)."""
+    states = [out["weights"]["status"], out["logits"]["status"]]
+    out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
+    out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]
+    lg, w = out["logits"], out["weights"]
+    if lg["status"] != "skipped":
+        out.update(max_abs_diff=lg["max_abs_diff"], rel_err=lg["rel_err"], tolerance=lg["tolerance"], inputs=lg["inputs"])
+    else:
+        out.update(max_abs_diff=(w.get("worst") or {}).get("max_abs_diff"), rel_err=None,
+                   tolerance=w.get("tolerance"), inputs=None)
+    return out
+
+
 def fixed_inputs(vocab: int, n_seq: int = INPUTS[0], n_tok: int = INPUTS[1], seed: int = 0) -> list[list[int]]:
     """Deterministic token ids (a 64-bit LCG, no RNG library), first token of each row = 1 (BOS for Llama)."""
     state, rows = seed * 2654435761 + 1, []
@@ -272,9 +295,7 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
     out: dict = {"base": str(base), "adapter": str(adapter), "merged": str(merged)}
     out["weights"] = check_weights(base, adapter, merged)
     need = logits_need_bytes(base, adapter)
-    have = available_ram()
-    if ram_budget is not None:
-        have = min(have, ram_budget) if have else ram_budget
+    have = ram_for_checks(ram_budget)
     if not logits:
         out["logits"] = {"status": "skipped", "reason": "--no-logits"}
     elif need > have:
@@ -283,18 +304,7 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
                          "available_bytes": have}
     else:
         out["logits"], out["greedy"] = check_logits(base, adapter, merged, greedy)
-    states = [out["weights"]["status"], out["logits"]["status"]]
-    out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
-    out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]
-    lg = out["logits"]
-    # The summary fields the merge report shows (logits when they ran, else the weight check's worst tensor).
-    if lg["status"] != "skipped":
-        out.update(max_abs_diff=lg["max_abs_diff"], rel_err=lg["rel_err"], tolerance=lg["tolerance"], inputs=lg["inputs"])
-    else:
-        w = out["weights"]
-        out.update(max_abs_diff=(w.get("worst") or {}).get("max_abs_diff"), rel_err=None,
-                   tolerance=w.get("tolerance"), inputs=None)
-    return out
+    return _verdict(out)
 
 
 # ---- QLoRA: the reference is the model training ran (NF4 base + adapter), not the full-precision base ---------
@@ -391,9 +401,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
     # Peak of the logits check: the 4-bit model (the NF4 merge's own footprint, about a quarter of the fp32 need
     # and below it) beside one fp32 model.
     need = int(logits_need_bytes(base, adapter) * 1.25)
-    have = available_ram()
-    if ram_budget is not None:
-        have = min(have, ram_budget) if have else ram_budget
+    have = ram_for_checks(ram_budget)
     if need > have:
         logits = {"status": "skipped", "reason": f"skipped: needs {need / GIB:.1f} GiB of RAM for the 4-bit and one "
                                                  f"fp32 model, {have / GIB:.1f} GiB available",
@@ -438,17 +446,8 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
         if fp_logits is not None:
             logits["full_precision_merge_vs_trained"] = _logit_stats(fp_logits, ref)
     out["logits"] = logits
-    states = [weights["status"], logits["status"]]
-    out["status"] = "failed" if "failed" in states else ("passed" if "passed" in states else "skipped")
-    out["ok"] = {"passed": True, "failed": False, "skipped": None}[out["status"]]
-    if logits["status"] != "skipped":
-        out.update(max_abs_diff=logits["max_abs_diff"], rel_err=logits["rel_err"], tolerance=logits["tolerance"],
-                   inputs=logits["inputs"])
-    else:
-        out.update(max_abs_diff=(weights.get("worst") or {}).get("max_abs_diff"), rel_err=None, tolerance=None,
-                   inputs=None)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    return out
+    return _verdict(out)
 
 
 # ---- the caller's side (no torch): run the check in a subprocess and judge its result ------------------------

@@ -31,6 +31,11 @@ class Inputs:
     lengths: list[int] | None        # tokens per training row (None without a local tokenizer or rows)
     # (line, tokens) of each eval prompt in the training format: eval and deploy serve them in the planned context
     eval_prompt_lengths: list[tuple[int, int]] | None = None
+
+    @property
+    def longest_eval_prompt(self) -> int:
+        """Tokens of the longest eval prompt (0 without eval prompts or a tokenizer): the planned context holds it."""
+        return max((n for _, n in self.eval_prompt_lengths or []), default=0)
     notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
 
 

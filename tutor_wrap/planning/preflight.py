@@ -110,10 +110,9 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
     # Imported here: the planner pulls in the recipe schema (pydantic), which a preflight without a recipe never needs.
     from tutor_wrap.planning.planner import SAFETY, make_plan
 
-    lengths = inputs.lengths if inputs is not None else None
-    longest_eval = max((n for _, n in (inputs.eval_prompt_lengths or [])), default=0) if inputs is not None else 0
     try:
-        plan = make_plan(recipe, hw, lengths, processes=processes, eval_prompt=longest_eval)
+        plan = make_plan(recipe, hw, inputs.lengths if inputs else None, processes=processes,
+                         eval_prompt=inputs.longest_eval_prompt if inputs else 0)
     except TutorWrapError as exc:
         return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
                 "remedy": getattr(exc, "hint", None)}

@@ -19,7 +19,6 @@ from tutor_wrap.data.formats import CHAT_FORMATS, FORMATS
 from tutor_wrap.models.quant import QUANT_TYPES
 
 Method = Literal["full", "lora", "lora8bit", "qlora"]
-# Ollama model names: optional namespace, name, optional tag; lower-case letters, digits, '.', '_', '-'.
 # Ollama's model names (types/model/name.go, ParseName): [host/][namespace/]model[:tag], 128 characters at most in
 # all, each part of letters, digits, '_', '-' and '.', no '.' in the namespace, no '..' anywhere. Stricter here: each
 # part starts with a letter or digit, so a name never reads as a flag on `ollama create`'s command line.

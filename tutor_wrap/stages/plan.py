@@ -55,8 +55,7 @@ def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = 
             processes: int | None = None) -> Prepared:
     """Inputs checked, the plan made and the Axolotl config rendered; nothing written."""
     inputs = check_recipe(recipe, trains_here=trains_here)
-    longest_eval = max((n for _, n in inputs.eval_prompt_lengths or []), default=0)
-    plan = make_plan(recipe, hw, inputs.lengths, processes=processes, eval_prompt=longest_eval)
+    plan = make_plan(recipe, hw, inputs.lengths, processes=processes, eval_prompt=inputs.longest_eval_prompt)
     check_eval_prompts_fit(recipe, inputs, plan.sequence_len)
     kept, notes = rows_kept(inputs, plan.sequence_len)
     cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from tutor_wrap.backends import llamacpp  # noqa: E402
 from tutor_wrap.backends.llama_server import answer_all, serve, serve_many  # noqa: E402
 from tutor_wrap.machine.probe import probe  # noqa: E402
-from tutor_wrap.planning.inputs import dataset_format, eval_rows  # noqa: E402
+from tutor_wrap.recipe.resolve import resolve  # noqa: E402
 from tutor_wrap.planning.planner import cpu_threads  # noqa: E402
 from tutor_wrap.recipe.load import load_recipe  # noqa: E402
 
@@ -56,8 +56,9 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     recipe = load_recipe(args.recipe)
-    fmt = dataset_format(recipe)
-    prompts = [fmt.prompt(r) for r in eval_rows(recipe)]
+    res = resolve(recipe)
+    fmt = res.fmt
+    prompts = [fmt.prompt(r) for r in res.eval_rows]
     plan = json.loads((args.run / "plan.json").read_text())["plan"]
     report = json.loads((args.run / "eval/report.json").read_text())
     ggufs = {"base": args.run / report["base_gguf"], "tuned": args.run / report["tuned_gguf"]}

@@ -37,7 +37,7 @@ from tutor_wrap.backends import llamacpp  # noqa: E402
 from tutor_wrap.backends.axolotl_merge import merge_config, run_merge_lora  # noqa: E402
 from tutor_wrap.backends.llama_server import answer_all, serve  # noqa: E402
 from tutor_wrap.pipeline import run_pipeline  # noqa: E402
-from tutor_wrap.planning.inputs import dataset_format, eval_rows  # noqa: E402
+from tutor_wrap.recipe.resolve import resolve  # noqa: E402
 from tutor_wrap.recipe.load import load_recipe  # noqa: E402
 
 STAGES = ("merge", "export", "deploy", "eval")
@@ -71,8 +71,8 @@ def bare_export(run: Path, tmp: Path, quant_types: list[str], ll) -> float:
 
 
 def bare_eval(run: Path, tmp: Path, recipe, ll) -> float:
-    fmt = dataset_format(recipe)
-    rows = eval_rows(recipe)
+    res = resolve(recipe)
+    fmt, rows = res.fmt, res.eval_rows
     spec, qt = recipe.eval, recipe.eval_quant_type
     report = json.loads((run / "eval/report.json").read_text())
     base = run / report["base_gguf"]     # the base GGUF the eval stage used (the cache entry for this run's build)

@@ -164,7 +164,7 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     assert report["tuned"]["code_runs_rate"] == report["base"]["code_runs_rate"] == 0.0
     assert report["tuned"]["answer_match_rate"] >= report["base"]["answer_match_rate"]
     # ... and judged each answer by its text: it passes exactly when the answer's final answer is the reference's
-    from tutor_wrap.checks import math_answer
+    from tutor_wrap.answers import math_answer
     for p in report["prompts"]:
         assert p["tuned"]["checks"]["answer_match"] == math_answer.matches(p["tuned"]["text"], "ok"), p["tuned"]
         if not p["tuned"]["checks"]["answer_match"]:

@@ -3,7 +3,7 @@ against textbook figures."""
 
 import pytest
 
-from tutor_wrap.checks import code_runs
+from tutor_wrap.answers import code_runs
 from tutor_wrap.checks.answers import judge
 from tutor_wrap.checks.stats import mcnemar_exact, paired, wilson
 from tutor_wrap.data.alpaca import ALPACA
@@ -74,7 +74,7 @@ def test_mcnemar_and_wilson_match_textbook_values():
     ("I am not sure.", "The answer is: 6", False),
 ])
 def test_answer_match_reads_the_final_answer(text, reference, same):
-    from tutor_wrap.checks.math_answer import matches
+    from tutor_wrap.answers.math_answer import matches
 
     assert matches(text, reference) is same
 

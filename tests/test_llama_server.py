@@ -72,3 +72,22 @@ def test_several_servers_answer_as_one_does_and_all_stop(gguf, tmp_path):
     assert len({t for t, _ in alone}) > 1          # the prompts differ, so order mix-ups would show
     assert not any(listening(p) for p in ports)
     assert sorted(p.name for p in tmp_path.glob("many*.log")) == ["many-1.log", "many-2.log", "many.log"]
+
+
+def test_a_gguf_check_is_one_function_and_one_line(gguf, monkeypatch):
+    """The checks every exported GGUF gets are a list: a throwaway one added there runs on the real file and its
+    problem fails the export's verification by name; the shipped ones pass this GGUF."""
+    from tutor_wrap.checks import gguf as gguf_checks
+
+    ll = llamacpp.locate()
+    assert gguf_checks.verify(ll, gguf, "F16", chat_template=ALPACA.chat_template)["chat_template_matches_training"]
+    seen = []
+
+    def named_llama(g):
+        seen.append(g.meta["architecture"])
+        return "an architecture named llama" if g.meta["architecture"] == "llama" else None
+
+    monkeypatch.setattr(gguf_checks, "CHECKS", [*gguf_checks.CHECKS, named_llama])   # the registry line
+    with pytest.raises(TutorWrapError, match="failed verification: an architecture named llama"):
+        gguf_checks.verify(ll, gguf, "F16")
+    assert seen == ["llama"]

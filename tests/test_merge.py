@@ -270,6 +270,7 @@ def test_stage_refusal_leaves_no_merge_dir(tiny_model, adapter, tmp_path):
 
     from tutor_wrap.runtime.rundir import RunDir
     from tutor_wrap.recipe.schema import Recipe
+    from tutor_wrap.recipe.resolve import resolve
     from tutor_wrap.stages.base import Context
 
     run = RunDir.create(tmp_path / "run")
@@ -280,7 +281,7 @@ def test_stage_refusal_leaves_no_merge_dir(tiny_model, adapter, tmp_path):
     with pytest.raises(TutorWrapError, match="Nothing was written"):
         recipe = Recipe.model_validate({"name": "t", "base_model": str(tiny_model), "dataset": {"path": "d.jsonl"},
                                         "ollama": {"model": "t"}})
-        merge_stage.run(Context(recipe=recipe, run=run, hardware=hw, console=Console(quiet=True)))
+        merge_stage.run(Context(resolved=resolve(recipe), run=run, hardware=hw, console=Console(quiet=True)))
     assert sorted(p.name for p in run.path.iterdir()) == before and not (run.path / "merge").exists()
 
 

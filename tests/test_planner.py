@@ -7,7 +7,7 @@ import pytest
 from tutor_wrap.data import formats
 from tutor_wrap.data.chat_templates import CHATML
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.planning.inputs import dataset_format
+from tutor_wrap.recipe.resolve import dataset_format
 from tutor_wrap.backends import axolotl_config
 from tutor_wrap.machine import profiles
 from tutor_wrap.core.errors import TutorWrapError

@@ -33,13 +33,21 @@ def recipe(base, method="qlora", quants=("Q4_K_M",)):
         "export": {"quant_types": list(quants)}, "ollama": {"model": "t"}})
 
 
+def stage_verdicts(recipe, hw, inputs=None):
+    """Every stage's check, as `preflight`, `plan` and `run` loop over them (pipeline.check_stages)."""
+    from tutor_wrap.pipeline import check_stages
+    from tutor_wrap.stages.base import Pre
+
+    return [v.to_dict() for v in check_stages(Pre(recipe, hw, inputs=inputs))]
+
+
 def by(verdicts, stage, resource=None):
     return next(v for v in verdicts if v["stage"] == stage and v.get("resource") == resource)
 
 
 def test_reference_machine_merge_wont_fit_and_says_how_to_raise_wsl(tmp_path):
     base = fake_model(tmp_path / "llama3-8b")
-    v = preflight.stage_verdicts(recipe(base), profiles.load_profile("rtx3060-12gb"))
+    v = stage_verdicts(recipe(base), profiles.load_profile("rtx3060-12gb"))
     train = by(v, "train", "VRAM")
     assert train["resource"] == "VRAM" and train["verdict"] in ("fits", "tight") and train["needs_bytes"] < 12 * GIB
     ram = by(v, "merge", "RAM+swap")
@@ -55,36 +63,36 @@ def test_native_linux_remedy_is_a_swapfile(tmp_path):
     base = fake_model(tmp_path / "m")
     hw = profiles.load_profile("cpu-only")
     tight = hw.__class__(**{**hw.to_dict(), "gpus": [], "ram_available_bytes": 8 * GIB, "swap_free_bytes": 0})
-    ram = by(preflight.stage_verdicts(recipe(base), tight), "merge", "RAM+swap")
+    ram = by(stage_verdicts(recipe(base), tight), "merge", "RAM+swap")
     assert ram["verdict"] == "won't fit" and ram["remedy"].startswith("add ") and "of swap: sudo bash tools/make_swapfile.sh " in ram["remedy"]
 
 
 def test_tight_and_fits_and_disk(tmp_path):
     base = fake_model(tmp_path / "m")
-    v = preflight.stage_verdicts(recipe(base), profiles.load_profile("rtx4090-24gb"))
+    v = stage_verdicts(recipe(base), profiles.load_profile("rtx4090-24gb"))
     assert by(v, "merge", "RAM+swap")["verdict"] == "fits" and by(v, "merge", "RAM+swap")["remedy"] is None
     small = profiles.load_profile("rtx4090-24gb")
     small = small.__class__(**{**small.to_dict(), "gpus": [], "disk_free_bytes": 20 * GIB})
-    v = preflight.stage_verdicts(recipe(base, quants=("Q4_K_M", "Q8_0")), small)
+    v = stage_verdicts(recipe(base, quants=("Q4_K_M", "Q8_0")), small)
     assert by(v, "merge", "disk")["verdict"] == "fits"
     exp = by(v, "export", "disk")
     assert exp["verdict"] == "won't fit" and "free" in exp["remedy"]
-    assert preflight._verdict("x", "disk", 95, 100, "r", "")["verdict"] == "tight"
+    assert preflight._verdict("x", "disk", 95, 100, "r", "").verdict == "tight"
 
 
 def test_hub_id_sizes_come_from_the_catalog_and_the_seed_merge_risk_shows(tmp_path):
     hub = recipe("NousResearch/Meta-Llama-3-8B")
     assert hub.base_model_path() is None
-    v = preflight.stage_verdicts(hub, profiles.load_profile("h100-80gb"))
+    v = stage_verdicts(hub, profiles.load_profile("h100-80gb"))
     assert by(v, "merge", "RAM+swap")["verdict"] == "fits" and "the catalog" in by(v, "merge", "RAM+swap")["why"]
-    seed = by(preflight.stage_verdicts(hub, profiles.load_profile("rtx3060-12gb")), "merge", "RAM+swap")
+    seed = by(stage_verdicts(hub, profiles.load_profile("rtx3060-12gb")), "merge", "RAM+swap")
     # The seed report's failure: 16 GB RAM under WSL's default cap, no real swap. Not "fits", with the fix.
     assert seed["verdict"] in ("tight", "won't fit") and "[wsl2]" in seed["remedy"] and "legacy" in seed["why"]
 
 
 def test_full_finetune_has_nothing_to_merge(tmp_path):
     base = fake_model(tmp_path / "m")
-    v = preflight.stage_verdicts(recipe(base, method="full"), profiles.load_profile("h100-80gb"))
+    v = stage_verdicts(recipe(base, method="full"), profiles.load_profile("h100-80gb"))
     assert by(v, "merge")["verdict"] == "n/a"
 
 
@@ -98,7 +106,7 @@ def test_report_is_json_and_renders(tmp_path):
     from tutor_wrap.runtime.tables import preflight_tables
 
     rep = preflight.collect(probe(), software.collect())
-    rep["stages"] = preflight.stage_verdicts(recipe(fake_model(tmp_path / "m")), profiles.load_profile("rtx3060-12gb"))
+    rep["stages"] = stage_verdicts(recipe(fake_model(tmp_path / "m")), profiles.load_profile("rtx3060-12gb"))
     json.dumps(rep)
     out = StringIO()
     console = Console(file=out, width=140)
@@ -125,15 +133,15 @@ def test_preflight_judges_the_plan_that_plan_makes(tmp_path):
     not the recipe's sequence_len's (they differed by the ratio of the two)."""
     from tutor_wrap.data import formats
     from tutor_wrap.data.format import Dataset
-    from tutor_wrap.planning.inputs import Inputs
+    from tutor_wrap.recipe.resolve import Inputs, Resolved
     from tutor_wrap.planning.planner import make_plan
 
     base = fake_model(tmp_path / "m")
     r, hw = recipe(base, method="lora"), profiles.load_profile("cpu-only")
-    inputs = Inputs(None, formats.get("alpaca"), Dataset(path=None, rows=[], warnings=[]), [100] * 8,
-                    eval_prompt_lengths=[(1, 40)])
+    resolved = Resolved(r, formats.get("alpaca"), base, None, None, None)
+    inputs = Inputs(resolved, Dataset(path=None, rows=[], warnings=[]), [100] * 8, eval_prompt_lengths=[(1, 40)])
     measured = make_plan(r, hw, inputs.lengths, eval_prompt=inputs.longest_eval_prompt)
     assert measured.sequence_len == 128 < r.train.sequence_len
-    why = by(preflight.stage_verdicts(r, hw, inputs=inputs), "train")["why"]
+    why = by(stage_verdicts(r, hw, inputs), "train")["why"]
     unmeasured = make_plan(r, hw).seconds_per_step
     assert f"~{measured.seconds_per_step:.0f} s" in why and f"~{unmeasured:.0f} s" not in why

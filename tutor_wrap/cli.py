@@ -12,9 +12,7 @@ import sys
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
-
-# The stage names, for --from/--until (pipeline.STAGE_NAMES; spelled here so `--help` imports nothing heavy).
-STAGES = ("plan", "train", "merge", "export", "deploy", "eval")
+from tutor_wrap.stages import NAMES as STAGES   # the stage list itself, without importing a stage
 
 
 def _console():
@@ -42,13 +40,14 @@ def cmd_run(args) -> int:
 
 def cmd_plan(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
+    from tutor_wrap.pipeline import plan_for
     from tutor_wrap.recipe.load import load_recipe
     from tutor_wrap.runtime.tables import memory_table, plan_table
     from tutor_wrap.stages import plan as plan_stage
 
     recipe = load_recipe(args.recipe)
     hw = resolve_hardware(args.hardware or recipe.hardware)
-    p = plan_stage.prepare(recipe, hw, args.run_dir or recipe.default_run_dir(), processes=args.num_processes)
+    p, _ = plan_for(recipe, hw, args.run_dir, processes=args.num_processes)
     plan = p.plan
     if args.json:
         print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": p.config}, indent=2, default=str))
@@ -92,9 +91,8 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_preflight(args) -> int:
-    from tutor_wrap.machine import software
     from tutor_wrap.machine.profiles import resolve_hardware, save_profile
-    from tutor_wrap.planning import preflight
+    from tutor_wrap.pipeline import preflight
     from tutor_wrap.runtime.tables import preflight_tables
 
     recipe = None
@@ -106,15 +104,7 @@ def cmd_preflight(args) -> int:
     if args.save_profile:
         save_profile(hw, args.save_profile)
         print(f"wrote {args.save_profile}", file=sys.stderr)
-    report = preflight.collect(hw, software.collect())
-    if recipe is not None:
-        from tutor_wrap.stages.plan import check_recipe
-
-        inputs = check_recipe(recipe)   # the inputs, checked as plan and run check them
-        report["stages"] = preflight.stage_verdicts(recipe, hw, args.run_dir, args.num_processes, inputs)
-        report["input_notes"] = inputs.notes
-        # `ok` is the verdict a script reads: a stage that won't fit fails it like an error finding does.
-        report["ok"] = report["ok"] and not any(v.get("verdict") == "won't fit" for v in report["stages"])
+    report = preflight(recipe, hw, args.run_dir, processes=args.num_processes)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -1,7 +1,10 @@
-"""The orchestrator: a loop over the stages, skipping what is done and unchanged, redoing the rest."""
+"""The orchestrator: the stages in order, their checks before anything runs, and the loop over them (skip what
+is done and unchanged, redo the rest). Every command that touches a recipe comes through here: `run`, `plan`,
+`preflight`, `deploy`, `eval`."""
 
 from __future__ import annotations
 
+import importlib
 import time
 from pathlib import Path
 
@@ -12,16 +15,50 @@ from rich.markup import escape
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware, describe
 from tutor_wrap.machine.profiles import resolve_hardware
+from tutor_wrap.machine import software
+from tutor_wrap.planning import preflight as preflight_lib
+from tutor_wrap.planning.preflight import Verdict
+from tutor_wrap.recipe.resolve import Inputs, check_inputs, resolve
 from tutor_wrap.recipe.schema import OllamaSpec, Recipe
 from tutor_wrap.core.hashing import fingerprint
 from tutor_wrap.runtime.lock import run_dir_lock
 from tutor_wrap.runtime.rundir import RunDir
-from tutor_wrap.stages import deploy, evaluate, export, merge, plan, train
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.stages import ORDER, plan
+from tutor_wrap.stages.base import Context, Pre, StageResult
+from tutor_wrap.stages.plan import Prepared
 
-# The stages in order. Adding one: a module in stages/ with NAME, DEPENDS, inputs() and run(), and a place here.
-STAGES = (plan, train, merge, export, deploy, evaluate)
+# The stage modules in stages.ORDER. Each has NAME, DEPENDS, inputs(), check() and run() (stages/base.py).
+STAGES = tuple(importlib.import_module(f"tutor_wrap.stages.{module}") for _, module in ORDER)
 STAGE_NAMES = tuple(s.NAME for s in STAGES)
+
+
+def check_stages(pre: Pre) -> list[Verdict]:
+    """Every stage's check, in order: a recipe problem raises TutorWrapError, a resource gets its Verdict."""
+    return [v for stage in STAGES for v in stage.check(pre)]
+
+
+def plan_for(recipe: Recipe, hw: Hardware, run_dir: Path | None = None, *,
+             processes: int | None = None) -> tuple[Prepared, list[Verdict]]:
+    """The `plan` command: the recipe resolved and checked, every stage's check, the plan and its Axolotl config
+    (nothing written)."""
+    inputs = check_inputs(resolve(recipe))
+    verdicts = check_stages(Pre(recipe, hw, run_dir, processes, inputs))
+    return plan.prepare(inputs, hw, run_dir or recipe.default_run_dir(), processes=processes), verdicts
+
+
+def preflight(recipe: Recipe | None, hw: Hardware, run_dir: Path | None = None, *,
+              processes: int | None = None) -> dict:
+    """The `preflight` command's report: the machine and its stack, and with a recipe its inputs checked as
+    `plan` and `run` check them and each stage's verdict. `ok` is what a script reads: an error finding or a
+    stage that won't fit fails it."""
+    report = preflight_lib.collect(hw, software.collect())
+    if recipe is not None:
+        inputs = check_inputs(resolve(recipe))
+        verdicts = check_stages(Pre(recipe, hw, run_dir, processes, inputs))
+        report["stages"] = [v.to_dict() for v in verdicts]
+        report["input_notes"] = inputs.notes
+        report["ok"] = report["ok"] and not any(v.verdict == "won't fit" for v in verdicts)
+    return report
 
 
 def _artifacts_present(run: RunDir, rec: dict) -> bool:
@@ -56,7 +93,8 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
         run.invalidate_from(_downstream(from_stage))
-    ctx = Context(recipe=recipe, run=run, hardware=hw, console=console, machines=machines, processes=processes)
+    ctx = Context(resolved=resolve(recipe), run=run, hardware=hw, console=console, machines=machines,
+                  processes=processes)
     for stage in STAGES:
         fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
         rec = run.stage(stage.NAME)
@@ -65,6 +103,8 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
             if stage.NAME == until:
                 break
             continue
+        if stage is plan:
+            ctx.inputs = _checked(ctx, console)
         console.rule(stage.NAME)
         t0 = time.time()
         # What it left behind may be picked up (train's checkpoints) only by the same work interrupted: a stage
@@ -82,6 +122,25 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
         if stage.NAME == until:
             break
     return run.manifest()
+
+
+def _checked(ctx: Context, console: Console) -> Inputs:
+    """Before anything is planned or trained: the inputs and every stage's check, as `plan` and `preflight` do them.
+    A stage that won't fit stops the run now, not after the hours before it."""
+    inputs = check_inputs(ctx.resolved, trains_here=True)
+    verdicts = check_stages(Pre(ctx.recipe, ctx.hardware, ctx.run.path, ctx.processes, inputs))
+    wont = [v for v in verdicts if v.verdict == "won't fit"]
+    for v in verdicts:
+        if v.verdict == "tight":
+            console.print(f"[yellow]warning:[/] {escape(v.stage)}: {escape(v.resource or '')} is tight "
+                          f"({escape(v.why)})" + (f"; {escape(v.remedy)}" if v.remedy else ""))
+    if wont:
+        v = wont[0]
+        need = (f": needs {v.to_dict()['needs']} of {v.resource}, has {v.to_dict()['has']}"
+                if v.needs_bytes is not None else "")
+        raise TutorWrapError(f"{v.stage} won't fit on this machine{need} ({v.why})",
+                             hint=(v.remedy or "") + " (`python -m tutor_wrap preflight RECIPE` shows every stage)")
+    return inputs
 
 
 def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str | None = None) -> StageResult:
@@ -102,4 +161,4 @@ def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str
         recipe = recipe.model_copy(update={"ollama": spec})
     stage = next(s for s in STAGES if s.NAME == name)
     with run_dir_lock(run.path):
-        return stage.run(Context(recipe, run, resolve_hardware(recipe.hardware, run.path), console))
+        return stage.run(Context(resolve(recipe), run, resolve_hardware(recipe.hardware, run.path), console))

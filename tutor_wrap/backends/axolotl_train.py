@@ -1,5 +1,6 @@
-"""Training with Axolotl: the launch command, reading its failures, its checkpoints, and one notch smaller after an
-out-of-memory. The train stage drives these; nothing here knows about the run dir or the screen."""
+"""Training with Axolotl: the launch command, reading its failures, its checkpoints, one notch smaller after an
+out-of-memory, and the loop that ties them (`train`). The train stage drives it; nothing here knows about the run
+dir's manifest or the screen (the stage passes `watch` and `note`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ import os
 import re
 import signal
 import sys
+import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.hashing import file_sha256
+from tutor_wrap.core.proc import start_logged, tail
 from tutor_wrap.planning.distributed import accelerate_args
 
 # Ordered: the first pattern found in the log's tail names the failure.
@@ -136,3 +143,74 @@ def reap_leftover_trainer(train_dir: Path) -> int:
             time.sleep(0.2)
     rec.unlink(missing_ok=True)
     return len(pids)
+
+
+KNOBS = ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")   # what a notch down changes
+
+
+@dataclass
+class Trained:
+    attempts: list[dict] = field(default_factory=list)   # each launch's knobs and outcome
+    resumed_from: Path | None = None                      # the checkpoint the last launch resumed from
+
+
+def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, metrics_path: Path,
+          resumable: bool, machines: dict | None, watch: Callable, note: Callable[[str], None]) -> Trained:
+    """Axolotl on `plan_yml` until it finishes: resumed from the last complete checkpoint of the same work, one
+    notch smaller after each out-of-memory (MAX_OOM_RETRIES), a TutorWrapError naming the failure otherwise.
+
+    `watch(proc, max_steps) -> exit code` follows a launched trainer; `resumable`: the checkpoints in the output
+    dir belong to this very plan, interrupted (otherwise they are a finished or other training's and go)."""
+    cfg = yaml.safe_load(plan_yml.read_text("utf-8"))
+    out_dir = Path(cfg["output_dir"])
+    notch_file = train_dir / "replan.json"
+    plan_sha = file_sha256(plan_yml)
+    if reap_leftover_trainer(train_dir):
+        note("stopped a trainer left running by an earlier, killed run")
+    if not resumable and out_dir.exists() and complete_checkpoints(out_dir):
+        # Checkpoints of a finished training, or of another config: resuming would train nothing, or the old plan.
+        note(f"starting fresh: the checkpoints in {out_dir} belong to a finished or different training")
+        shutil.rmtree(out_dir)
+        notch_file.unlink(missing_ok=True)
+    launch_cfg = dict(cfg)
+    done = Trained()
+    # A smaller plan chosen after an OOM in an earlier run of this same plan still applies on resume.
+    if notch_file.exists():
+        notch = json.loads(notch_file.read_text("utf-8"))
+        if notch.get("plan_sha256") == plan_sha:
+            launch_cfg.update(notch["overrides"])
+            done.attempts = notch.get("attempts", [])
+    while True:
+        ckpts = complete_checkpoints(out_dir) if out_dir.exists() else []
+        launch_cfg.pop("resume_from_checkpoint", None)
+        if ckpts:
+            done.resumed_from = ckpts[0]
+            launch_cfg["resume_from_checkpoint"] = str(ckpts[0])
+            note(f"resuming from {ckpts[0].name} (the last complete checkpoint): {ckpts[0]}")
+        elif not done.attempts:
+            metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
+        launch_yml = train_dir / "axolotl.launch.yml"
+        atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
+        proc = start_logged(launch_args(launch_yml, plan, machines), log, env=env, new_session=True)
+        atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
+        try:
+            rc = watch(proc, launch_cfg.get("max_steps"))
+        except KeyboardInterrupt:
+            reap_leftover_trainer(train_dir)  # the new session shields the trainer from the terminal's Ctrl-C
+            raise
+        knobs = {k: launch_cfg.get(k) for k in KNOBS}
+        if rc == 0:
+            done.attempts.append({**knobs, "outcome": "ok"})
+            return done
+        what, fix = classify_failure(tail(log, 200))
+        done.attempts.append({**knobs, "outcome": what, "exit": rc})
+        ooms = sum(a["outcome"] == "out of memory" for a in done.attempts)
+        down = smaller(launch_cfg) if what == "out of memory" else None
+        if down is None or ooms > MAX_OOM_RETRIES:
+            if what == "out of memory" and len(done.attempts) > 1:
+                fix = f"tried {len(done.attempts)} plans ({done.attempts}); " + fix
+            raise TutorWrapError(f"train: {what} (exit {rc}); log: {log}\n{tail(log, 15)}", hint=fix)
+        launch_cfg, change = down
+        atomic.write_json(notch_file, {"plan_sha256": plan_sha, "attempts": done.attempts,
+                                       "overrides": {k: launch_cfg[k] for k in KNOBS if k in launch_cfg}})
+        note(f"out of memory; re-planning one notch smaller ({change}) and retrying ({ooms}/{MAX_OOM_RETRIES})")

@@ -5,17 +5,16 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import dataclass, field
 
-from tutor_wrap.checks import code_runs, math_answer
+from tutor_wrap.answers.registry import ANSWER_CHECKS
 from tutor_wrap.recipe.schema import EvalChecks
 
-_FENCE = re.compile(r"```[A-Za-z0-9_+-]*\n.*?```", re.S)
 
-
-CONTENT_CHECKS = ("code_runs", "answer_match")   # what the answer does, beside how it looks
+def content_checks() -> tuple[str, ...]:
+    """What the answer does, beside how it looks (answers/check.py: `content`)."""
+    return tuple(name for name, c in ANSWER_CHECKS.items() if c.content)
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,8 @@ class Judged:
     @property
     def format_pass(self) -> bool:
         """Stops by itself, no runaway turn, and every format check of the recipe."""
-        return self.eos and not self.runaway and all(v for k, v in self.checks.items() if k not in CONTENT_CHECKS)
+        content = content_checks()
+        return self.eos and not self.runaway and all(v for k, v in self.checks.items() if k not in content)
 
     @property
     def all_pass(self) -> bool:
@@ -52,27 +52,18 @@ class Judged:
 
 def judge(text: str, eos: bool, section_markers: tuple[str, ...], checks: EvalChecks,
           reference: str | None = None) -> Judged:
-    runaway = any(m in text for m in section_markers)
-    words = len(text.split())
+    """Every check the recipe turned on (a check that compares with the reference is skipped without one)."""
     results: dict[str, bool] = {}
     details: dict[str, str] = {}
-    if checks.code_block:
-        results["code_block"] = bool(_FENCE.search(text))
-    if checks.max_words is not None:
-        results["max_words"] = words <= checks.max_words
-    if checks.regex is not None:
-        results["regex"] = re.search(checks.regex, text) is not None
-    if checks.code_runs:
-        ran = code_runs.check(text)
-        results["code_runs"] = ran.runs
-        if ran.error:
-            details["code_runs"] = ran.error
-    if checks.answer_match and reference:
-        results["answer_match"] = math_answer.matches(text, reference)
-        if not results["answer_match"]:
-            details["answer_match"] = f"final answer {math_answer.final_answer(text)!r}, reference " \
-                                      f"{math_answer.final_answer(reference) or reference.strip()!r}"
-    return Judged(text, eos, runaway, results, words, details)
+    for name, value in checks.enabled().items():
+        check = ANSWER_CHECKS[name]
+        if check.needs_reference and not reference:
+            continue
+        verdict = check.judge(text, value, reference)
+        results[name] = verdict.passes
+        if not verdict.passes and verdict.why_not:
+            details[name] = verdict.why_not
+    return Judged(text, eos, any(m in text for m in section_markers), results, len(text.split()), details)
 
 
 def reference_similarity(texts: list[str], references: list[str]) -> float | None:
@@ -96,7 +87,7 @@ def summarize(judged: list[Judged]) -> dict[str, float]:
     }
     for name in judged[0].checks if judged else ():
         out[f"{name}_rate"] = sum(j.checks[name] for j in judged) / n
-    if any(k in CONTENT_CHECKS for k in (judged[0].checks if judged else ())):
+    if any(k in content_checks() for k in (judged[0].checks if judged else ())):
         out["all_checks_rate"] = sum(j.all_pass for j in judged) / n
     out["mean_words"] = statistics.fmean(words)
     out["median_words"] = statistics.median(words)

@@ -170,7 +170,7 @@ def bitsandbytes(hw: Hardware) -> Bitsandbytes:
 
 
 VENDOR = Vendor(
-    name="amd", label="AMD", runtime="ROCm", torch_build_key="torch_hip", torch_index_tag="rocm6.4",
+    name="amd", label="AMD", runtime="ROCm", torch_build_key="torch_hip", torch_version_attr="hip", torch_index_tag="rocm6.4",
     torch_index_note="pick the rocmX.Y tag matching your ROCm install",
     bnb_lib_kind="rocm", bnb_major_digits=1, smi="rocm-smi", probe=probe,
     has_bf16=has_bf16, bf16_detail=bf16_detail, no_bf16_finding=no_bf16_finding,
@@ -184,4 +184,6 @@ VENDOR = Vendor(
     # ROCr picks first; HIP (which also honours CUDA_VISIBLE_DEVICES) picks from what ROCr left
     visible_env=(("ROCR_VISIBLE_DEVICES",), ("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")),
     visible_empty_is_unset=("HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"),
+    # the HIP runtime reads "" as unset: an invalid index hides them
+    hide_all_env=("HIP_VISIBLE_DEVICES", "-1"),
 )

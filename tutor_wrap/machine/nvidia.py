@@ -135,7 +135,7 @@ def no_bf16_finding(gpu: GPU) -> str | None:
 
 
 VENDOR = Vendor(
-    name="nvidia", label="NVIDIA", runtime="CUDA", torch_build_key="torch_cuda", torch_index_tag="cu128",
+    name="nvidia", label="NVIDIA", runtime="CUDA", torch_build_key="torch_cuda", torch_version_attr="cuda", torch_index_tag="cu128",
     torch_index_note="pick the cuXYZ tag your driver supports: nvidia-smi shows its CUDA version",
     bnb_lib_kind="cuda", bnb_major_digits=2, smi="nvidia-smi", probe=probe,
     has_bf16=has_bf16, bf16_detail=lambda gpu: None, no_bf16_finding=no_bf16_finding,

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 from tutor_wrap.machine import host
 from tutor_wrap.machine.hardware import GPU, Hardware
 from tutor_wrap.machine.vendor import Vendor
-from tutor_wrap.machine.vendors import VENDORS
+from tutor_wrap.machine import vendors as registry
 from tutor_wrap.machine.visible import visible
 
 
@@ -22,10 +22,13 @@ def probe(run_dir: Path | None = None) -> Hardware:
     return Hardware(source="probe", gpus=gpus, probe_notes=notes, packages=planner_packages(), **host.host(run_dir))
 
 
-def probe_gpus(vendors: Sequence[Vendor] = VENDORS, env: Mapping[str, str] | None = None) -> tuple[list[GPU], list[str]]:
-    """The GPUs of the first vendor that finds any the trainer will see (the *_VISIBLE_DEVICES variables of `env`,
-    this process's environment by default), and every skipped source's or hidden GPU's note (for preflight)."""
+def probe_gpus(vendors: Sequence[Vendor] | None = None,
+               env: Mapping[str, str] | None = None) -> tuple[list[GPU], list[str]]:
+    """The GPUs of the first vendor (vendors.VENDORS by default, read when called) that finds any the trainer will
+    see (the *_VISIBLE_DEVICES variables of `env`, this process's environment by default), and every skipped
+    source's or hidden GPU's note (for preflight)."""
     env = os.environ if env is None else env
+    vendors = registry.VENDORS if vendors is None else vendors
     notes: list[str] = []
     for vendor in vendors:
         gpus, why = vendor.probe()

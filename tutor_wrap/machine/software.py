@@ -17,7 +17,8 @@ from pathlib import Path
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.versions import version_tuple
 from tutor_wrap.machine import tools
-from tutor_wrap.machine.vendors import VENDORS, by_bnb_kind, by_name
+from tutor_wrap.machine import vendors as registry
+from tutor_wrap.machine.vendors import by_bnb_kind, by_name, torch_build_label
 
 PACKAGES = ("torch", "torchvision", "torchaudio", "axolotl", "transformers", "peft", "accelerate", "bitsandbytes",
             "flash-attn")
@@ -52,9 +53,9 @@ def _torch_build(dist) -> dict:
     except OSError:
         return {}
     out = {}
-    for key in ("cuda", "hip"):
-        m = re.search(rf"^{key}\s*(?::[^=]*)?=\s*'([^']+)'", text, re.M)
-        out[f"torch_{key}"] = m.group(1) if m else None
+    for vendor in registry.VENDORS:
+        m = re.search(rf"^{vendor.torch_version_attr}\s*(?::[^=]*)?=\s*'([^']+)'", text, re.M)
+        out[vendor.torch_build_key] = m.group(1) if m else None
     return out
 
 
@@ -123,6 +124,7 @@ def collect() -> dict:
             v["requires"][name] = _requires(d, names)
     if dists["torch"] is not None:
         v.update(_torch_build(dists["torch"]))
+        v["torch_build"] = torch_build_label(v)
     bnb = dists["bitsandbytes"]
     if bnb is not None:
         pkg = Path(bnb.locate_file("bitsandbytes"))
@@ -244,7 +246,7 @@ def _torch_findings(v: dict, accelerator: str) -> list[Finding]:
     if torch is None:
         return [Finding("error", "torch is not installed", "pip install torch==2.13.0"
                         + (f" --index-url {TORCH_INDEX}/cpu" if accelerator == "cpu" else ""))]
-    built_for = [other for other in VENDORS if v.get(other.torch_build_key)]
+    built_for = [other for other in registry.VENDORS if v.get(other.torch_build_key)]
     plain = torch.split("+")[0]
     if accelerator == "cpu":
         if built_for:

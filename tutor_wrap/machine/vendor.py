@@ -29,6 +29,7 @@ class Vendor:
     label: str                     # "NVIDIA"
     runtime: str                   # the GPU runtime torch is built for: "CUDA" | "ROCm"
     torch_build_key: str           # software.collect()'s key for that build's version: "torch_cuda" | "torch_hip"
+    torch_version_attr: str        # the torch/version.py variable holding it: "cuda" | "hip"
     torch_index_tag: str           # the PyTorch wheel index for the fix command: "cu128" | "rocm6.4"
     torch_index_note: str          # how to pick the right tag
     bnb_lib_kind: str              # bitsandbytes' backend library name: libbitsandbytes_<kind><digits>.so
@@ -49,4 +50,6 @@ class Vendor:
     visible_env: tuple[tuple[str, ...], ...] = (("CUDA_VISIBLE_DEVICES",),)
     visible_empty_is_unset: tuple[str, ...] = ()        # of those, the ones whose runtime reads "" as unset
     pci_order_env: tuple[str, str] | None = None       # (variable, value) that numbers GPUs in PCI order
+    # (variable, value) that hides every GPU from this runtime, for a process that must run on the CPU
+    hide_all_env: tuple[str, str] = ("CUDA_VISIBLE_DEVICES", "")
     qlora_hint: str = ""           # added to "no plan fits" when 4-bit is unavailable on this vendor

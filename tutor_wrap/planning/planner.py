@@ -8,7 +8,9 @@ time per step so a person sees when CPU training is impractical.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.units import GIB
@@ -64,6 +66,17 @@ class Plan:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """The plan as `to_dict` wrote it (plan.json); keys a later version dropped are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known},
+                      "choices": [Choice(**c) for c in d.get("choices") or []]})
+
+    @classmethod
+    def load(cls, path: Path) -> "Plan":
+        return cls.from_dict(json.loads(Path(path).read_text("utf-8"))["plan"])
 
 
 def _arch_for(recipe: Recipe):

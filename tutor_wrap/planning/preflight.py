@@ -1,12 +1,13 @@
 """Preflight: before anything runs, what this machine and this environment can and cannot do, with the fix.
 
-`collect(hw, software)` -> a JSON-able report (hardware, software, findings); `stage_verdicts(recipe, hw)` adds
-per-stage fits / tight / won't fit with numbers (runtime/tables.py prints both).
+`collect(hw, software)` -> a JSON-able report (hardware, software, findings); each stage's `check` asks for its
+fits / tight / won't fit `Verdict` with numbers here (runtime/tables.py prints both).
 Nothing here imports torch: preflight must answer in about a second on a machine where torch is broken.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
@@ -75,17 +76,36 @@ def collect(hw: Hardware, software: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- stage verdicts
+# Each stage's `check` (stages/) asks for its verdict here; pipeline.check_stages loops over the stages.
 
 
-def _verdict(stage: str, resource: str, need: int, have: int, remedy: str | None, why: str) -> dict:
+@dataclass
+class Verdict:
+    """One stage's need against what the machine has: fits / tight (within 10%) / won't fit, or n/a / unknown."""
+
+    stage: str
+    verdict: str
+    why: str
+    resource: str | None = None
+    needs_bytes: int | None = None
+    has_bytes: int | None = None
+    remedy: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.needs_bytes is not None and self.has_bytes is not None:
+            d.update(needs=gib(self.needs_bytes), has=gib(self.has_bytes))
+        return d
+
+
+def _verdict(stage: str, resource: str, need: int, have: int, remedy: str | None, why: str) -> Verdict:
     if need <= have * (1 - TIGHT):
         verdict = "fits"
     elif need <= have:
         verdict = "tight"
     else:
         verdict = "won't fit"
-    return {"stage": stage, "resource": resource, "verdict": verdict, "needs_bytes": int(need), "has_bytes": int(have),
-            "needs": gib(need), "has": gib(have), "why": why, "remedy": remedy if verdict != "fits" else None}
+    return Verdict(stage, verdict, why, resource, int(need), int(have), remedy if verdict != "fits" else None)
 
 
 def _ram_remedy(hw: Hardware, deficit: int) -> str:
@@ -103,9 +123,9 @@ def _targets(recipe):
     return t if t == "all-linear" else tuple(t)
 
 
-def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=None) -> dict:
+def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=None) -> Verdict:
     """The planner's verdict: the memory model's peak for the chosen plan against the card (or CPU time).
-    `inputs` (planning/inputs.Inputs, when checked): the rows' and eval prompts' token lengths, so the plan is the one
+    `inputs` (recipe/resolve.Inputs, when checked): the rows' and eval prompts' token lengths, so the plan is the one
     `plan` makes (the context shortened to the longest row), not the recipe's sequence_len."""
     # Imported here: the planner pulls in the recipe schema (pydantic), which a preflight without a recipe never needs.
     from tutor_wrap.planning.planner import SAFETY, make_plan
@@ -114,8 +134,7 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
         plan = make_plan(recipe, hw, inputs.lengths if inputs else None, processes=processes,
                          eval_prompt=inputs.longest_eval_prompt if inputs else 0)
     except TutorWrapError as exc:
-        return {"stage": "train", "verdict": "won't fit", "why": str(exc).splitlines()[0],
-                "remedy": getattr(exc, "hint", None)}
+        return Verdict("train", "won't fit", str(exc).splitlines()[0], remedy=getattr(exc, "hint", None))
     if plan.memory:
         need = plan.memory["total_gib"] * GIB
         have = plan.budget_gib / (1 - SAFETY) * GIB
@@ -124,62 +143,69 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
                         f"{'on' if plan.gradient_checkpointing else 'off'}, sequence {plan.sequence_len} "
                         f"(the memory model's reserved + CUDA context)")
     if plan.verdict == "impractical":
-        return {"stage": "train", "verdict": "won't fit",
-                "why": f"CPU training impractical: ~{plan.seconds_per_step:.0f} s per optimizer micro-step",
-                "remedy": "train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)"}
-    why = "CPU training" + (f": ~{plan.seconds_per_step:.0f} s per step" if plan.seconds_per_step else "")
-    return {"stage": "train", "verdict": "fits", "why": why}
+        return Verdict("train", "won't fit", f"CPU training impractical: ~{plan.seconds_per_step:.0f} s per optimizer "
+                       "micro-step", remedy="train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)")
+    return Verdict("train", "fits", "CPU training" + (f": ~{plan.seconds_per_step:.0f} s per step"
+                                                      if plan.seconds_per_step else ""))
 
 
-def _weights(recipe, run_dir: Path | None) -> tuple[list[int], int, int, str]:
-    """(shard sizes, adapter bytes, bytes per parameter on disk, where the sizes came from)."""
+@dataclass(frozen=True)
+class _Weights:
+    shards: list[int]
+    adapter: int
+    src_bytes: int            # bytes per parameter on disk
+    sizes_from: str
+
+
+def _weights(recipe, run_dir: Path | None) -> _Weights:
     base = recipe.base_model_path()
     if base is not None:
         shards = [p.stat().st_size for p in weight_files(base)]
         src_bytes = source_bytes_per_param(read_config(base))
         adapter = sum(p.stat().st_size for p in _adapter_dir(recipe, run_dir).glob("adapter_model.safetensors"))
-        return shards, adapter, src_bytes, "the real shard sizes"
+        return _Weights(shards, adapter, src_bytes, "the real shard sizes")
     # A hub id: the catalog's parameter count in bf16, in the 5 GB shards Hugging Face checkpoints use.
     arch = lookup(recipe.base_model)
     total, shard = arch.total_params * 2, 5 * 10**9
     shards = [shard] * (total // shard) + ([total % shard] if total % shard else [])
     adapter = arch.lora_params(recipe.lora.r, _targets(recipe)) * 4
-    return shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, {len(shards)} shards"
+    return _Weights(shards, adapter, 2, f"the catalog: {arch.total_params / 1e9:.2f}B parameters in bf16, "
+                                        f"{len(shards)} shards")
 
 
-def stage_verdicts(recipe, hw: Hardware, run_dir: Path | None = None, processes: int | None = None,
-                   inputs=None) -> list[dict]:
-    """Per stage: fits / tight (within 10%) / won't fit, with "needs X GiB / has Y GiB" and the remedy.
-
-    train: the planner's memory model. merge: `budgets.predict_sizes` on the real shard sizes (or the
-    catalog's for a hub id). export: disk for the f16 GGUF plus each quant, after the merged model.
-    """
-    out: list[dict] = [train_verdict(recipe, hw, processes, inputs)]
-    try:
-        shards, adapter, src_bytes, sizes_from = _weights(recipe, run_dir)
-    except TutorWrapError as exc:
-        return out + [{"stage": s, "verdict": "unknown", "why": str(exc).splitlines()[0]} for s in ("merge", "export")]
-    merged_bytes = 0
+def merge_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[Verdict]:
+    """RAM+swap and disk for the merge: `budgets.predict_sizes` on the real shard sizes (or the catalog's)."""
     if recipe.method == "full":
-        out.append({"stage": "merge", "verdict": "n/a", "why": "a full fine-tune has nothing to merge"})
-    else:
-        b = budgets.predict_sizes(shards, adapter, hw, "memory_efficient")
-        legacy = budgets.predict_sizes(shards, adapter, hw, "legacy")
-        merged_bytes = b.disk_needed_bytes
-        ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
-                       _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes),
-                       f"axolotl merge-lora (memory_efficient) peaks at about 3x the largest shard plus the adapter and "
-                       f"~0.75 GiB of runtime (bench/merge_bench.py) (sizes from {sizes_from}); a whole-model (legacy) merge, as in the "
-                       f"seed report, would need {gib(legacy.predicted_peak_rss_bytes)}; RAM "
-                       f"{gib(hw.ram_available_bytes)} free + swap {gib(hw.swap_free_bytes)} free")
-        disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,
-                        f"free {gib(max(0, b.disk_needed_bytes - hw.disk_free_bytes * (1 - TIGHT)))} of disk where the run dir is",
-                        "the merged model is written at the base model's size")
-        out += [ram, disk]
+        return [Verdict("merge", "n/a", "a full fine-tune has nothing to merge")]
+    try:
+        w = _weights(recipe, run_dir)
+    except TutorWrapError as exc:
+        return [Verdict("merge", "unknown", str(exc).splitlines()[0])]
+    b = budgets.predict_sizes(w.shards, w.adapter, hw, "memory_efficient")
+    legacy = budgets.predict_sizes(w.shards, w.adapter, hw, "legacy")
+    ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
+                   _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes),
+                   f"axolotl merge-lora (memory_efficient) peaks at about 3x the largest shard plus the adapter and "
+                   f"~0.75 GiB of runtime (bench/merge_bench.py) (sizes from {w.sizes_from}); a whole-model (legacy) "
+                   f"merge, as in the seed report, would need {gib(legacy.predicted_peak_rss_bytes)}; RAM "
+                   f"{gib(hw.ram_available_bytes)} free + swap {gib(hw.swap_free_bytes)} free")
+    disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,
+                    f"free {gib(max(0, b.disk_needed_bytes - hw.disk_free_bytes * (1 - TIGHT)))} of disk where the run "
+                    "dir is", "the merged model is written at the base model's size")
+    return [ram, disk]
+
+
+def export_verdict(recipe, hw: Hardware, run_dir: Path | None = None) -> Verdict:
+    """Disk for the f16 GGUF plus each quant, on what the merged model leaves."""
+    try:
+        w = _weights(recipe, run_dir)
+    except TutorWrapError as exc:
+        return Verdict("export", "unknown", str(exc).splitlines()[0])
+    merged = 0 if recipe.method == "full" else budgets.predict_sizes(w.shards, w.adapter, hw,
+                                                                     "memory_efficient").disk_needed_bytes
     quants = recipe.export.quant_types
-    f16, need = budgets.disk_needed(sum(shards), src_bytes, quants)
-    have = max(0, hw.disk_free_bytes - merged_bytes)
-    out.append(_verdict("export", "disk", need, have,
-                        f"free {gib(max(0, need - have * (1 - TIGHT)))} of disk where the run dir is, or drop quant types",
-                        f"f16 GGUF {gib(f16)} + {', '.join(quants)}; disk left after the merged model: {gib(have)}"))
-    return out
+    f16, need = budgets.disk_needed(sum(w.shards), w.src_bytes, quants)
+    have = max(0, hw.disk_free_bytes - merged)
+    return _verdict("export", "disk", need, have,
+                    f"free {gib(max(0, need - have * (1 - TIGHT)))} of disk where the run dir is, or drop quant types",
+                    f"f16 GGUF {gib(f16)} + {', '.join(quants)}; disk left after the merged model: {gib(have)}")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tutor_wrap.answers.registry import ANSWER_CHECKS, metrics
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER
 from tutor_wrap.data.formats import CHAT_FORMATS, FORMATS
@@ -214,22 +215,58 @@ class OllamaSpec(_Strict):
         return v
 
 
-class EvalChecks(_Strict):
-    code_block: bool = False          # the answer contains a fenced code block
-    code_runs: bool = False           # every python block of the answer runs (sandboxed, checks/code_runs.py)
-    answer_match: bool = False        # the final answer equals the reference's (math: checks/math_answer.py)
-    max_words: int | None = Field(None, ge=1)
-    regex: str | None = None
+class EvalChecks(BaseModel):
+    """`eval.checks`: each key an answer check of answers/registry.py, with its value (true/false for a switch, the
+    limit or pattern for the others). Any check the registry lists is accepted; nothing else is."""
 
-    @field_validator("regex")
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
     @classmethod
-    def _compiles(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"regex does not compile: {exc}") from None
-        return v
+    def _known_checks(cls, data: Any) -> dict:
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError("eval.checks is a mapping of check names to values, e.g. {code_block: true}")
+        out = {}
+        for key, value in data.items():
+            check = ANSWER_CHECKS.get(key)
+            if check is None:
+                near = difflib.get_close_matches(str(key), list(ANSWER_CHECKS), n=1)
+                raise ValueError(f"unknown check {key!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                                 + f"; the checks are: {', '.join(ANSWER_CHECKS)}")
+            out[key] = _check_value(check, value)
+        return out
+
+    def value(self, name: str) -> Any:
+        return (self.model_extra or {}).get(name)
+
+    def on(self, name: str) -> bool:
+        check = ANSWER_CHECKS.get(name)
+        return check is not None and check.enabled(self.value(name))
+
+    def enabled(self) -> dict[str, Any]:
+        """{check name: the recipe's value} of the checks that are on, in the registry's order."""
+        return {name: self.value(name) for name in ANSWER_CHECKS if self.on(name)}
+
+
+def _check_value(check, value: Any) -> Any:
+    """A check's value as its option type takes it: strict, so `code_runs: "no"` is not read as on."""
+    if value is None:
+        return None if check.option is not bool else False
+    want = check.option
+    if want is bool and not isinstance(value, bool):
+        raise ValueError(f"checks.{check.name}: true or false, got {value!r}")
+    if want is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"checks.{check.name}: a whole number, got {value!r}")
+    if want is str and not isinstance(value, str):
+        raise ValueError(f"checks.{check.name}: a string, got {value!r}")
+    if check.validate is not None:
+        try:
+            check.validate(value)
+        except ValueError as exc:
+            raise ValueError(f"checks.{check.name}: {exc}") from None
+    return value
 
 
 class EvalSpec(_Strict):
@@ -238,17 +275,22 @@ class EvalSpec(_Strict):
     seed: int = 0                     # passed to llama-server with every request (greedy decoding: a tie-break only)
     quant_type: str | None = None     # default: the first of export.quant_types
     checks: EvalChecks = Field(default_factory=EvalChecks)
-    primary_metric: Literal["format_pass_rate", "eos_rate", "no_runaway_rate", "code_runs_rate",
-                            "answer_match_rate", "all_checks_rate"] = "format_pass_rate"
+    primary_metric: str = "format_pass_rate"     # a rate of answers/registry.metrics()
 
     @model_validator(mode="after")
     def _metric_is_measured(self) -> "EvalSpec":
-        check = self.primary_metric.removesuffix("_rate")
-        if check in ("code_runs", "answer_match") and not getattr(self.checks, check):
-            raise ValueError(f"primary_metric {self.primary_metric} needs checks.{check}: true")
-        if self.primary_metric == "all_checks_rate" and not (self.checks.code_runs or self.checks.answer_match):
-            raise ValueError("primary_metric all_checks_rate needs a content check (checks.code_runs or "
-                             "checks.answer_match); use format_pass_rate")
+        pm = self.primary_metric
+        if pm not in metrics():
+            near = difflib.get_close_matches(pm, metrics(), n=1)
+            raise ValueError(f"primary_metric {pm!r} is not a rate eval measures"
+                             + (f" (did you mean {near[0]}?)" if near else "") + f"; one of: {', '.join(metrics())}")
+        check = pm.removesuffix("_rate")
+        if check in ANSWER_CHECKS and not self.checks.on(check):
+            raise ValueError(f"primary_metric {pm} needs checks.{check} turned on")
+        content = [name for name, c in ANSWER_CHECKS.items() if c.content]
+        if pm == "all_checks_rate" and not any(self.checks.on(n) for n in content):
+            raise ValueError("primary_metric all_checks_rate needs a content check ("
+                             + " or ".join(f"checks.{n}" for n in content) + "); use format_pass_rate")
         return self
 
 

@@ -23,8 +23,8 @@ def _value(report: dict, arm: str, k: str) -> str:
 def _checks_line(answer: dict) -> str:
     marks = [f"{name} {'yes' if ok else 'no'}" for name, ok in answer["checks"].items()]
     marks = [f"eos {'yes' if answer['eos'] else 'no'}", f"runaway {'yes' if answer['runaway'] else 'no'}", *marks]
-    err = answer.get("details", {}).get("code_runs")
-    return "; ".join(marks) + (f" (error: {err})" if err else "")
+    why = "; ".join(f"{name}: {text}" for name, text in (answer.get("details") or {}).items())
+    return "; ".join(marks) + (f" ({why})" if why else "")
 
 
 def _stats_lines(report: dict) -> list[str]:

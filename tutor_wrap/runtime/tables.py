@@ -86,10 +86,7 @@ def preflight_tables(report: dict) -> list:
     t.add_row("python", esc(sw.get("python") or "-"), "")
     for name in ("torch", "torchvision", "torchaudio", "axolotl", "transformers", "peft", "accelerate",
                  "bitsandbytes", "flash-attn"):
-        build = ""
-        if name == "torch" and sw.get("torch"):
-            build = (f"CUDA {sw['torch_cuda']}" if sw.get("torch_cuda") else f"ROCm {sw['torch_hip']}" if sw.get("torch_hip")
-                     else "CPU")
+        build = sw.get("torch_build") or "" if name == "torch" and sw.get("torch") else ""
         t.add_row(name, esc(sw.get(name) or "") or "[dim]not installed[/dim]", esc(build))
     t.add_row("llama.cpp", esc(sw.get("llama_cpp") or "") or "[dim]not found[/dim]", "")
     t.add_row("ollama", esc(sw.get("ollama") or "") or ("[dim]off (TUTOR_WRAP_OLLAMA)[/dim]" if sw.get("ollama_off")

@@ -4,18 +4,17 @@ always a real serving check: llama-server with the GGUF's own chat template must
 
 from __future__ import annotations
 
-import json
 import os
 
 from rich.markup import escape
 
-from tutor_wrap.backends import llamacpp, ollama
+from tutor_wrap.backends import llamacpp, modelfile, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.planning.generation import generation_layout
-from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.planning.preflight import Verdict
+from tutor_wrap.stages.base import Context, Pre, StageResult
 
 NAME = "deploy"
 DEPENDS = ("export",)
@@ -23,19 +22,37 @@ SMOKE_PROMPT = "Explain Python lists in one sentence."
 SERVE_TOKENS = 64          # greedy tokens compared per held-out prompt
 
 
+def check(pre: Pre) -> list[Verdict]:
+    """The Modelfile deploy will write, rendered now: a misspelt Ollama parameter or a system text Ollama cannot
+    quote fails before training, not after it."""
+    r = pre.recipe
+    fmt = pre.inputs.fmt if pre.inputs else None
+    if fmt is None:
+        return []
+    spec = ollama.build_spec(fmt, "./model.gguf", system=r.ollama.system, parameters=r.ollama.parameters,
+                             num_ctx=r.train.sequence_len, eos=None)
+    try:
+        modelfile.render(spec)
+    except modelfile.ModelfileError as exc:
+        what = exc.problem.replace("ModelfileSpec.parameters[", "ollama.parameters[").replace(
+            "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
+        raise TutorWrapError(f"{r.source}: {what}", hint=exc.hint) from None
+    return []
+
+
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
     return {"export": ctx.run.stage("export").get("fingerprint"), "ollama": r.ollama.model_dump(mode="json"),
-            "format": r.dataset.format, "eval_prompts_sha256": eval_prompts_sha256(r)}
+            "format": r.dataset.format, "eval_prompts_sha256": ctx.resolved.eval_sha256}
 
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
-    fmt = dataset_format(r)
+    fmt = ctx.resolved.fmt
     qt = r.export.quant_types[0]
     gguf = ctx.run.artifact("export", f"gguf_{qt}")
     # The context the model was planned and trained with (the plan may have shortened the recipe's).
-    trained_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"]
+    trained_ctx = ctx.plan().sequence_len
     deploy_dir = ctx.run.sub("deploy")
     mf = deploy_dir / "Modelfile"
     rel = os.path.relpath(gguf, deploy_dir)
@@ -50,7 +67,7 @@ def run(ctx: Context) -> StageResult:
         ctx.console.print(f"deploy: {result['why']}; ready to create. On the machine with Ollama run:\n  "
                           + ollama.quoted(create_args) + "\n  " + ollama.quoted(run_args), markup=False)
     serving = {"skipped": "the recipe has no eval prompts to serve"}
-    rows = eval_rows(r)
+    rows = ctx.resolved.eval_rows
     if rows is not None:
         ctx.console.print(f"deploy: serving check: {len(rows)} held-out prompts through llama-server's "
                           "/v1/chat/completions (the GGUF's chat template) vs the training prompt")

@@ -4,7 +4,6 @@ statistics per prompt, the verdict against the better base arm."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 
 from rich.markup import escape
@@ -18,13 +17,13 @@ from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.planning.generation import generation_layout
-from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, eval_rows
+from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
 from tutor_wrap.runtime.eval_report import render_html, render_markdown
 from tutor_wrap.runtime.progress import progress_bar
 from tutor_wrap.runtime.tables import eval_table
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.stages.base import Context, Pre, StageResult
 
 NAME = "eval"
 DEPENDS = ("export",)
@@ -41,20 +40,24 @@ def generate(servers: list[Server], requests: list, references: list[str], spec:
             for (text, stopped), reference in zip(answers, references)]
 
 
+def check(pre: Pre) -> list[Verdict]:
+    return []   # the eval rows and what their checks need are checked when the recipe is resolved
+
+
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
     if r.eval is None:
         return {"eval": None}
     return {"export": ctx.run.stage("export").get("fingerprint"), "eval": r.eval.model_dump(mode="json"),
-            "prompts_sha256": eval_prompts_sha256(r), "base_model": r.base_model}
+            "eval_prompts_sha256": ctx.resolved.eval_sha256, "base_model": r.base_model}
 
 
 def evaluate(ctx: Context) -> dict:
     r = ctx.recipe
     spec = r.eval
     assert spec is not None
-    fmt = dataset_format(r)
-    rows = eval_rows(r)
+    fmt = ctx.resolved.fmt
+    rows = ctx.resolved.eval_rows
     qt = r.eval_quant_type
     if qt not in r.export.quant_types:
         raise TutorWrapError(f"{r.source}: eval.quant_type {qt} is not among export.quant_types {r.export.quant_types}",
@@ -71,7 +74,7 @@ def evaluate(ctx: Context) -> dict:
     ll = llamacpp.locate()
     prompts = [fmt.prompt(row) for row in rows]
     refs = [fmt.answer(row) for row in rows]
-    n_ctx = json.loads(ctx.run.artifact("plan", "plan_json").read_text("utf-8"))["plan"]["sequence_len"] + spec.max_tokens
+    n_ctx = ctx.plan().sequence_len + spec.max_tokens
     arms: dict[str, list[Judged]] = {}
     layout = generation_layout(ctx.hardware, len(prompts))
     ctx.console.print(f"eval: {escape(layout.why)}")

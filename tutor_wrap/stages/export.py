@@ -13,8 +13,8 @@ from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
 from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need_of
-from tutor_wrap.planning.inputs import dataset_format, eval_prompts_sha256, heldout_examples
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.planning.preflight import Verdict, export_verdict
+from tutor_wrap.stages.base import Context, Pre, StageResult
 
 NAME = "export"
 DEPENDS = ("merge",)
@@ -28,17 +28,21 @@ def merge_greedy(ctx: Context) -> dict | None:
     return (json.loads(ctx.run.abs(path).read_text("utf-8")).get("verification") or {}).get("greedy")
 
 
+def check(pre: Pre) -> list[Verdict]:
+    return [export_verdict(pre.recipe, pre.hardware, pre.run_dir)]
+
+
 def inputs(ctx: Context) -> dict:
     # Fidelity reads the eval prompts file and nothing else of `eval:`; editing max_tokens or checks redoes eval only.
     r = ctx.recipe
     return {"merge": ctx.run.stage("merge").get("fingerprint"), "quant_types": r.export.quant_types,
-            "accelerator": ctx.hardware.accelerator, "eval_prompts_sha256": eval_prompts_sha256(r)}
+            "accelerator": ctx.hardware.accelerator, "eval_prompts_sha256": ctx.resolved.eval_sha256}
 
 
 def run(ctx: Context) -> StageResult:
     model_dir = ctx.run.artifact("merge", "model")
     out_dir = ctx.run.sub("export")
-    examples = heldout_examples(ctx.recipe)
+    examples = ctx.resolved.heldout_examples()
     # The merged model's own greedy continuations: recorded by the merge verification when it had the model
     # loaded; otherwise (a full fine-tune, a check skipped for RAM, other prompts) computed here, beside the
     # conversion when both fit the RAM, after it when only one at a time does, not at all when the model does not.
@@ -62,7 +66,7 @@ def run(ctx: Context) -> StageResult:
     if mode == "after":
         hf_texts = hf_generate.continuations(model_dir, req, hf_out)
     ll = llamacpp.locate()
-    template = dataset_format(ctx.recipe).chat_template
+    template = ctx.resolved.chat_template
     for kind, info in report["files"].items():
         info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
         info.pop("chat_template", None)   # the same text for every file: kept once, below

@@ -33,8 +33,8 @@ from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.models.files import check_adapter, weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
-from tutor_wrap.planning.inputs import dataset_format, heldout_examples
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.planning.preflight import Verdict, merge_verdicts
+from tutor_wrap.stages.base import Context, Pre, StageResult
 
 NAME = "merge"
 DEPENDS = ("train",)
@@ -102,16 +102,19 @@ def _verification_line(v: dict | None) -> str:
         v.get("tolerance"), float) and d is not None else str(v.get("status"))
 
 
+def check(pre: Pre) -> list[Verdict]:
+    return merge_verdicts(pre.recipe, pre.hardware, pre.run_dir)
+
+
 def inputs(ctx: Context) -> dict:
-    return {"train": ctx.run.stage("train").get("fingerprint"),
-            "chat_template": dataset_format(ctx.recipe).chat_template}
+    return {"train": ctx.run.stage("train").get("fingerprint"), "chat_template": ctx.resolved.chat_template}
 
 
 def run(ctx: Context) -> StageResult:
     cfg = yaml.safe_load((ctx.run.path / "axolotl.yml").read_text("utf-8"))
     out_dir = ctx.run.artifact("train", "output_dir")
     merge_dir = ctx.run.path / "merge"   # created only once the budget check passed (a refusal writes nothing)
-    template = dataset_format(ctx.recipe).chat_template
+    template = ctx.resolved.chat_template
     if not cfg.get("adapter"):
         # A full fine-tune has nothing to merge: the trained folder is the model.
         write_chat_template(out_dir, template)
@@ -122,7 +125,7 @@ def run(ctx: Context) -> StageResult:
     if not base.is_dir():
         raise TutorWrapError(f"merge: base model {base} is not a local folder", hint="merge needs the base weights on disk")
     # Not an input of this stage: the export re-computes its reference when the prompts have changed since.
-    greedy = reference_request(heldout_examples(ctx.recipe))
+    greedy = reference_request(ctx.resolved.heldout_examples())
     report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=merge_dir / "merge.log",
                    chat_template=template, greedy=greedy)
     report["chat_template"] = template

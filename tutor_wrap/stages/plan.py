@@ -1,4 +1,4 @@
-"""Plan stage: check the inputs, choose the knobs, write `axolotl.yml` validated by Axolotl's schema.
+"""Plan stage: choose the knobs for the checked inputs, write `axolotl.yml` validated by Axolotl's schema.
 
 `prepare` is also what the `plan` command runs: the stage and the command cannot disagree.
 """
@@ -11,16 +11,17 @@ from typing import Any
 
 from rich.markup import escape
 
-from tutor_wrap.backends import axolotl_config, modelfile, ollama
+from tutor_wrap.backends import axolotl_config
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.planning.inputs import Inputs, check_eval_prompts_fit, check_inputs, dataset_format, rows_kept
+from tutor_wrap.planning.fit import check_eval_prompts_fit, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
+from tutor_wrap.planning.preflight import Verdict
+from tutor_wrap.recipe.resolve import Inputs, check_inputs
 from tutor_wrap.recipe.schema import Recipe
 from tutor_wrap.runtime.tables import plan_table
-from tutor_wrap.stages.base import Context, StageResult
+from tutor_wrap.stages.base import Context, Pre, StageResult
 
 NAME = "plan"
 DEPENDS: tuple[str, ...] = ()
@@ -35,29 +36,13 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def check_recipe(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
-    """Everything the recipe names, checked before anything runs: the inputs (planning/inputs.py) and the
-    Modelfile deploy will write (a misspelt Ollama parameter or a system text Ollama cannot quote fails now, not
-    after training). `plan`, `preflight` and `run` all call this."""
-    inputs = check_inputs(recipe, trains_here=trains_here)
-    spec = ollama.build_spec(inputs.fmt, "./model.gguf", system=recipe.ollama.system,
-                             parameters=recipe.ollama.parameters, num_ctx=recipe.train.sequence_len, eos=None)
-    try:
-        modelfile.render(spec)
-    except modelfile.ModelfileError as exc:
-        what = exc.problem.replace("ModelfileSpec.parameters[", "ollama.parameters[").replace(
-            "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
-        raise TutorWrapError(f"{recipe.source}: {what}", hint=exc.hint) from None
-    return inputs
-
-
-def prepare(recipe: Recipe, hw: Hardware, run_dir: Path, *, trains_here: bool = False,
-            processes: int | None = None) -> Prepared:
-    """Inputs checked, the plan made and the Axolotl config rendered; nothing written."""
-    inputs = check_recipe(recipe, trains_here=trains_here)
+def prepare(inputs: Inputs, hw: Hardware, run_dir: Path, *, processes: int | None = None) -> Prepared:
+    """For checked inputs (recipe/resolve.check_inputs): the plan made and the Axolotl config rendered; nothing
+    written."""
+    recipe = inputs.resolved.recipe
     plan = make_plan(recipe, hw, inputs.lengths, processes=processes, eval_prompt=inputs.longest_eval_prompt)
     check_eval_prompts_fit(recipe, inputs, plan.sequence_len)
-    kept, notes = rows_kept(inputs, plan.sequence_len)
+    kept, notes = rows_kept(recipe, inputs, plan.sequence_len)
     cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,
                                 run_dir=Path(run_dir).resolve())
@@ -81,14 +66,17 @@ def write_config(cfg: dict[str, Any], path: Path) -> list[Path]:
     return sidecars
 
 
+def check(pre: Pre) -> list[Verdict]:
+    return []     # what the plan needs is the inputs themselves (recipe/resolve.check_inputs, run before the stages)
+
+
 def inputs(ctx: Context) -> dict:
     r = ctx.recipe
-    ds = r.resolve(r.dataset.path)   # None for a hub dataset (its id, split and limit are in the recipe dump)
     return {
         "recipe": r.model_dump(mode="json", include={"base_model", "dataset", "method", "lora", "train", "axolotl",
                                                      "trust_remote_code", "allow_pickle_weights", "hardware"}),
-        "dataset_sha256": file_sha256(ds) if ds is not None and ds.is_file() else None,
-        "chat_template": dataset_format(r).chat_template,   # a base model's own template is read from its files
+        "dataset_sha256": ctx.resolved.dataset_sha256,   # None for a hub dataset (its id and split are above)
+        "chat_template": ctx.resolved.chat_template,     # a base model's own template is read from its files
         "accelerator": ctx.hardware.accelerator,
         "gpus": [g.name for g in ctx.hardware.gpus],
         # only when asked: a run planned before the option existed keeps its fingerprint (and its training)
@@ -98,7 +86,8 @@ def inputs(ctx: Context) -> dict:
 
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
-    p = prepare(r, ctx.hardware, ctx.run.path, trains_here=True, processes=ctx.processes)
+    p = prepare(ctx.inputs or check_inputs(ctx.resolved, trains_here=True), ctx.hardware, ctx.run.path,
+                processes=ctx.processes)
     for note in p.notes:
         ctx.console.print("[yellow]warning:[/] " + escape(note))
     validate(r, p.config)

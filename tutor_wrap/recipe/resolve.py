@@ -1,8 +1,12 @@
-"""Everything a recipe names, checked before anything is planned or written: the base model folder, the dataset
-in its format (with token lengths from the base model's own tokenizer) and the eval prompts file.
+"""The recipe resolved once: what its names mean on this machine, and everything it names checked.
 
-`plan`, `preflight` and `run` all go through `check_inputs`, so a problem that would surface hours into a run is
-reported in the first second, the same way everywhere.
+`resolve(recipe)` works out the facts every stage reads (the dataset format and its chat template, the held-out
+eval rows, the files' content hashes, where the base model is) into one `Resolved` record; the pipeline resolves a
+recipe once and carries the record on the stage context, so no stage re-reads or re-decides them.
+
+`check_inputs(resolved)` then checks what an hour of training would otherwise find out late: the base model folder,
+the dataset in its format (with token lengths from the base model's own tokenizer), the eval rows. `plan`,
+`preflight` and `run` all go through it, the same way everywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tutor_wrap.answers.registry import ANSWER_CHECKS
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
@@ -23,26 +28,65 @@ from tutor_wrap.models.files import TokenizerInfo, check_base_model, linear_modu
 from tutor_wrap.recipe.schema import Recipe
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A recipe's facts as every stage needs them, worked out once (`resolve`)."""
+
+    recipe: Recipe
+    fmt: Format                      # the dataset's format (chat rows: in their chat template)
+    model_dir: Path | None           # None: a hub id, loaded by Axolotl from the HF cache
+    eval_rows: list | None           # the eval file's rows in the dataset's format; None without an eval block
+    eval_sha256: str | None          # the eval file's content hash (the fingerprint of the stages that read it)
+    dataset_sha256: str | None       # the local dataset's content hash; None for a hub dataset
+
+    @property
+    def chat_template(self) -> str:
+        """The Jinja every consumer of the merged model and its GGUF prompts with: the training format's."""
+        return self.fmt.chat_template
+
+    def heldout_examples(self) -> list[tuple[str, str]] | None:
+        """(prompt in the training format, reference answer or "") for each eval row; None without eval rows."""
+        if self.eval_rows is None:
+            return None
+        return [(self.fmt.prompt(r), self.fmt.answer(r)) for r in self.eval_rows]
+
+
+def resolve(recipe: Recipe) -> Resolved:
+    fmt = dataset_format(recipe)
+    ds = recipe.resolve(recipe.dataset.path)
+    eval_path = recipe.resolve(recipe.eval.prompts) if recipe.eval else None
+    return Resolved(recipe, fmt, recipe.base_model_path(), _eval_rows(recipe, fmt),
+                    file_sha256(eval_path) if eval_path is not None and eval_path.is_file() else None,
+                    file_sha256(ds) if ds is not None and ds.is_file() else None)
+
+
 @dataclass
 class Inputs:
-    model_dir: Path | None           # None: a hub id, loaded by Axolotl from the HF cache
-    fmt: Format                      # the dataset's format (chat rows: in their chat template)
+    resolved: Resolved
     data: Dataset
     lengths: list[int] | None        # tokens per training row (None without a local tokenizer or rows)
     # (line, tokens) of each eval prompt in the training format: eval and deploy serve them in the planned context
     eval_prompt_lengths: list[tuple[int, int]] | None = None
+    notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
+
+    @property
+    def fmt(self) -> Format:
+        return self.resolved.fmt
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.resolved.model_dir
 
     @property
     def longest_eval_prompt(self) -> int:
         """Tokens of the longest eval prompt (0 without eval prompts or a tokenizer): the planned context holds it."""
         return max((n for _, n in self.eval_prompt_lengths or []), default=0)
-    notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
 
 
-def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
+def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     """`trains_here`: this machine will train (run), so a hub model must already be in the Hugging Face cache
     (tools run offline); planning for another machine only notes it."""
-    model_dir = recipe.base_model_path()
+    recipe, model_dir, fmt = res.recipe, res.model_dir, res.fmt
     notes: list[str] = []
     if model_dir is not None:
         config = check_base_model(model_dir, allow_pickle=recipe.allow_pickle_weights)
@@ -56,7 +100,6 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
             raise TutorWrapError(msg, hint=fix)
         notes.append(f"{msg}: `run` here would fail; {fix}")
     _check_lora_targets(recipe, model_dir)
-    fmt = dataset_format(recipe)
     if recipe.dataset.hub:
         data = Dataset(path=None, rows=[], warnings=[])
         lengths = None
@@ -66,57 +109,29 @@ def check_inputs(recipe: Recipe, *, trains_here: bool = False) -> Inputs:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
-    rows = _check_eval_rows(recipe, fmt)
     tools.ollama()   # a TUTOR_WRAP_OLLAMA that names nothing would otherwise surface at deploy, after training
     eval_lengths = None
+    rows = res.eval_rows
     if rows and model_dir is not None:
         counted = token_lengths(model_dir, [fmt.prompt(r) for r in rows])
         eval_lengths = list(zip([getattr(r, "line", i + 1) for i, r in enumerate(rows)], counted)) if counted else None
-    return Inputs(model_dir, fmt, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes)
+    return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes)
 
 
-def _check_eval_rows(recipe: Recipe, fmt: Format) -> None:
-    """The eval file reads in the dataset's format, and has what its checks need: answer_match compares with each
-    row's reference answer, so a row without one would end the eval stage, after training, with nothing to judge."""
-    rows = eval_rows(recipe)
-    if rows is None or not recipe.eval.checks.answer_match:
-        return rows
-    bare = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if not fmt.answer(r).strip()]
-    if bare:
-        raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers(bare)}: no reference answer, "
-                             "and eval.checks.answer_match compares each answer with its row's reference",
-                             hint="add the reference answer to those rows, or set eval.checks.answer_match: false")
-    return rows
-
-
-def check_eval_prompts_fit(recipe: Recipe, inputs: Inputs, sequence_len: int) -> None:
-    """Eval and deploy's serving check give each held-out prompt the planned context (plus the answer's tokens):
-    a longer prompt would end them with an HTTP 400 from llama-server, after training."""
-    too_long = [(line, n) for line, n in inputs.eval_prompt_lengths or [] if n > sequence_len]
-    if too_long:
-        longest = max(n for _, n in too_long)
-        raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers([ln for ln, _ in too_long])}: "
-                             f"the prompt is longer than the context the model is trained and served with "
-                             f"({sequence_len} tokens; longest {longest})",
-                             hint=f"shorten those prompts, or raise train.sequence_len to at least {longest}")
-
-
-def eval_rows(recipe: Recipe) -> list | None:
-    """The held-out rows of the recipe's eval file in the dataset's format (reference answers optional); None
-    without an eval block. Export's fidelity, deploy's serving check and eval all read them through here."""
+def _eval_rows(recipe: Recipe, fmt: Format) -> list | None:
+    """The eval file's rows in the dataset's format, with what its checks need: a check that compares with the
+    row's reference answer (answer_match) would end the eval stage, after training, with nothing to judge."""
     if recipe.eval is None:
         return None
-    return dataset_format(recipe).read(recipe.resolve(recipe.eval.prompts), require_output=False,
-                                       key="eval.prompts").rows
-
-
-def heldout_examples(recipe: Recipe) -> list[tuple[str, str]] | None:
-    """(prompt in the training format, reference answer or "") for each row of the recipe's eval file."""
-    rows = eval_rows(recipe)
-    if rows is None:
-        return None
-    fmt = dataset_format(recipe)
-    return [(fmt.prompt(r), fmt.answer(r)) for r in rows]
+    rows = fmt.read(recipe.resolve(recipe.eval.prompts), require_output=False, key="eval.prompts").rows
+    needing = [name for name in recipe.eval.checks.enabled() if ANSWER_CHECKS[name].needs_reference]
+    bare = [getattr(r, "line", i + 1) for i, r in enumerate(rows) if not fmt.answer(r).strip()]
+    if needing and bare:
+        name = needing[0]
+        raise TutorWrapError(f"{recipe.resolve(recipe.eval.prompts)}: line {line_numbers(bare)}: no reference answer, "
+                             f"and eval.checks.{name} compares each answer with its row's reference",
+                             hint=f"add the reference answer to those rows, or set eval.checks.{name}: false")
+    return rows
 
 
 def dataset_format(recipe: Recipe) -> Format:
@@ -179,12 +194,6 @@ def chat_template(recipe: Recipe) -> ChatTemplate:
     return chat
 
 
-def eval_prompts_sha256(recipe: Recipe) -> str | None:
-    """The eval file's content hash, for the fingerprints of the stages that read it."""
-    path = recipe.resolve(recipe.eval.prompts) if recipe.eval else None
-    return file_sha256(path) if path is not None and path.is_file() else None
-
-
 def hub_cached(model_id: str) -> bool:
     """Is the hub model's config.json in the local Hugging Face cache (no network)?"""
     from huggingface_hub import try_to_load_from_cache
@@ -223,23 +232,3 @@ def _check_lora_targets(recipe: Recipe, model_dir: Path | None) -> None:
         where = model_dir if model_dir is not None else recipe.base_model
         raise TutorWrapError(f"{recipe.source}: lora.targets: {', '.join(unknown)} is not a linear module of {where}",
                              hint=f"use `all-linear` or some of: {', '.join(sorted(have))}")
-
-
-def rows_kept(inputs: Inputs, sequence_len: int) -> tuple[int, list[str]]:
-    """How many rows fit `sequence_len` (Axolotl drops the rest silently), with a warning for the dropped ones;
-    TutorWrapError when none would be left, since training would then die after loading the model."""
-    rows, lengths = inputs.data.rows, inputs.lengths
-    if lengths is None:
-        return len(rows), []
-    too_long = [row.line for row, n in zip(rows, lengths) if n > sequence_len]
-    kept = len(rows) - len(too_long)
-    if kept == 0:
-        raise TutorWrapError(
-            f"{inputs.data.path}: every row is longer than sequence_len {sequence_len} tokens "
-            f"(shortest {min(lengths)}); Axolotl would drop them all and fail",
-            hint=f"raise train.sequence_len in the recipe to at least {min(lengths)} (longest row: {max(lengths)})",
-        )
-    if too_long:
-        return kept, [f"{len(too_long)} of {len(rows)} rows exceed sequence_len {sequence_len} tokens and will be "
-                      f"dropped (lines {too_long[:5]}...)"]
-    return kept, []

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from tutor_wrap.answers.check import AnswerCheck, Verdict
+
 _MARKERS = (re.compile(r"The answer is:?\s*(.+)", re.I), re.compile(r"####\s*(.+)"), re.compile(r"\\boxed\{([^{}]+)\}"))
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
@@ -47,3 +49,14 @@ def matches(text: str, reference: str) -> bool:
     if a is not None and b is not None:
         return a == b
     return got.strip().rstrip(".").lower() == want.strip().rstrip(".").lower()
+
+
+def _judge(text: str, _on: bool, reference: str | None) -> Verdict:
+    if matches(text, reference or ""):
+        return Verdict(True)
+    return Verdict(False, f"final answer {final_answer(text)!r}, reference "
+                          f"{final_answer(reference or '') or (reference or '').strip()!r}")
+
+
+CHECK = AnswerCheck("answer_match", bool, content=True, needs_reference=True, judge=_judge,
+                    doc="the final answer equals the reference's (numbers compared as numbers)")

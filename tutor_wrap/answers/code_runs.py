@@ -16,6 +16,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from tutor_wrap.answers.check import AnswerCheck, Verdict
+
 _BLOCK = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)```", re.S | re.I)
 CPU_S = 5
 # Wall clock outlasts the CPU limit by enough that a loop meets the CPU limit (the clearer message) even with a
@@ -100,3 +102,12 @@ def check(text: str) -> CodeResult:
         if not ok:
             return CodeResult(False, len(blocks), error)
     return CodeResult(True, len(blocks), None)
+
+
+def _judge(text: str, _on: bool, _reference: str | None) -> Verdict:
+    ran = check(text)
+    return Verdict(ran.runs, ran.error)
+
+
+CHECK = AnswerCheck("code_runs", bool, content=True, needs_reference=False, judge=_judge,
+                    doc="every python block of the answer runs (sandboxed)")

@@ -387,3 +387,44 @@ def test_run_flags_that_cannot_work_together_exit_2(case, tiny_model, tmp_path):
     proc = _cli("run", _good(tmp_path, tiny_model), "--run-dir", tmp_path / "run", *flags)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     assert expected in proc.stderr and not (tmp_path / "run").exists()
+
+
+# Run control: a run dir holds one recipe's work, is trusted only while its artifacts are what was recorded, and
+# is self-contained.
+
+def test_another_recipe_cannot_take_over_a_run_dir(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    assert _cli("run", _good(tmp_path, tiny_model), "--run-dir", run, "--until", "plan").returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    before = (run / "manifest.json").read_text()
+    _one_error(_cli("run", _good(other, tiny_model), "--run-dir", run, "--until", "plan"),
+               f"holds the run of recipe 'bad' ({tmp_path / 'recipe.yml'})")
+    assert (run / "manifest.json").read_text() == before
+
+
+def test_a_changed_artifact_is_made_again(tiny_model, tmp_path):
+    """A finished stage whose file was truncated or replaced is redone, not trusted for its fingerprint."""
+    run = tmp_path / "run"
+    recipe = _good(tmp_path, tiny_model)
+    assert _cli("run", recipe, "--run-dir", run, "--until", "plan").returncode == 0
+    good = (run / "axolotl.yml").read_text()
+    (run / "axolotl.yml").write_text(good[: len(good) // 2])
+    again = _cli("run", recipe, "--run-dir", run, "--until", "plan")
+    assert again.returncode == 0 and "axolotl.yml changed or went missing" in again.stdout.replace("\n", " ")
+    assert (run / "axolotl.yml").read_text() == good
+    quiet = _cli("run", recipe, "--run-dir", run, "--until", "plan")
+    assert "plan: done before, inputs unchanged; skipped" in quiet.stdout
+
+
+def test_eval_after_a_recipe_edit_is_refused(tiny_model, tmp_path):
+    """`eval` and `deploy` use the recipe the run recorded: edited since in what the model was made from, they
+    would judge or serve it with settings it was not trained with."""
+    run = tmp_path / "run"
+    recipe = _good(tmp_path, tiny_model)
+    assert _cli("run", recipe, "--run-dir", run, "--until", "plan").returncode == 0
+    r = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(edit(r, "train.learning_rate", 0.001)))
+    for command in ("eval", "deploy"):
+        _one_error(_cli(command, run), "changed since this run's plan stage")
+

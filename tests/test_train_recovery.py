@@ -189,3 +189,19 @@ def test_one_notch_smaller_keeps_the_effective_batch_then_checkpoints():
 def test_failures_are_named_with_the_next_step(log, what):
     got, fix = classify_failure(log)
     assert got == what and fix
+
+
+def test_a_copied_run_dir_trains_into_itself(tiny_model, tmp_path):
+    """The run's YAML names its folders relative to the run dir and the trainer starts there: a copy trains into
+    the copy, never into the original's folders."""
+    import shutil
+
+    first = tmp_path / "first"
+    recipe = write_recipe(tmp_path, tiny_model, long_rows(8), {"max_steps": 1, "sequence_len": 256})
+    assert cli(["run", str(recipe), "--run-dir", str(first), "--until", "plan"]).returncode == 0
+    assert yaml.safe_load((first / "axolotl.yml").read_text())["output_dir"] == "train/out"
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    proc = cli(["run", str(recipe), "--run-dir", str(copy), "--until", "train"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (copy / "train/out/adapter_model.safetensors").is_file() and not (first / "train").exists()

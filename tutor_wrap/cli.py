@@ -256,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     except TutorWrapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # The file system said no (permissions, a full disk, a read-only mount): one line naming the path, no
+        # traceback; each stage's own checks catch what they can foresee before this.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}\n  fix: check that you can write there (permissions, free "
+              "space, a read-only mount), or choose another place (--run-dir)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; `run` again to resume from the last completed stage or checkpoint", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -20,7 +21,7 @@ from tutor_wrap.planning import preflight as preflight_lib
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.recipe.resolve import Inputs, check_inputs, resolve
 from tutor_wrap.recipe.schema import OllamaSpec, Recipe
-from tutor_wrap.core.hashing import fingerprint
+from tutor_wrap.core.hashing import artifact_fingerprint, fingerprint
 from tutor_wrap.runtime.lock import run_dir_lock
 from tutor_wrap.runtime.rundir import RunDir
 from tutor_wrap.stages import ORDER, plan
@@ -61,8 +62,12 @@ def preflight(recipe: Recipe | None, hw: Hardware, run_dir: Path | None = None, 
     return report
 
 
-def _artifacts_present(run: RunDir, rec: dict) -> bool:
-    return all(run.abs(rel).exists() for rel in rec.get("artifacts", {}).values())
+def _changed_artifacts(run: RunDir, rec: dict) -> list[str]:
+    """The recorded artifacts that are gone or no longer what the stage made (truncated, replaced, half-copied).
+    A record from before fingerprints were kept is judged on presence alone."""
+    kept = rec.get("fingerprints") or {}
+    return [rel for rel in rec.get("artifacts", {}).values()
+            if not run.abs(rel).exists() or (rel in kept and artifact_fingerprint(run.abs(rel)) != kept[rel])]
 
 
 def _downstream(name: str) -> list[str]:
@@ -88,7 +93,9 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
                 hardware: Hardware | None, console: Console, processes: int | None) -> dict:
     hw = hardware or resolve_hardware(recipe.hardware, run.path)
     console.print(f"[bold]tutor_wrap[/] {escape(recipe.name)} -> {escape(str(run.path))}\nmachine: {escape(describe(hw))}")
-    run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict())
+    _check_owner(run, recipe)
+    run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict(),
+                        processes=processes)
     if from_stage:
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
@@ -98,11 +105,16 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     for stage in STAGES:
         fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
         rec = run.stage(stage.NAME)
-        if rec.get("status") == "done" and rec.get("fingerprint") == fp and _artifacts_present(run, rec):
-            console.print(f"[green]✓[/] {stage.NAME}: done before, inputs unchanged; skipped")
-            if stage.NAME == until:
-                break
-            continue
+        if rec.get("status") == "done" and rec.get("fingerprint") == fp:
+            changed = _changed_artifacts(run, rec)
+            if not changed:
+                console.print(f"[green]✓[/] {stage.NAME}: done before, inputs unchanged; skipped")
+                if stage.NAME == until:
+                    break
+                continue
+            console.print(f"[yellow]note:[/] {stage.NAME}: {escape(', '.join(changed))} changed or went missing since "
+                          "it was made; redoing it and the stages after it")
+            run.invalidate_from(_downstream(stage.NAME))
         if stage is plan:
             ctx.inputs = _checked(ctx, console)
         console.rule(stage.NAME)
@@ -117,11 +129,27 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
             run.record_stage(stage.NAME, status="failed", error=str(exc)[:2000], seconds=round(time.time() - t0, 1))
             raise
         run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
+                         fingerprints={rel: artifact_fingerprint(run.abs(rel)) for rel in result.artifacts.values()},
                          seconds=round(time.time() - t0, 1), error=None)
         console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
         if stage.NAME == until:
             break
     return run.manifest()
+
+
+def _check_owner(run: RunDir, recipe: Recipe) -> None:
+    """A run dir holds one recipe's work: another recipe pointed at it (the same name in two files, a --run-dir
+    typo) would otherwise redo or mix its stages. A recipe file that moved, its old path gone, keeps its run."""
+    m = run.manifest()
+    old = m.get("recipe_path")
+    if not m.get("stages") or not old or recipe.source is None:
+        return
+    old_path, new_path = Path(old), Path(recipe.source).resolve()
+    if old_path.resolve() == new_path or (m.get("recipe") == recipe.name and not old_path.exists()):
+        return
+    raise TutorWrapError(f"run directory {run.path} holds the run of recipe {m.get('recipe')!r} ({old}), not of "
+                         f"{new_path}", hint="give this recipe its own directory with --run-dir (or another `name:`), "
+                                             f"or delete {run.path} to start it over")
 
 
 def _checked(ctx: Context, console: Console) -> Inputs:
@@ -161,4 +189,31 @@ def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str
         recipe = recipe.model_copy(update={"ollama": spec})
     stage = next(s for s in STAGES if s.NAME == name)
     with run_dir_lock(run.path):
-        return stage.run(Context(resolve(recipe), run, resolve_hardware(recipe.hardware, run.path), console))
+        ctx = Context(resolve(recipe), run, resolve_hardware(recipe.hardware, run.path), console)
+        _check_up_to_date(ctx, name, path)
+        return stage.run(ctx)
+
+
+def _check_up_to_date(ctx: Context, name: str, recipe_path: str) -> None:
+    """`deploy` and `eval` serve and judge the model the run made: when the recipe was edited since in a way that
+    changes a stage before them (the dataset, the training settings, the eval prompts file that export reads),
+    they would pair that model with settings it was not made with. Judged with the machine the run recorded, so
+    a run dir copied to another machine (to deploy where Ollama is) is not refused for that."""
+    m = ctx.run.manifest()
+    ctx = replace(ctx, processes=m.get("processes"))
+    if m.get("hardware"):
+        try:
+            ctx = replace(ctx, hardware=Hardware.from_dict(m["hardware"]))
+        except (KeyError, TypeError):
+            pass
+    before = STAGE_NAMES[:STAGE_NAMES.index(name)]
+    for stage in STAGES:
+        if stage.NAME not in before:
+            continue
+        rec = ctx.run.stage(stage.NAME)
+        fp = fingerprint(stage.NAME, stage.inputs(ctx), [ctx.run.stage(d).get("fingerprint") for d in stage.DEPENDS])
+        if rec.get("status") == "done" and rec.get("fingerprint") != fp:
+            raise TutorWrapError(f"{recipe_path} changed since this run's {stage.NAME} stage: `{name}` would use "
+                                 f"the edited recipe with a model made from the old one",
+                                 hint=f"bring the run up to date first: python -m tutor_wrap run {recipe_path} "
+                                      f"--run-dir {ctx.run.path} (it redoes what the edit affects), or undo the edit")

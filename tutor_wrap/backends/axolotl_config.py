@@ -105,6 +105,21 @@ def write_sidecars(cfg: dict[str, Any]) -> list[Path]:
     return written
 
 
+RUN_DIR_KEYS = ("output_dir", "dataset_prepared_path", "deepspeed")   # the paths render() puts in the run dir
+
+
+def relative_to(cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The config with the paths inside `run_dir` written relative to it. The trainer starts in the run dir, so a
+    run dir that was moved or copied trains into its own folders, never into the original's."""
+    out = dict(cfg)
+    run_dir = Path(run_dir).resolve()
+    for key in RUN_DIR_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(run_dir):
+            out[key] = Path(value).relative_to(run_dir).as_posix()
+    return out
+
+
 def to_yaml(cfg: dict[str, Any]) -> str:
     header = "# Written by tutor_wrap from the recipe and the plan; `python -m tutor_wrap plan` explains each choice.\n"
     return header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)

@@ -160,9 +160,11 @@ def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, 
     notch smaller after each out-of-memory (MAX_OOM_RETRIES), a TutorWrapError naming the failure otherwise.
 
     `watch(proc, max_steps) -> exit code` follows a launched trainer; `resumable`: the checkpoints in the output
-    dir belong to this very plan, interrupted (otherwise they are a finished or other training's and go)."""
+    dir belong to this very plan, interrupted (otherwise they are a finished or other training's and go).
+    The trainer starts in the YAML's folder (the run dir): the YAML's relative paths are the run dir's own."""
     cfg = yaml.safe_load(plan_yml.read_text("utf-8"))
-    out_dir = Path(cfg["output_dir"])
+    home = plan_yml.parent.resolve()
+    out_dir = home / cfg["output_dir"]
     notch_file = train_dir / "replan.json"
     plan_sha = file_sha256(plan_yml)
     if reap_leftover_trainer(train_dir):
@@ -191,7 +193,7 @@ def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, 
             metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
         launch_yml = train_dir / "axolotl.launch.yml"
         atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
-        proc = start_logged(launch_args(launch_yml, plan, machines), log, env=env, new_session=True)
+        proc = start_logged(launch_args(launch_yml, plan, machines), log, env=env, cwd=home, new_session=True)
         atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})
         try:
             rc = watch(proc, launch_cfg.get("max_steps"))

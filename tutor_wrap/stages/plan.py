@@ -59,9 +59,13 @@ def validate(recipe: Recipe, cfg: dict[str, Any]) -> None:
         )
 
 
-def write_config(cfg: dict[str, Any], path: Path) -> list[Path]:
-    """The YAML at `path` and the files it points to that tutor_wrap generates (the DeepSpeed ZeRO JSON)."""
+def write_config(cfg: dict[str, Any], path: Path, *, in_run_dir: bool = False) -> list[Path]:
+    """The YAML at `path` and the files it points to that tutor_wrap generates (the DeepSpeed ZeRO JSON).
+    `in_run_dir`: the run's own YAML, its paths relative to the run dir the trainer starts in; `plan --out` writes
+    absolute ones (the person runs Axolotl from wherever they are)."""
     sidecars = axolotl_config.write_sidecars(cfg)
+    if in_run_dir:
+        cfg = axolotl_config.relative_to(cfg, Path(path).parent)
     atomic.write_text(Path(path), axolotl_config.to_yaml(cfg))
     return sidecars
 
@@ -92,7 +96,7 @@ def run(ctx: Context) -> StageResult:
         ctx.console.print("[yellow]warning:[/] " + escape(note))
     validate(r, p.config)
     yml = ctx.run.path / "axolotl.yml"
-    sidecars = write_config(p.config, yml)
+    sidecars = write_config(p.config, yml, in_run_dir=True)
     plan_json = ctx.run.path / "plan.json"
     fmt_name = p.inputs.fmt.label
     rows = len(p.inputs.data.rows)

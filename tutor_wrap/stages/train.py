@@ -49,7 +49,7 @@ def run(ctx: Context) -> StageResult:
     plan_yml = ctx.run.path / "axolotl.yml"
     cfg = yaml.safe_load(plan_yml.read_text("utf-8"))
     train_dir = ctx.run.sub("train")
-    out_dir = Path(cfg["output_dir"])
+    out_dir = ctx.run.path / cfg["output_dir"]   # relative to the run dir (an older run's: absolute)
     log = train_dir / "train.log"
     metrics_path = train_dir / "metrics.jsonl"
     plan = ctx.plan()

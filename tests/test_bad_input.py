@@ -70,6 +70,11 @@ CASES = [
     ("not-jsonl", lambda r, t, m: r, b'{"instruction": "a", "output": "b"}\nnot json\n', "line 2 is not valid JSON"),
     ("missing-output", lambda r, t, m: r, b'{"instruction": "a"}\n', "missing or empty 'output'"),
     ("not-utf8", lambda r, t, m: r, b'{"instruction": "caf\xe9", "output": "b"}\n', "not UTF-8"),
+    ("json-array-with-bom", lambda r, t, m: r, b"\xef\xbb\xbf" + json.dumps([GOOD_ROW]).encode(),
+     "a JSON array that starts with a byte-order mark"),
+    ("parquet", lambda r, t, m: r, b"PAR1\x15\x04\x15\x10", "a Parquet file; dataset.path takes JSON Lines"),
+    ("csv", lambda r, t, m: edit(r, "dataset.path", csv_dataset(t)), None, "a CSV file; dataset.path takes JSON"),
+    ("dataset-is-a-folder", lambda r, t, m: edit(r, "dataset.path", "."), None, "is a folder, not a file"),
     ("rows-too-long", lambda r, t, m: edit(r, "train.sequence_len", 16), None, "every row is longer than sequence_len"),
     ("base-missing", lambda r, t, m: edit(r, "base_model", str(t / "no-model")), None, "is not a directory"),
     ("base-not-a-model", lambda r, t, m: edit(r, "base_model", not_a_model(t)), None, "no config.json"),
@@ -132,6 +137,11 @@ CASES = [
 ]
 
 
+def csv_dataset(tmp: Path) -> str:
+    (tmp / "data.csv").write_text("instruction,input,output\nExplain lists.,,A list holds items.\n")
+    return "data.csv"
+
+
 def long_eval_prompt(tmp: Path) -> str:
     rows = [{"instruction": "Say ok."}, {"instruction": "Say ok to " + "this and that, " * 300}]
     (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -188,6 +198,30 @@ def odd_template_model(tmp: Path, model: Path) -> str:
     return str(d)
 
 
+def templated_model(tmp: Path, model: Path, name: str, template: str) -> str:
+    """The tiny chat model carrying another chat template in its tokenizer_config.json."""
+    import shutil
+
+    d = tmp / name
+    shutil.copytree(model, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+# Qwen3's shape: ChatML turns, but the last assistant turn (the one training learns) opens with a reasoning block
+QWEN3_STYLE = ("{%- for m in messages %}{%- if m['role'] == 'assistant' and loop.last %}"
+               "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m['content'] + '<|im_end|>\n' }}"
+               "{%- else %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endif %}"
+               "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}"
+               "{%- endif %}{%- endif %}")
+# The same without naming reasoning anywhere: only rendering a final answer shows the difference
+LAST_ANSWER_PREFIXED = QWEN3_STYLE.replace("<think>\n\n</think>\n\n", "Answer: ").replace(
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ 'Answer: ' }}{%- endif %}", "")
+
+
 def _user(text="hi"):
     return {"role": "user", "content": text}
 
@@ -234,6 +268,21 @@ CHAT_CASES = [
      "does not have as tokens"),
     ("template-not-servable", lambda r, t, m: edit(r, "base_model", odd_template_model(t, m)), None,
      "not one tutor_wrap can serve exactly as trained"),
+    ("template-with-reasoning-blocks", lambda r, t, m: edit(r, "base_model", templated_model(t, m, "q3", QWEN3_STYLE)),
+     None, "writes reasoning blocks (<think>"),
+    ("template-rewrites-the-last-answer",
+     lambda r, t, m: edit(r, "base_model", templated_model(t, m, "prefixed", LAST_ANSWER_PREFIXED)), None,
+     "not one tutor_wrap can serve exactly as trained"),
+    ("tool-call-turn", lambda r, t, m: r,
+     chat_lines(CHAT_ROW, {"messages": [_user("Weather?"), {"role": "assistant", "content": "Checking.",
+                                                            "tool_calls": [{"function": {"name": "w"}}]}]}),
+     "line 2: a turn with 'tool_calls': tool calls are not supported"),
+    ("tool-result-turn", lambda r, t, m: r,
+     chat_lines({"messages": [_user("Weather?"), {"role": "tool", "content": "sunny"}, _assistant("Sunny.")]}),
+     "a 'tool' turn: tool calls are not supported"),
+    ("row-lists-tools", lambda r, t, m: r,
+     chat_lines({"tools": [{"type": "function"}], "messages": [_user(), _assistant()]}),
+     "the row lists tools: tool calls are not supported"),
 ]
 
 

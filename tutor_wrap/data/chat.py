@@ -86,6 +86,13 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
                     f"e.g. {shape.example}")
             continue
         msgs: list[tuple[str, str]] = []
+        tool = _tool_use(obj, turns, shape)
+        if tool:
+            bad.add(f"{tool}: tool calls are not supported (tutor_wrap trains, serves and judges plain text turns; "
+                    "the calls and the tool schema would be dropped from training without a word)", n,
+                    "remove the rows with tool calls, or train them with Axolotl directly and its tool-calling "
+                    "chat template")
+            continue
         for t in turns:
             if not isinstance(t, dict) or not isinstance(t.get(shape.role), str) or not isinstance(t.get(shape.content), str):
                 bad.add(f"a turn without a text '{shape.role}' and '{shape.content}'", n,
@@ -120,6 +127,25 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
     if dups:
         warnings.append(f"{path}: line {line_numbers(dups)} duplicate an earlier row (they weigh twice in training)")
     return Dataset(path, rows, warnings)
+
+
+_TOOL_ROLES = ("tool", "function", "ipython")
+_TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+
+
+def _tool_use(obj: dict, turns: list, shape: Shape) -> str | None:
+    """What marks the row as a tool-calling conversation (OpenAI/ShareGPT shapes), or None."""
+    if obj.get("tools") or obj.get("functions"):
+        return "the row lists tools"
+    for t in turns:
+        if not isinstance(t, dict):
+            continue
+        keys = [k for k in _TOOL_KEYS if t.get(k)]
+        if keys:
+            return f"a turn with '{keys[0]}'"
+        if t.get(shape.role) in _TOOL_ROLES and t.get(shape.role) not in shape.roles:
+            return f"a {t.get(shape.role)!r} turn"
+    return None
 
 
 def _order_problem(msgs: list[tuple[str, str]], require_output: bool) -> str | None:

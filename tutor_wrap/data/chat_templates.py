@@ -210,7 +210,18 @@ _PROBES = [
      {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?\nThanks."}],
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "And 3+3?"}],
+    # ends with the answer, as every training row does: a template that writes its last assistant turn otherwise
+    # (an empty reasoning block before it) trains text the served prompt never shows
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
 ]
+# What a template that writes reasoning blocks (Qwen3, DeepSeek-R1 style) has in its Jinja.
+REASONING_MARKS = ("<think>", "reasoning_content", "enable_thinking")
+
+
+def reasoning_mark(own: str) -> str | None:
+    """The reasoning-block marker a model's own template carries (None: none): such a template renders turns that
+    differ by whether the model "thinks", which no Ollama TEMPLATE tutor_wrap writes reproduces."""
+    return next((m for m in REASONING_MARKS if m in own), None)
 
 
 def for_chat_template(name: str) -> ChatTemplate:

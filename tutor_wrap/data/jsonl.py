@@ -21,15 +21,23 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
     original alpaca_data.json shape, which Axolotl's loader reads too); array elements count as lines 1, 2, ...
     """
     path = Path(path)
+    if path.is_dir():
+        raise TutorWrapError(f"{key}: {path} is a folder, not a file", hint=f"point {key} at the JSONL file inside it")
     if not path.is_file():
         raise TutorWrapError(f"dataset {path} does not exist", hint=f"check {key} in the recipe (relative to the recipe file)")
     raw = path.read_bytes()
+    _refuse_tables(path, raw, key)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise TutorWrapError(f"{path}:{line}: not UTF-8 text", hint="re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     if text.lstrip().startswith("["):
+        if raw.startswith(b"\xef\xbb\xbf") and key == "dataset.path":
+            # Hugging Face datasets' JSON loader, which Axolotl trains from, reads JSON Lines with a byte-order
+            # mark but not a JSON array with one ("Expected object or value"): refused now, not at train time.
+            raise TutorWrapError(f"{path}: a JSON array that starts with a byte-order mark, which Axolotl's loader "
+                                 "cannot read", hint=f"save it without the mark: sed -i '1s/^\\xEF\\xBB\\xBF//' {path}")
         return _json_array(path, text)
     out: list[tuple[int, dict]] = []
     bad_json: list[int] = []
@@ -52,6 +60,25 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
     if not_obj:
         raise TutorWrapError(f"{path}: line {line_numbers(not_obj)} is not a JSON object", hint="each line must be one {...} object")
     return out
+
+
+_TABLES = {".parquet": "Parquet", ".csv": "CSV", ".tsv": "TSV", ".arrow": "Arrow", ".xlsx": "Excel"}
+_READERS = {"Parquet": "read_parquet('{p}')", "CSV": "read_csv('{p}', keep_default_na=False)",
+            "TSV": "read_csv('{p}', sep='\\t', keep_default_na=False)", "Arrow": "read_feather('{p}')",
+            "Excel": "read_excel('{p}')"}
+
+
+def _refuse_tables(path: Path, raw: bytes, key: str) -> None:
+    """A table file (Parquet, CSV...) named by its format, with the command that turns it into JSON Lines: the rows
+    are checked, measured and rendered from JSON, and 'not UTF-8' or 'not JSON Lines' would not say why."""
+    kind = "Parquet" if raw[:4] == b"PAR1" else _TABLES.get(path.suffix.lower())
+    if kind is None:
+        return
+    out = path.with_suffix(".jsonl")
+    convert = (f"python -c \"import pandas as pd; pd.{_READERS[kind].format(p=path)}.to_json('{out}', "
+               "orient='records', lines=True, force_ascii=False)\"")
+    raise TutorWrapError(f"{path}: a {kind} file; {key} takes JSON Lines (one JSON object per line) or a JSON array",
+                         hint=f"convert it, then point {key} at {out.name}: {convert}")
 
 
 def _json_array(path: Path, text: str) -> list[tuple[int, dict]]:

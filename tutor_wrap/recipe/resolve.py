@@ -18,7 +18,7 @@ from tutor_wrap.answers.registry import ANSWER_CHECKS
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.data import formats
-from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER, ChatTemplate, identify
+from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER, ChatTemplate, identify, reasoning_mark
 from tutor_wrap.data.format import Dataset, Format
 from tutor_wrap.data.jsonl import line_numbers
 from tutor_wrap.data.lengths import token_lengths
@@ -175,6 +175,14 @@ def chat_template(recipe: Recipe) -> ChatTemplate:
             raise TutorWrapError(f"{recipe.source}: dataset.chat_template: {TOKENIZER}: {where} has no chat template "
                                  "(a base model, not an Instruct one)",
                                  hint=f"name the template to train it in: one of {known}")
+        thinks = reasoning_mark(info.chat_template)
+        if thinks:
+            raise TutorWrapError(
+                f"{recipe.source}: dataset.chat_template: {TOKENIZER}: the chat template of {where} writes reasoning "
+                f"blocks ({thinks}; Qwen3 / DeepSeek-R1 style), which tutor_wrap does not train or serve: the "
+                "training text, the Modelfile and the served prompt would differ",
+                hint="name a plain template instead (chat_template: chatml for a Qwen model, whose tokenizer has "
+                     f"its tokens); known: {known}")
         found = identify(info.chat_template)
         if found is None:
             raise TutorWrapError(

@@ -74,6 +74,10 @@ CASES = [
      "a JSON array that starts with a byte-order mark"),
     ("parquet", lambda r, t, m: r, b"PAR1\x15\x04\x15\x10", "a Parquet file; dataset.path takes JSON Lines"),
     ("csv", lambda r, t, m: edit(r, "dataset.path", csv_dataset(t)), None, "a CSV file; dataset.path takes JSON"),
+    ("eval-file-in-chat-rows", lambda r, t, m: edit(r, "eval", {"prompts": chat_eval_file(t)}), None,
+     "eval.prompts must be in the training rows' format (dataset.format: alpaca)"),
+    ("hub-dataset-not-cached", lambda r, t, m: edit(r, "dataset", {"hub": "someone/absent-dataset"}), None,
+     "dataset.hub someone/absent-dataset is not in the Hugging Face cache"),
     ("dataset-is-a-folder", lambda r, t, m: edit(r, "dataset.path", "."), None, "is a folder, not a file"),
     ("rows-too-long", lambda r, t, m: edit(r, "train.sequence_len", 16), None, "every row is longer than sequence_len"),
     ("base-missing", lambda r, t, m: edit(r, "base_model", str(t / "no-model")), None, "is not a directory"),
@@ -135,6 +139,11 @@ CASES = [
                                                                           "checks": {"answer_match": True}}), None,
      "line 1, 2: no reference answer"),
 ]
+
+
+def chat_eval_file(tmp: Path) -> str:
+    (tmp / "eval.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Explain lists."}]}) + "\n")
+    return "eval.jsonl"
 
 
 def csv_dataset(tmp: Path) -> str:
@@ -280,6 +289,8 @@ CHAT_CASES = [
     ("tool-result-turn", lambda r, t, m: r,
      chat_lines({"messages": [_user("Weather?"), {"role": "tool", "content": "sunny"}, _assistant("Sunny.")]}),
      "a 'tool' turn: tool calls are not supported"),
+    ("eval-file-in-alpaca-rows", lambda r, t, m: edit(r, "eval", {"prompts": "eval.jsonl"}), None,
+     "eval.prompts must be in the training rows' format (dataset.format: chat)"),
     ("row-lists-tools", lambda r, t, m: r,
      chat_lines({"tools": [{"type": "function"}], "messages": [_user(), _assistant()]}),
      "the row lists tools: tool calls are not supported"),
@@ -295,6 +306,7 @@ def test_bad_chat_input_gives_one_clear_error(case, tiny_chat_model, tiny_model,
     recipe = make(chat_recipe(tiny_chat_model), tmp_path, tiny_chat_model)
     (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "data.jsonl").write_bytes(data if data is not None else chat_lines(CHAT_ROW))
+    (tmp_path / "eval.jsonl").write_bytes(chat_lines(GOOD_ROW))
     _one_error(_cli("plan", tmp_path / "recipe.yml", "--no-validate"), expected)
 
 

@@ -598,6 +598,12 @@ def test_tutor_wrap_ollama_chooses_or_turns_off_the_ollama_binary(tmp_path, monk
     assert res["status"] == "created"
     assert calls.read_text().splitlines() == [f"create tiny -f {mf}", "run tiny hi"]
 
+    # An ollama that fails without a word (no server, say): the error still says what ran and what to check.
+    exe.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(TutorWrapError, match="create` exited 3 and printed nothing") as err:
+        ollama_backend.create(mf, "tiny", "hi")
+    assert "ollama serve" in err.value.hint
+
 
 def test_preflight_reports_a_bad_tutor_wrap_ollama_instead_of_crashing(tmp_path, monkeypatch):
     from tutor_wrap.machine import software

@@ -64,8 +64,11 @@ def create(modelfile_path: Path, name: str, smoke_prompt: str) -> dict:
         return {"status": "ready to create", "why": why, "commands": [create_args, run_args]}
     proc = subprocess.run([exe, *create_args[1:]], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise TutorWrapError(f"deploy: `ollama create` failed: {proc.stderr.strip()[-800:]}",
-                             hint="check the Modelfile with `python -m tutor_wrap deploy RUN_DIR` and Ollama's version")
+        said = (proc.stderr.strip() or proc.stdout.strip())[-800:]
+        raise TutorWrapError(f"deploy: `{exe} create` exited {proc.returncode}"
+                             + (f": {said}" if said else " and printed nothing"),
+                             hint="is the Ollama server running (`ollama serve`, OLLAMA_HOST names where)? Check the "
+                                  f"Modelfile ({modelfile_path}) and Ollama's version (`ollama --version`)")
     smoke = subprocess.run([exe, *run_args[1:]], capture_output=True, text=True, check=False, timeout=600)
     return {"status": "created", "commands": [create_args, run_args], "smoke_output": smoke.stdout[-2000:],
             "smoke_rc": smoke.returncode}

@@ -75,7 +75,7 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
                        key: str = "dataset.path") -> Dataset[ChatRow]:
     path = Path(path)
     objs = read_objects(path, example=shape.example, key=key)
-    _refuse_other_shapes(path, objs, shape)
+    _refuse_other_shapes(path, objs, shape, key)
     bad = _Problems()
     rows: list[ChatRow] = []
     known = ", ".join(shape.roles)
@@ -168,7 +168,7 @@ _OTHER_SHAPES = {"instruction": ("Alpaca rows (instruction, input, output)", "al
                  "conversations": ("ShareGPT rows ('conversations')", "sharegpt")}
 
 
-def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], shape: Shape) -> None:
+def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], shape: Shape, key: str = "dataset.path") -> None:
     """Rows of another format (all of them, or mixed in): one error naming the format and the setting to use."""
     lines: dict[str, list[int]] = {}
     for n, obj in objs:
@@ -180,6 +180,10 @@ def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], shape: Shape)
         return
     field, where = next(iter(lines.items()))
     desc, fmt = _OTHER_SHAPES[field]
+    if len(where) == len(objs) and key != "dataset.path":
+        # The eval file is in the training rows' format: changing dataset.format would break the training rows.
+        raise TutorWrapError(f"{path}: the rows are {desc}, and {key} must be in the training rows' format "
+                             f"(dataset.format: {shape.name})", hint=f"write them as rows like {shape.example}")
     if len(where) == len(objs):
         raise TutorWrapError(f"{path}: the rows are {desc}, not the rows dataset.format: {shape.name} reads",
                              hint=f"set dataset.format: {fmt} in the recipe")

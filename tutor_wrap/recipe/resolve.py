@@ -103,7 +103,16 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     if recipe.dataset.hub:
         data = Dataset(path=None, rows=[], warnings=[])
         lengths = None
-        notes.append(f"dataset {recipe.dataset.hub} ({recipe.dataset.hub_split}) is loaded by Axolotl at train time "
+        hub = recipe.dataset.hub
+        if not hub_dataset_cached(hub):
+            msg = (f"{recipe.source}: dataset.hub {hub} is not in the Hugging Face cache on this machine, and "
+                   "Axolotl loads it offline")
+            fix = (f"download it first (`huggingface-cli download --repo-type dataset {hub}` where the hub is "
+                   "reachable, then copy the cache), or point dataset.path at a local JSONL")
+            if trains_here:
+                raise TutorWrapError(msg, hint=fix)
+            notes.append(f"{msg}: `run` here would fail; {fix}")
+        notes.append(f"dataset {hub} ({recipe.dataset.hub_split}) is loaded by Axolotl at train time "
                      "from the Hugging Face cache: its rows are not checked or measured here")
     else:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
@@ -200,6 +209,14 @@ def chat_template(recipe: Recipe) -> ChatTemplate:
                 f"{where} does not have as tokens: the model would learn them as pieces of text and never stop",
                 hint=f"use a base model made for {chat.name} (or chat_template: {TOKENIZER} for an Instruct model)")
     return chat
+
+
+def hub_dataset_cached(dataset_id: str) -> bool:
+    """Has the hub cache a downloaded snapshot of this dataset repository (no network)?"""
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / ("datasets--" + dataset_id.replace("/", "--")) / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def hub_cached(model_id: str) -> bool:

@@ -42,24 +42,6 @@ from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
 
-__all__ = [
-    "BOOL_PARAMETERS",
-    "COMMANDS",
-    "Command",
-    "DEPRECATED_PARAMETERS",
-    "FLOAT_PARAMETERS",
-    "INT_PARAMETERS",
-    "KNOWN_PARAMETERS",
-    "MESSAGE_ROLES",
-    "ModelfileError",
-    "ModelfileSpec",
-    "STRING_LIST_PARAMETERS",
-    "parse",
-    "quote_value",
-    "render",
-    "validate",
-]
-
 # --- grammar tables (parser/parser.go isValidCommand / isValidMessageRole; api/types.go Options+Runner) ---
 
 COMMANDS = frozenset(
@@ -96,11 +78,6 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _GO_BOOLS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
              "0": False, "f": False, "F": False, "false": False, "FALSE": False, "False": False}
-_SEMVER_ID = r"[0-9A-Za-z-]+"
-_SEMVER_RE = re.compile(
-    r"v?(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*)(?:\.(0|[1-9][0-9]*)"
-    rf"(?:-({_SEMVER_ID}(?:\.{_SEMVER_ID})*))?(?:\+({_SEMVER_ID}(?:\.{_SEMVER_ID})*))?)?)?"
-)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -138,7 +115,6 @@ class ModelfileSpec:
     system: str | None = None
     parameters: tuple[tuple[str, object], ...] = ()   # ("num_ctx", 256), ("temperature", 0.2) ...
     stops: tuple[str, ...] = ()    # each becomes `PARAMETER stop "..."`
-    license: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -490,8 +466,6 @@ def render(spec: ModelfileSpec) -> str:
         if not isinstance(stop, str) or stop == "":
             raise ModelfileError(f"{where} must be a non-empty str, got {stop!r}", fix="drop it or fill it in")
         lines.append("PARAMETER stop " + quote_value(stop, prefer="double", what=where))
-    if spec.license is not None:
-        lines.append("LICENSE " + quote_value(spec.license, what="ModelfileSpec.license"))
     text = "\n".join(lines) + "\n"
     _self_check(spec, text)
     return text
@@ -500,12 +474,10 @@ def render(spec: ModelfileSpec) -> str:
 def _self_check(spec: ModelfileSpec, text: str) -> None:
     # Cheap insurance: the emitted file must parse back to exactly the texts we were given.
     cmds = parse(text)
-    got = {c.name: c.args for c in cmds if c.name in ("from", "template", "system", "license")}
+    got = {c.name: c.args for c in cmds if c.name in ("from", "template", "system")}
     want = {"from": spec.from_path, "template": spec.template}
     if spec.system is not None:
         want["system"] = spec.system
-    if spec.license is not None:
-        want["license"] = spec.license
     stops = [c.args for c in cmds if c.name == "parameter" and c.key == "stop"]
     want_stops = [v for k, v in spec.parameters if k == "stop"] + list(spec.stops)
     if got != want or stops != want_stops:
@@ -531,7 +503,8 @@ def _resolve(value: str, base_dir: Path) -> Path:
 
 
 def validate(text: str, base_dir: Path) -> list[Command]:
-    """Parse ``text`` and check what Ollama checks later at create time, plus a few stricter rules.
+    """Parse ``text`` and check the commands tutor_wrap writes as Ollama checks them at create time, plus a few
+    stricter rules.
 
     ``base_dir`` is the directory the Modelfile lives in; relative paths are resolved against it.
     """
@@ -566,22 +539,10 @@ def validate(text: str, base_dir: Path) -> list[Command]:
                         fix="fix the path (relative to the Modelfile's directory); "
                             "otherwise Ollama would try to pull it as a model name",
                     )
-        elif cmd.name in ("adapter", "draft"):
-            target = _resolve(cmd.args, base_dir) if cmd.args else None
-            if target is None or not target.exists():
-                raise ModelfileError(
-                    f"{cmd.name.upper()} path {cmd.args!r} does not exist"
-                    + (f" (looked for {target})" if target else ""),
-                    line=cmd.line, fix="fix the path, relative to the Modelfile's directory",
-                )
         elif cmd.name == "template":
             if not cmd.args.strip():
                 raise ModelfileError("TEMPLATE is empty", line=cmd.line,
                                      fix="write the prompt template the model was trained with, or drop the line")
-        elif cmd.name == "requires":
-            if not _valid_semver(cmd.args):
-                raise ModelfileError(f"REQUIRES {cmd.args!r} is not a version", line=cmd.line,
-                                     fix="write a semantic version such as 0.14.0")
         elif cmd.name == "parameter":
             name = cmd.key or ""
             if name not in KNOWN_PARAMETERS:
@@ -597,17 +558,6 @@ def validate(text: str, base_dir: Path) -> list[Command]:
                         line=cmd.line, fix="keep one (Ollama would silently use the last)",
                     )
                 first_param[name] = cmd
-        # message roles are checked by parse(); license/system/parser/renderer take any text
+        # tutor_wrap writes FROM, TEMPLATE, SYSTEM and PARAMETER; parse() reads the rest of Ollama's grammar,
+        # and any other command's value is taken as Ollama takes it
     return commands
-
-
-def _valid_semver(raw: str) -> bool:
-    m = _SEMVER_RE.fullmatch(raw)
-    if not m:
-        return False
-    prerelease = m.group(4)
-    if prerelease:
-        for ident in prerelease.split("."):
-            if ident.isdigit() and len(ident) > 1 and ident.startswith("0"):
-                return False
-    return True

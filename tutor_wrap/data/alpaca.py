@@ -123,7 +123,7 @@ def _refuse_other_shapes(path: Path, objs: list[tuple[int, dict]], key: str) -> 
         # The eval file is in the training rows' format: changing dataset.format would break the training rows.
         raise TutorWrapError(
             f"{path}: the rows are {shape[0]}, and {key} must be in the training rows' format (dataset.format: "
-            "alpaca)", hint=f'write them as {{"instruction": ..., "input": "", "output": ...}} rows')
+            "alpaca)", hint='write them as {"instruction": ..., "input": "", "output": ...} rows')
     if shape:
         raise TutorWrapError(
             f"{path}: the rows are {shape[0]}, not the Alpaca rows (instruction, input, output) that "

@@ -2,7 +2,7 @@
 `Format`, and one line here.
 
 Alpaca rows carry their own prompt format; chat rows are rendered in a chat template (data/chat_templates.py),
-which the recipe chooses (`dataset.chat_template`) and planning resolves (planning/inputs.dataset_format).
+which the recipe chooses (`dataset.chat_template`) and its resolution settles (recipe/resolve.dataset_format).
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from tutor_wrap.core.units import GIB
     from tutor_wrap.machine.probe import probe
     from tutor_wrap.models.files import weight_files
-    from tutor_wrap.stages.merge import merge
+    from tutor_wrap.backends.merge import merge
+    from tutor_wrap.checks.merge_verify import verifier
 
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -126,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         out = work / f"merged-{method}"
         hw = probe(work)
         t = time.perf_counter()
-        report = merge(base, adapter, out, {"base_model": str(base), "adapter": "lora"}, hw, method=method,
-                       log=work / f"merge-{method}.log", verify=not args.no_verify)
+        log = work / f"merge-{method}.log"
+        report = merge(base, adapter, out, {"base_model": str(base), "adapter": "lora"}, hw, method=method, log=log,
+                       verify=None if args.no_verify else verifier(base, adapter, log, ram_budget=hw.ram_available_bytes))
         secs = time.perf_counter() - t
         pred, meas = report["predicted_peak_rss_bytes"], report["measured_peak_rss_bytes"]
         ver = report.get("verification") or {}

@@ -22,6 +22,7 @@ from tutor_wrap.core.units import GIB
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.planning import budgets
 from tutor_wrap.machine.profiles import load_profile
+from tutor_wrap.backends import merge as merge_lib
 from tutor_wrap.stages import merge as merge_stage
 
 pytestmark = pytest.mark.tools
@@ -228,7 +229,7 @@ def _assert_refused_and_empty(tmp: Path, fn):
 def test_refusal_on_the_reference_users_wsl_box_writes_nothing(tiny_model, adapter, tmp_path):
     hw = small(load_profile("rtx3060-12gb"), ram_gib=0.3, swap_gib=0.1)   # the profile, with a busy RAM
     out = tmp_path / "deep" / "model"
-    msg = _assert_refused_and_empty(tmp_path, lambda: merge_stage.merge(
+    msg = _assert_refused_and_empty(tmp_path, lambda: merge_lib.merge(
         tiny_model, adapter, out, {}, hw, log=tmp_path / "deep" / "merge.log"))
     assert not (tmp_path / "deep").exists()
     assert "Nothing was written" in msg and "RAM+swap short by" in msg and "(WSL caps)" in msg
@@ -239,7 +240,7 @@ def test_refusal_on_the_reference_users_wsl_box_writes_nothing(tiny_model, adapt
 def test_refusal_on_linux_suggests_a_swapfile(tiny_model, adapter, tmp_path):
     hw = small(load_profile("cpu-only"), ram_gib=0.2)
     b = budgets.predict(tiny_model, adapter, hw, "memory_efficient")
-    msg = _assert_refused_and_empty(tmp_path, lambda: merge_stage.merge(
+    msg = _assert_refused_and_empty(tmp_path, lambda: merge_lib.merge(
         tiny_model, adapter, tmp_path / "model", {}, hw, log=tmp_path / "merge.log"))
     assert f"needs {b.predicted_peak_rss_bytes / GIB:.1f} GiB of RAM+swap" in msg
     assert "sudo bash tools/make_swapfile.sh" in msg and ".wslconfig" not in msg
@@ -247,7 +248,7 @@ def test_refusal_on_linux_suggests_a_swapfile(tiny_model, adapter, tmp_path):
 
 def test_refusal_for_disk_names_what_to_free(tiny_model, adapter, tmp_path):
     hw = replace(load_profile("cpu-only"), disk_free_bytes=1024)
-    msg = _assert_refused_and_empty(tmp_path, lambda: merge_stage.merge(
+    msg = _assert_refused_and_empty(tmp_path, lambda: merge_lib.merge(
         tiny_model, adapter, tmp_path / "model", {}, hw, log=tmp_path / "merge.log"))
     assert "disk short by" in msg and "free " in msg and "RAM+swap short" not in msg
 

@@ -120,7 +120,7 @@ def cmd_preflight(args) -> int:
 
 def cmd_merge(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
-    from tutor_wrap.stages.merge import merge_folder
+    from tutor_wrap.pipeline import merge_folder
 
     out = Path(args.out).resolve()
     hw = resolve_hardware(args.hardware, out.parent)

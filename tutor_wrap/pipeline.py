@@ -217,3 +217,21 @@ def _check_up_to_date(ctx: Context, name: str, recipe_path: str) -> None:
                                  f"the edited recipe with a model made from the old one",
                                  hint=f"bring the run up to date first: python -m tutor_wrap run {recipe_path} "
                                       f"--run-dir {ctx.run.path} (it redoes what the edit affects), or undo the edit")
+
+
+def merge_folder(base: Path, adapter: Path, out: Path, hw: Hardware, *, method: str = "auto",
+                 verify: bool = True) -> dict:
+    """The `merge` command: an adapter folder (with the axolotl.yml Axolotl saves beside it, if any) into `base`,
+    verified as the merge stage verifies."""
+    import yaml
+
+    from tutor_wrap.backends.merge import merge
+    from tutor_wrap.checks.merge_verify import verifier
+
+    cfg_path = adapter / "axolotl.yml"
+    cfg = yaml.safe_load(cfg_path.read_text("utf-8")) if cfg_path.exists() else {}
+    cfg.setdefault("base_model", str(base))
+    cfg.setdefault("adapter", "lora")
+    log = out.parent / f"{out.name}.merge.log"
+    return merge(base, adapter, out, cfg, hw, method=method, log=log,
+                 verify=verifier(base, adapter, log, ram_budget=hw.ram_available_bytes) if verify else None)

@@ -500,6 +500,20 @@ def check_verification(res: dict, log: Path) -> None:
                          hint="read the log; the merged model was not checked, so it was not kept")
 
 
+def verifier(base: Path, adapter: Path, log: Path, *, ram_budget: int | None = None,
+             greedy: Request | None = None):
+    """The `verify` a merge takes (backends/merge.py): the merged folder against base + adapter, raising on a
+    mismatch. `greedy`: continuations the check computes while it has the merged model loaded (the export's
+    reference, checks/fidelity.py), recorded under `greedy`."""
+    def verify(merged: Path, nf4_compute_dtype: str | None) -> dict:
+        res = verify_merged(base, adapter, merged, log, ram_budget=ram_budget, nf4_compute_dtype=nf4_compute_dtype,
+                            greedy=greedy)
+        check_verification(res, log)
+        return res
+
+    return verify
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tutor_wrap.checks.merge_verify", description=__doc__.splitlines()[0])
     ap.add_argument("base", type=Path)

@@ -196,14 +196,10 @@ def _logits_bytes_per_token(arch: Architecture, k: Knobs, head_fp32: bool) -> fl
     return 16.0 * V if head_fp32 else 14.0 * V
 
 
-def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
-    k = knobs
-    notes: list[str] = []
+def _weights(arch: Architecture, k: Knobs, notes: list[str]) -> tuple[float, float, bool]:
+    """(quantized weight bytes, 16/32-bit weight bytes, whether the head is fp32) on one GPU."""
     w16 = 4 if k.dtype == "fp32" else 2
-    P = arch.total_params
     n = k.num_gpus if k.sharding != "none" else 1
-
-    # ---- weights
     head_fp32 = k.dtype == "fp32"
     if k.method in ("qlora", "lora8bit"):
         if k.method == "qlora":
@@ -221,22 +217,26 @@ def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
         wq = 0
         if k.method == "full" and k.dtype == "fp16":
             # fp16 cannot be trained pure (loss-scaled fp16 grads need fp32 master weights): AMP keeps fp32 weights.
-            w16_total = P * 4
+            w16_total = arch.total_params * 4
             notes.append("full fp16: fp32 master weights under AMP")
         else:
             # Axolotl loads the model in the training dtype and, for full fine-tuning in bf16, trains it pure bf16
             # (weights, grads and AdamW states all bf16), as torchtune does.
-            w16_total = P * w16
+            w16_total = arch.total_params * w16
     if k.sharding in ("zero3", "fsdp"):
         # Parameters sharded; one layer's full weights are gathered at a time (plus prefetch of the next).
         layer_w = (sum(arch.linear_params_per_layer().values()) * (NF4_DQ_BYTES if k.method == "qlora" else w16))
         wq = wq / n + (2 * layer_w if k.method == "qlora" else 0)
         w16_total = w16_total / n + (0 if k.method == "qlora" else 2 * layer_w)
+    return wq, w16_total, head_fp32
 
-    # ---- trainable parameters, gradients, optimizer states
+
+def _trained(arch: Architecture, k: Knobs, notes: list[str]) -> tuple[float, float, float]:
+    """(trainable parameter, gradient, optimizer-state bytes) on one GPU."""
+    n = k.num_gpus if k.sharding != "none" else 1
     eight_bit = k.optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit")
     if k.method == "full":
-        trainable = P
+        trainable = arch.total_params
         grad_b = 4 if k.dtype in ("fp32", "fp16") else 2          # grads in the parameter dtype (fp32 master for fp16)
         param_b = 0                                               # already counted in weights_16bit
         # torch AdamW keeps exp_avg/exp_avg_sq in the parameter dtype: 2 x 2 B for pure bf16, 2 x 4 B otherwise.
@@ -263,9 +263,10 @@ def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
     elif k.sharding == "ddp":
         # DDP gradient buckets: a second copy of the trainable grads for the all-reduce.
         grads_part *= 2
-    adapter = params_part + grads_part + states_part
+    return params_part, grads_part, states_part
 
-    # ---- activations
+
+def _activations(arch: Architecture, k: Knobs) -> float:
     T = k.tokens
     a = _act_bytes(k.dtype)
     per_layer_tok = _layer_activation_bytes_per_token(arch, k)
@@ -284,9 +285,17 @@ def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
         # bitsandbytes dequantizes one projection to 16-bit for forward and again for backward.
         biggest = max(fi * fo for fi, fo in arch.linear_shapes().values())
         acts += 2 * biggest * a
+    return acts
 
-    # ---- logits and loss
-    logits = T * _logits_bytes_per_token(arch, k, head_fp32)
+
+def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
+    k = knobs
+    notes: list[str] = []
+    wq, w16_total, head_fp32 = _weights(arch, k, notes)
+    params_part, grads_part, states_part = _trained(arch, k, notes)
+    adapter = params_part + grads_part + states_part
+    acts = _activations(arch, k)
+    logits = k.tokens * _logits_bytes_per_token(arch, k, head_fp32)
 
     overlap = 0
     if k.method == "full" and k.grad_accum == 1:

@@ -76,6 +76,9 @@ CASES = [
     ("csv", lambda r, t, m: edit(r, "dataset.path", csv_dataset(t)), None, "a CSV file; dataset.path takes JSON"),
     ("eval-file-in-chat-rows", lambda r, t, m: edit(r, "eval", {"prompts": chat_eval_file(t)}), None,
      "eval.prompts must be in the training rows' format (dataset.format: alpaca)"),
+    ("ollama-num-ctx-under-an-eval-prompt", lambda r, t, m: edit(edit(r, "eval", {"prompts": long_eval_prompt(t)}),
+                                                                  "ollama.parameters", {"num_ctx": 64}) | {
+        "train": {"max_steps": 1, "sequence_len": 2048}}, None, "ollama.parameters.num_ctx 64 leaves no room"),
     ("hub-dataset-not-cached", lambda r, t, m: edit(r, "dataset", {"hub": "someone/absent-dataset"}), None,
      "dataset.hub someone/absent-dataset is not in the Hugging Face cache"),
     ("dataset-is-a-folder", lambda r, t, m: edit(r, "dataset.path", "."), None, "is a folder, not a file"),

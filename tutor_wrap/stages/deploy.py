@@ -37,6 +37,13 @@ def check(pre: Pre) -> list[Verdict]:
         what = exc.problem.replace("ModelfileSpec.parameters[", "ollama.parameters[").replace(
             "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
         raise TutorWrapError(f"{r.source}: {what}", hint=exc.hint) from None
+    num_ctx = r.ollama.parameters.get("num_ctx")
+    longest = pre.inputs.longest_eval_prompt
+    if isinstance(num_ctx, int) and longest and num_ctx <= longest:
+        raise TutorWrapError(f"{r.source}: ollama.parameters.num_ctx {num_ctx} leaves no room for an answer: the "
+                             f"longest eval prompt is {longest} tokens, and Ollama would cut the prompt to fit",
+                             hint=f"raise num_ctx above {longest} plus the answer's tokens, or remove it (the "
+                                  "default is the context the model is trained with)")
     return []
 
 

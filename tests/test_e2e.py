@@ -45,9 +45,14 @@ def make_recipe(tmp: Path, model: Path) -> Path:
     return p
 
 
+# Credentials where they belong, in the environment: the whole run must not write or print any of them.
+PLANTED = {"HF_TOKEN": "hf_PLANTEDenvTOKEN0123456789abcdefXYZ", "COMET_API_KEY": "planted-comet-env-key-91c2",
+           "WANDB_API_KEY": "planted-wandb-env-key-4d7e", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-0b3f"}
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tutor_wrap", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          timeout=1800, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **PLANTED})
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +73,16 @@ def test_manifest_records_every_stage_done(finished_run):
         assert rec["status"] == "done", (name, rec)
         for rel in rec["artifacts"].values():
             assert not Path(rel).is_absolute() and (run / rel).exists(), (name, rel)
+
+
+def test_no_credential_from_the_environment_is_written_or_printed(finished_run):
+    """The trainer gets the environment (where trackers read their keys), and nothing tutor_wrap, Axolotl or the
+    model-written code writes under the run dir or prints holds one of them."""
+    run, proc = finished_run
+    for name, secret in PLANTED.items():
+        assert secret not in proc.stdout + proc.stderr, name
+        holding = [str(p) for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        assert holding == [], (name, holding)
 
 
 def test_training_logged_a_falling_loss(finished_run):

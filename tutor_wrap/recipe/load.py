@@ -10,7 +10,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.proc import redact
 from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.recipe.secrets import find_secret
 
 
 # Axolotl keys the recipe sets itself: under `axolotl:` they would override the recipe past every check.
@@ -84,6 +86,20 @@ def _check_owned(data: dict, lines: dict, path: Path) -> None:
                       "recipe, where it is checked and planned for") + ", and remove it from the axolotl: block")
 
 
+def _check_secrets(data: dict, lines: dict, path: Path) -> None:
+    found = find_secret(data)
+    if found is None:
+        return
+    where, what, env = found
+    dotted = ".".join(str(p) for p in where)
+    keys = tuple(p for p in where if isinstance(p, str))
+    line = next((lines[keys[:i]] for i in range(len(keys), 0, -1) if keys[:i] in lines), None)
+    raise TutorWrapError(f"{path}:{line}: {dotted} holds {what}; a recipe's values are written into the run dir "
+                         "(the Axolotl YAML, the adapter's model card) and printed, so it takes no secrets",
+                         hint=f"remove it from the recipe and set {env} in the environment you run tutor_wrap "
+                              "from (the trainer gets that environment)")
+
+
 def load_recipe(path: Path | str) -> Recipe:
     path = Path(path)
     try:
@@ -111,6 +127,7 @@ def load_recipe(path: Path | str) -> Recipe:
             hint="see recipes/demo.yml for a complete example",
         )
     lines = _key_lines(text, path)
+    _check_secrets(data, lines, path)
     _check_owned(data, lines, path)
     train = data.get("train") if isinstance(data.get("train"), dict) else {}
     if train.get("epochs") is not None and train.get("max_steps") is not None:
@@ -152,5 +169,5 @@ def load_recipe(path: Path | str) -> Recipe:
             line = lines.get(key)
             msg, _, hint = msg.partition("; fix: ")
             raise TutorWrapError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}", hint=hint or None) from None
-        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {err.get('input')!r})") from None
+        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {redact(repr(err.get('input')))})") from None
     return recipe.model_copy(update={"source": path.resolve()})

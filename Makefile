@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tutor_wrap-installed
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test test-fast clean-runs go-toolchain llamacpp
+.PHONY: setup demo test test-fast clean-runs go-toolchain sandbox llamacpp
 
 setup:
 	@$(PARALLEL) $(STAMP) llamacpp
@@ -33,22 +33,29 @@ $(SMOL): $(STAMP)
 PARALLEL := $(MAKE) --no-print-directory -j3
 
 demo:
-	@$(PARALLEL) $(STAMP) llamacpp $(SMOL)
+	@$(PARALLEL) $(STAMP) llamacpp $(SMOL) sandbox
 	$(VPY) -m tutor_wrap run recipes/demo.yml
 
+# bubblewrap: the sandbox eval's code_runs runs model-written code in (answers/code_runs.py; Debian's bubblewrap).
+sandbox:
+	@command -v bwrap >/dev/null || { echo "installing bubblewrap (the sandbox for eval's code_runs)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq bubblewrap >/dev/null; fi; }
+
 # Go renders Modelfile templates exactly as Ollama does, for the train/serve parity test (Debian's golang-go).
-go-toolchain:
+# After `sandbox`: two apt-gets at once would fight over apt's lock under make -j.
+go-toolchain: sandbox
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
 # Everything (what CI runs), with the 25 slowest tests listed at the end.
 test:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
 	$(VPY) -m pytest -q --durations=25
 
 # The development lane: unit + tools tests, no training (tests/conftest.py: LANES).
 test-fast:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
 	$(VPY) -m pytest -q -m "not e2e" --durations=10
 
 clean-runs:

@@ -492,3 +492,21 @@ def test_eval_after_a_recipe_edit_is_refused(tiny_model, tmp_path):
     for command in ("eval", "deploy"):
         _one_error(_cli(command, run), "changed since this run's plan stage")
 
+
+
+def test_code_runs_without_a_sandbox_is_refused_at_plan_unless_the_recipe_opts_out(tiny_model, tmp_path):
+    """No bubblewrap on PATH: model-written code would run unconfined, so `code_runs: true` stops at plan (not at
+    eval, after training); `code_runs: unconfined` is the named opt-in."""
+    recipe = _good(tmp_path, tiny_model)
+    r = yaml.safe_load(recipe.read_text())
+    (tmp_path / "eval.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+    no_bwrap = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
+    for value, refused in ((True, True), ("unconfined", False)):
+        recipe.write_text(yaml.safe_dump(edit(r, "eval", {"prompts": "eval.jsonl", "checks": {"code_runs": value}})))
+        proc = subprocess.run([sys.executable, "-m", "tutor_wrap", "plan", str(recipe), "--no-validate"],
+                              capture_output=True, text=True, timeout=300, env=no_bwrap)
+        if refused:
+            _one_error(proc, "bubblewrap (bwrap) is not installed")
+            assert "code_runs: unconfined" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]

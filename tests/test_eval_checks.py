@@ -1,6 +1,10 @@
 """Eval's content checks on crafted answers, run for real (sandboxed python processes), and its statistics
 against textbook figures."""
 
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from tutor_wrap.answers import code_runs
@@ -44,6 +48,69 @@ def test_code_writes_only_into_its_own_temporary_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "written.txt").exists()          # not in the caller's folder
     big = code_runs.check(answer("open('big.bin', 'wb').write(b'0' * (8 * 1024 * 1024))"))
     assert not big.runs                                       # the file-size limit stops an 8 MB write
+
+
+# Hostile answers, through the path eval takes (check -> the sandbox). This machine (and CI) has bubblewrap:
+# `make test` installs it; where it is missing the tests say so instead of passing on a weaker box.
+needs_sandbox = pytest.mark.skipif(code_runs.sandbox_problem() is not None,
+                                   reason=f"no sandbox here: {code_runs.sandbox_problem()}")
+TOKEN = "hf_PLANTEDsandboxTOKEN0123456789abcdef"
+
+
+@needs_sandbox
+def test_code_cannot_write_outside_its_box_even_as_root(tmp_path):
+    target = tmp_path / "escaped.txt"          # a path the caller (root on CI) may write
+    for where in (target, "/usr/escaped.txt", "/etc/escaped.txt", "/root/escaped.txt"):
+        res = code_runs.check(answer(f"open({str(where)!r}, 'w').write('x')"))
+        assert not res.runs and ("No such file" in res.error or "Read-only" in res.error), res.error
+    assert not target.exists() and not Path("/usr/escaped.txt").exists()
+    # what the machine holds is not there at all: the home, the work tree, /etc
+    res = code_runs.check(answer(f"import os\nassert not any(os.path.exists(p) for p in ({str(Path.cwd())!r}, "
+                                 "'/root', '/home', '/etc/passwd')), os.listdir('/')"))
+    assert res.runs, res.error
+
+
+@needs_sandbox
+def test_code_sees_no_variable_of_its_caller(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    leak = ("import os, glob\n"
+            "seen = str(dict(os.environ)) + ''.join(open(p, errors='replace').read() "
+            "for p in glob.glob('/proc/*/environ'))\n"
+            f"assert {TOKEN!r} not in seen, 'leaked'\n"
+            "raise SystemExit(os.environ.get('HF_TOKEN', 'no token here'))")
+    res = code_runs.check(answer(leak))
+    assert not res.runs and res.error == "no token here" and TOKEN not in res.error
+
+
+@needs_sandbox
+def test_nothing_the_code_starts_outlives_it():
+    marker = "301.25"
+    res = code_runs.check(answer(f"import subprocess\nsubprocess.Popen(['sleep', {marker!r}])\nprint('left')"))
+    assert res.runs
+    assert _gone(["-f", f"sleep {marker}"])
+
+
+@needs_sandbox
+@pytest.mark.parametrize("code, why", [
+    ("import os\nwhile True:\n    os.fork()", "Resource temporarily unavailable"),   # the process limit holds
+    ("for i in range(64):\n    open(f'f{i}', 'wb').write(b'0' * 1000000)", "No space left on device"),
+])
+def test_a_fork_bomb_and_a_disk_filler_are_contained(code, why):
+    res = code_runs.check(answer(code))
+    assert not res.runs and why in res.error, res.error
+    assert _gone(["-u", str(code_runs.NOBODY)]) or os.geteuid() != 0
+
+
+def _gone(pgrep_args: list[str], within_s: float = 10.0) -> bool:
+    """No process matches: the kernel takes the sandbox's PID namespace down with its first process, in moments."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while subprocess.run(["pgrep", *pgrep_args], capture_output=True).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_an_answer_without_python_does_not_count_as_running_code():

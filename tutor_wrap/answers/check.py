@@ -21,7 +21,7 @@ class Verdict:
 @dataclass(frozen=True)
 class AnswerCheck:
     name: str                      # the key under eval.checks; its rate is `<name>_rate`
-    option: type                   # bool: on/off; int or str: the value is the check's parameter (None: off)
+    option: type | tuple[type, ...]   # bool: on/off; int or str: the check's parameter (None: off); a tuple: any
     content: bool                  # judges what the answer does, not how it looks
     needs_reference: bool          # compares with the eval row's reference answer
     judge: Callable[[str, Any, str | None], Verdict]    # (answer, the recipe's value, reference) -> Verdict
@@ -30,4 +30,4 @@ class AnswerCheck:
     validate: Callable[[Any], None] | None = None
 
     def enabled(self, value: Any) -> bool:
-        return value is True if self.option is bool else value is not None
+        return value is not None and value is not False

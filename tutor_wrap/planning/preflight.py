@@ -57,6 +57,17 @@ def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
     return out
 
 
+def sandbox_findings() -> list[Finding]:
+    from tutor_wrap.answers.code_runs import sandbox_problem
+
+    problem = sandbox_problem()
+    if problem is None:
+        return [Finding("info", "eval's code_runs: model-written code runs in a bubblewrap sandbox here")]
+    return [Finding("warning", f"eval's code_runs cannot sandbox model-written code here: {problem}",
+                    "install bubblewrap (apt install bubblewrap); until then a recipe with eval.checks.code_runs: "
+                    "true is refused (code_runs: unconfined runs it with limits only)")]
+
+
 def collect(hw: Hardware, software: dict) -> dict:
     """The report: hardware as probed (or the profile), the installed stack, and every finding with its fix."""
     wsl = wsl_limits(hw)
@@ -67,7 +78,7 @@ def collect(hw: Hardware, software: dict) -> dict:
         # error for the GPU box being planned for): it is shown, not judged.
         stack = [Finding("info", f"the software shown is this machine's, not {hw.source}'s: it is not checked "
                          "against that machine's GPUs", "run `preflight` on the training machine to check its stack")]
-    findings = stack + hardware_findings(hw, wsl)
+    findings = stack + hardware_findings(hw, wsl) + sandbox_findings()
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return {"hardware": hw.to_dict(), "accelerator": hw.accelerator, "wsl": wsl, "software": software,

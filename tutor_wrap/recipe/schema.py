@@ -255,7 +255,10 @@ def _check_value(check, value: Any) -> Any:
     if value is None:
         return None if check.option is not bool else False
     want = check.option
-    if want is bool and not isinstance(value, bool):
+    if isinstance(want, tuple):
+        if not isinstance(value, want):
+            raise ValueError(f"checks.{check.name}: one of {', '.join(t.__name__ for t in want)}, got {value!r}")
+    elif want is bool and not isinstance(value, bool):
         raise ValueError(f"checks.{check.name}: true or false, got {value!r}")
     if want is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"checks.{check.name}: a whole number, got {value!r}")

@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from rich.markup import escape
 
+from tutor_wrap.answers import code_runs
 from tutor_wrap.backends import llamacpp
 from tutor_wrap.backends.gguf_export import cached_gguf
 from tutor_wrap.backends.llama_server import Server, answer_all, serve_many
@@ -41,7 +42,15 @@ def generate(servers: list[Server], requests: list, references: list[str], spec:
 
 
 def check(pre: Pre) -> list[Verdict]:
-    return []   # the eval rows and what their checks need are checked when the recipe is resolved
+    """The eval rows and what their checks need are checked when the recipe is resolved; here, that model-written
+    code can be run in a sandbox on this machine, before hours of training."""
+    spec = pre.recipe.eval
+    if spec is not None and spec.checks.value("code_runs") is True and (problem := code_runs.sandbox_problem()):
+        raise TutorWrapError(f"{pre.recipe.source}: eval.checks.code_runs runs the model's code in a sandbox, and "
+                             f"{problem}", hint="install bubblewrap (Debian/Ubuntu: apt install bubblewrap), or set "
+                             "eval.checks.code_runs: unconfined to run it with limits only (the code could then "
+                             "read and write what you can)")
+    return []
 
 
 def inputs(ctx: Context) -> dict:

@@ -30,6 +30,27 @@ def edit(d: dict, dotted: str, value) -> dict:
     return d
 
 
+def model_variant(tmp: Path, model: Path, name: str, change) -> str:
+    """A copy of the tiny model with one thing wrong (`change(folder)` does it)."""
+    import shutil
+
+    d = tmp / name
+    shutil.copytree(model, d)
+    change(d)
+    return str(d)
+
+
+def _truncate(d: Path) -> None:
+    f = next(d.glob("*.safetensors"))
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+
+
+def _encoder_only(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
+
+
 def not_a_model(tmp: Path) -> str:
     (tmp / "empty-model").mkdir()
     return str(tmp / "empty-model")
@@ -85,6 +106,17 @@ CASES = [
     ("rows-too-long", lambda r, t, m: edit(r, "train.sequence_len", 16), None, "every row is longer than sequence_len"),
     ("base-missing", lambda r, t, m: edit(r, "base_model", str(t / "no-model")), None, "is not a directory"),
     ("base-not-a-model", lambda r, t, m: edit(r, "base_model", not_a_model(t)), None, "no config.json"),
+    ("base-without-a-tokenizer", lambda r, t, m: edit(r, "base_model", model_variant(
+        t, m, "no-tok", lambda d: [p.unlink() for p in d.glob("tokenizer*")])), None, "has no tokenizer"),
+    ("base-weights-truncated", lambda r, t, m: edit(r, "base_model", model_variant(t, m, "cut", _truncate)), None,
+     "truncated:"),
+    ("base-encoder-only", lambda r, t, m: edit(r, "base_model", model_variant(t, m, "bert", _encoder_only)), None,
+     "BertModel is not a text-generating model"),
+    ("lora-targets-empty", lambda r, t, m: edit(r, "lora.targets", []), None, "an empty list adapts nothing"),
+    ("lone-surrogate", lambda r, t, m: r, b'{"instruction": "a\\ud800", "output": "b"}\n', "half of a character"),
+    ("utf16", lambda r, t, m: r, (json.dumps(GOOD_ROW) + "\n").encode("utf-16"), "UTF-16 text"),
+    ("ollama-num-ctx-past-positions", lambda r, t, m: edit(r, "ollama.parameters", {"num_ctx": 10**7}), None,
+     "is past the base model's"),
     ("pickled-weights", lambda r, t, m: edit(r, "base_model", pickled_model(t, m)), None, "allow_pickle_weights"),
     # silently changed meaning, refused instead
     ("duplicate-key", lambda r, t, m: yaml.safe_dump(r) + "name: other\n", None, "'name' is set twice (lines"),
@@ -386,9 +418,51 @@ COMMAND_CASES = [
     ("merge-adapter-pickled", lambda t, m: ["merge", "--base", m, "--adapter", _adapter(t, {"r": 8, "lora_alpha": 16},
                                                                                          "adapter_model.bin"),
                                             "--out", t / "out"], "no adapter_model.safetensors (found: adapter_model.bin)"),
+    ("profile-no-cpu", lambda t, m: ["plan", _good(t, m), "--hardware", _profile(t, cpu_count=0)],
+     "cpu_count is 0: at least 1"),
+    ("profile-more-free-than-total", lambda t, m: ["preflight", "--hardware", _profile(t, ram_available_bytes=2**50)],
+     "ram_available_bytes is more than ram_total_bytes"),
+    ("merge-out-not-empty", lambda t, m: ["merge", "--base", m, "--adapter", _lora_adapter(t, m), "--out",
+                                          _kept_folder(t)], "already exists and is not empty"),
+    ("merge-adapter-of-another-base", lambda t, m: ["merge", "--base", m, "--adapter", _lora_adapter(t, m, wrong=True),
+                                                    "--out", t / "out"], "was not trained on"),
+    ("deploy-after-the-recipe-moved", lambda t, m: ["deploy", _run_of_a_moved_recipe(t, m)], "is no longer there"),
     ("deploy-name-like-a-flag", lambda t, m: ["deploy", _finished_run_dir(t, m), "--name=--insecure"],
      "not a valid Ollama model name"),
 ]
+
+
+def _lora_adapter(tmp_path, model, wrong=False) -> Path:
+    """A real PEFT-shaped adapter for the tiny model's first q_proj (or, `wrong`, for a bigger model's)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from tutor_wrap.models.files import read_header
+
+    shape = next(t["shape"] for k, t in read_header(next(Path(model).glob("*.safetensors"))).items()
+                 if k.endswith("layers.0.self_attn.q_proj.weight"))
+    out_f, in_f = (shape[0] * 2, shape[1] * 2) if wrong else shape
+    d = tmp_path / ("adapter-wrong" if wrong else "adapter-ok")
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                       "target_modules": ["q_proj"]}))
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{key}.lora_A.weight": np.zeros((4, in_f), np.float32),
+               f"{key}.lora_B.weight": np.zeros((out_f, 4), np.float32)}, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def _kept_folder(tmp_path) -> Path:
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "important.txt").write_text("keep")
+    return d
+
+
+def _run_of_a_moved_recipe(tmp_path, model) -> Path:
+    run = _finished_run_dir(tmp_path, model)
+    (tmp_path / "recipe.yml").rename(tmp_path / "elsewhere.yml")
+    return run
 
 
 def _finished_run_dir(tmp_path, model) -> Path:
@@ -442,13 +516,17 @@ ARGUMENT_CASES = [
     ("no-main-address", ["--num-machines", "2", "--machine-rank", "1"], "needs --main-process-ip"),
     ("port-out-of-range", ["--main-process-port", "70000"], "--main-process-port 70000"),
     ("zero-processes", ["--num-processes", "0"], "--num-processes 0: at least 1"),
+    ("empty-run-dir", ["--run-dir", ""], "--run-dir: an empty path"),
+    ("main-address-with-a-command", ["--num-machines", "2", "--main-process-ip", "10.0.0.1;rm -rf /"],
+     "is not an IP address or host name"),
 ]
 
 
 @pytest.mark.parametrize("case", ARGUMENT_CASES, ids=[c[0] for c in ARGUMENT_CASES])
 def test_run_flags_that_cannot_work_together_exit_2(case, tiny_model, tmp_path):
     _, flags, expected = case
-    proc = _cli("run", _good(tmp_path, tiny_model), "--run-dir", tmp_path / "run", *flags)
+    flags = flags if "--run-dir" in flags else ["--run-dir", tmp_path / "run", *flags]
+    proc = _cli("run", _good(tmp_path, tiny_model), *flags)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
     assert expected in proc.stderr and not (tmp_path / "run").exists()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -147,6 +149,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _path(text: str) -> Path:
+    """A path argument: an empty one (`--run-dir ''`, an unset shell variable) would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (is a shell variable unset?)")
+    return Path(text)
+
+
+def _host(text: str) -> str:
+    """--main-process-ip: an address or a host name, nothing a launcher would read as more."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
+    return text
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name")
+    return text
+
+
 def _processes_arg(parser) -> None:
     # On plan, preflight and run alike: the plan (batch split, threads per process) depends on it.
     parser.add_argument("--num-processes", type=int, default=None, metavar="N",
@@ -160,22 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run every stage of a recipe (resumes where it stopped)")
-    r.add_argument("recipe", type=Path)
-    r.add_argument("--run-dir", type=Path, default=None, help="default: runs/<recipe name>/")
+    r.add_argument("recipe", type=_path)
+    r.add_argument("--run-dir", type=_path, default=None, help="default: runs/<recipe name>/")
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and everything after it")
     r.add_argument("--until", choices=STAGES, help="stop after this stage (run again without it to go on)")
     _processes_arg(r)
     mm = r.add_argument_group("several machines (run the same command on each, with its own --machine-rank)")
     mm.add_argument("--num-machines", type=int, default=1)
     mm.add_argument("--machine-rank", type=int, default=0)
-    mm.add_argument("--main-process-ip")
+    mm.add_argument("--main-process-ip", type=_host)
     mm.add_argument("--main-process-port", type=int, default=29500)
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plan", help="show the planned knobs and write the Axolotl YAML")
-    pl.add_argument("recipe", type=Path)
-    pl.add_argument("--out", type=Path, help="write the Axolotl YAML here (validated by Axolotl's schema)")
-    pl.add_argument("--run-dir", type=Path, default=None)
+    pl.add_argument("recipe", type=_path)
+    pl.add_argument("--out", type=_path, help="write the Axolotl YAML here (validated by Axolotl's schema)")
+    pl.add_argument("--run-dir", type=_path, default=None)
     pl.add_argument("--hardware", help="a profile name or file instead of probing this machine")
     pl.add_argument("--no-validate", action="store_true", help="skip Axolotl's schema check (it takes ~10 s)")
     pl.add_argument("--json", action="store_true")
@@ -200,18 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=cmd_estimate)
 
     pf = sub.add_parser("preflight", help="check the machine and software stack (and a recipe's stages) before a run")
-    pf.add_argument("recipe", type=Path, nargs="?")
+    pf.add_argument("recipe", type=_path, nargs="?")
     pf.add_argument("--hardware", help="a profile name or file instead of probing this machine")
-    pf.add_argument("--run-dir", type=Path, default=None)
-    pf.add_argument("--save-profile", type=Path, help="write this machine as a hardware profile")
+    pf.add_argument("--run-dir", type=_path, default=None)
+    pf.add_argument("--save-profile", type=_path, help="write this machine as a hardware profile")
     pf.add_argument("--json", action="store_true")
     _processes_arg(pf)
     pf.set_defaults(func=cmd_preflight)
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model, checking RAM and disk first")
-    m.add_argument("--base", required=True)
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True)
+    m.add_argument("--base", required=True, type=_path)
+    m.add_argument("--adapter", required=True, type=_path)
+    m.add_argument("--out", required=True, type=_path, help="a new folder for the merged model (never overwritten)")
     m.add_argument("--method", choices=("auto", "memory_efficient", "legacy"), default="auto")
     m.add_argument("--hardware", help="a profile name or file instead of probing this machine (a refusal writes nothing)")
     m.add_argument("--no-verify", action="store_true", help="skip comparing the merged model with base + adapter")
@@ -219,12 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("deploy", help="write the Modelfile for a run and create the Ollama model")
-    d.add_argument("run_dir", type=Path)
-    d.add_argument("--name", help="Ollama model name (default: the recipe's ollama.model)")
+    d.add_argument("run_dir", type=_path)
+    d.add_argument("--name", type=_name, help="Ollama model name (default: the recipe's ollama.model)")
     d.set_defaults(func=cmd_deploy)
 
     e = sub.add_parser("eval", help="compare base and fine-tuned GGUFs on the recipe's held-out prompts")
-    e.add_argument("run_dir", type=Path)
+    e.add_argument("run_dir", type=_path)
     e.set_defaults(func=cmd_eval)
     return p
 
@@ -256,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     except TutorWrapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`... --json | head`): stop quietly, as the standard tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # The file system said no (permissions, a full disk, a read-only mount): one line naming the path, no
         # traceback; each stage's own checks catch what they can foresee before this.

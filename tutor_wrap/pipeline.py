@@ -99,6 +99,10 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     if from_stage:
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
+        before = [n for n in STAGE_NAMES[:STAGE_NAMES.index(from_stage)] if run.stage(n).get("status") != "done"]
+        if before:
+            console.print(f"[yellow]note:[/] --from {from_stage}: {', '.join(before)} have not finished in this run "
+                          "dir; they run first")
         run.invalidate_from(_downstream(from_stage))
     ctx = Context(resolved=resolve(recipe), run=run, hardware=hw, console=console, machines=machines,
                   processes=processes)
@@ -179,6 +183,10 @@ def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str
     path = run.manifest().get("recipe_path")
     if not path:
         raise TutorWrapError(f"{run.path}: no manifest.json with a recipe", hint="pass a run directory made by `run`")
+    if not Path(path).is_file():
+        raise TutorWrapError(f"{run.path} was made from the recipe {path}, which is no longer there",
+                             hint=f"put it back, or tell the run where it went: python -m tutor_wrap run NEW_PATH "
+                                  f"--run-dir {run.path} (finished stages whose inputs are unchanged are kept)")
     recipe = load_recipe(path)
     if ollama_name:
         try:
@@ -228,6 +236,9 @@ def merge_folder(base: Path, adapter: Path, out: Path, hw: Hardware, *, method: 
     from tutor_wrap.backends.merge import merge
     from tutor_wrap.checks.merge_verify import verifier
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TutorWrapError(f"--out {out} already exists" + (" and is not empty" if out.is_dir() else " as a file"),
+                             hint="name a new folder for the merged model (the merge never overwrites one)")
     cfg_path = adapter / "axolotl.yml"
     cfg = yaml.safe_load(cfg_path.read_text("utf-8")) if cfg_path.exists() else {}
     cfg.setdefault("base_model", str(base))

@@ -25,7 +25,7 @@ from tutor_wrap.backends.axolotl_merge import (copy_trained_tokenizer, merge_con
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import tail
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.models.files import check_adapter, weight_files, write_chat_template
+from tutor_wrap.models.files import adapter_mismatch, check_adapter, weight_files, write_chat_template
 from tutor_wrap.planning.budgets import choose_method
 
 # (merged folder, the NF4 compute dtype of a QLoRA merge or None) -> the verification report; raises on a mismatch
@@ -43,6 +43,10 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
     before any file or folder (output, work dir, log) exists.
     """
     check_adapter(adapter)
+    if mismatch := adapter_mismatch(base, adapter):
+        raise TutorWrapError(f"merge: {adapter} was not trained on {base}: {mismatch}",
+                             hint="merge it into the base model it was trained from (adapter_config.json names it "
+                                  "under base_model_name_or_path)")
     budget = choose_method(base, adapter, hw, method)
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,9 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
         raise TutorWrapError(f"dataset {path} does not exist", hint=f"check {key} in the recipe (relative to the recipe file)")
     raw = path.read_bytes()
     _refuse_tables(path, raw, key)
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 3 and raw[1:4:2] == b"\x00\x00"):
+        raise TutorWrapError(f"{path}: UTF-16 text (Windows' \"Unicode\"); {key} takes UTF-8",
+                             hint=f"re-save it as UTF-8: iconv -f utf-16 -t utf-8 {path} > {path.with_suffix('.utf8.jsonl')}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -42,6 +45,7 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
     out: list[tuple[int, dict]] = []
     bad_json: list[int] = []
     not_obj: list[int] = []
+    surrogates: list[int] = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -53,13 +57,34 @@ def read_objects(path: Path, *, example: str, key: str = "dataset.path") -> list
         if not isinstance(obj, dict):
             not_obj.append(n)
             continue
+        if ("\\ud" in line or "\\uD" in line) and _lone_surrogate(obj):
+            surrogates.append(n)
+            continue
         out.append((n, obj))
     if bad_json:
         raise TutorWrapError(f"{path}: not JSON Lines: line {line_numbers(bad_json)} is not valid JSON",
                              hint=f"each line must be one JSON object, e.g. {example}")
     if not_obj:
         raise TutorWrapError(f"{path}: line {line_numbers(not_obj)} is not a JSON object", hint="each line must be one {...} object")
+    if surrogates:
+        raise TutorWrapError(f"{path}: line {line_numbers(surrogates)} holds a \\ud800-\\udfff escape that is half of "
+                             "a character (a broken emoji or a cut string): not text a tokenizer can read",
+                             hint="fix or drop those rows (the writer split a surrogate pair)")
     return out
+
+
+def _lone_surrogate(value) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
 
 
 _TABLES = {".parquet": "Parquet", ".csv": "CSV", ".tsv": "TSV", ".arrow": "Arrow", ".xlsx": "Excel"}
@@ -87,7 +112,10 @@ def _json_array(path: Path, text: str) -> list[tuple[int, dict]]:
     except json.JSONDecodeError as exc:
         raise TutorWrapError(f"{path}:{exc.lineno}: the file starts like a JSON array but is not valid JSON ({exc.msg})",
                              hint="fix the JSON there, or write one object per line (JSON Lines)") from None
-    bad = [i for i, item in enumerate(items, start=1) if not isinstance(item, dict)]
+    if not isinstance(items, list):
+        raise TutorWrapError(f"{path}: the file starts like a JSON array but is not one",
+                             hint="write one object per line (JSON Lines), or one [ {...}, ... ] array")
+    bad = [i for i, item in enumerate(items, start=1) if not isinstance(item, dict) or _lone_surrogate(item)]
     if bad:
         raise TutorWrapError(f"{path}: array element {line_numbers(bad)} is not a JSON object",
                              hint="each element must be one {...} object")

@@ -71,11 +71,44 @@ def load_profile(name_or_file: str | Path) -> Hardware:
         raise TutorWrapError(f"{path}: unknown key(s) {exc.args[0]}",
                              hint="keys are the fields of tutor_wrap.machine.hardware.Hardware and GPU") from None
     except TypeError as exc:
-        raise TutorWrapError(f"{path}: {exc}", hint="required: cpu_count, ram_*_bytes, swap_*_bytes, disk_free_bytes") from None
+        missing = str(exc).partition("missing ")[2] or str(exc)
+        raise TutorWrapError(f"{path}: missing {missing}".replace("positional argument", "key").replace(
+            "argument", "key"), hint="required: cpu_count, ram_total_bytes, ram_available_bytes, swap_total_bytes, "
+                                     "swap_free_bytes, disk_free_bytes") from None
     except ValueError as exc:
         raise TutorWrapError(f"{path}: {exc}") from None
     _check_types(hw, path)
+    _check_sense(hw, path)
     return hw
+
+
+def _check_sense(hw: Hardware, path: Path) -> None:
+    """Values no machine has (no CPU, more free than total): a plan made from them would mean nothing."""
+    problems = []
+    for name in ("cpu_count", "ram_total_bytes"):
+        if getattr(hw, name) <= 0:
+            problems.append(f"{name} is {getattr(hw, name)}: at least 1")
+    for name in ("ram_available_bytes", "swap_total_bytes", "swap_free_bytes", "disk_free_bytes"):
+        if getattr(hw, name) < 0:
+            problems.append(f"{name} is {getattr(hw, name)}: not negative")
+    for name in ("cpu_physical_cores", "cpu_usable"):
+        v = getattr(hw, name)
+        if v is not None and not 1 <= v <= hw.cpu_count:
+            problems.append(f"{name} is {v}: 1 to cpu_count ({hw.cpu_count})")
+    if hw.cpu_busy is not None and not 0 <= hw.cpu_busy <= hw.cpu_count:
+        problems.append(f"cpu_busy is {hw.cpu_busy}: 0 to cpu_count ({hw.cpu_count})")
+    if hw.ram_available_bytes > hw.ram_total_bytes:
+        problems.append("ram_available_bytes is more than ram_total_bytes")
+    if hw.swap_free_bytes > hw.swap_total_bytes:
+        problems.append("swap_free_bytes is more than swap_total_bytes")
+    for i, g in enumerate(hw.gpus):
+        if g.vram_total_bytes <= 0:
+            problems.append(f"gpus[{i}].vram_total_bytes is {g.vram_total_bytes}: at least 1")
+        elif g.vram_free_bytes is not None and not 0 <= g.vram_free_bytes <= g.vram_total_bytes:
+            problems.append(f"gpus[{i}].vram_free_bytes is outside 0..vram_total_bytes")
+    if problems:
+        raise TutorWrapError(f"{path}: {problems[0]}", hint="fix the profile (sizes: bytes or e.g. 12GiB), or write "
+                             "this machine's with `preflight --save-profile FILE`")
 
 
 _TYPES = {"int": (int,), "bool": (bool,), "str": (str,), "float": (int, float)}

@@ -72,7 +72,41 @@ def check_base_model(path: Path, *, allow_pickle: bool) -> dict:
                 )
         else:
             raise TutorWrapError(f"base model {path} has no weights (*.safetensors)", hint="copy the model's weight files into that folder")
+    for f in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(f)
+        if problem:
+            raise TutorWrapError(f"{f}: {problem}", hint="the download or copy did not finish: fetch that file again")
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if archs and not any(a.endswith(_GENERATIVE) for a in archs):
+        raise TutorWrapError(f"{cfg}: architecture {', '.join(archs)} is not a text-generating model (no "
+                             "language-model head): it cannot be fine-tuned to answer",
+                             hint="pick a causal language model (its architecture ends in ForCausalLM)")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise TutorWrapError(f"base model {path} has no tokenizer ({' or '.join(_TOKENIZER_FILES)})",
+                             hint="copy the model's tokenizer files into that folder (they come with the weights)")
     return config
+
+
+_GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole (None: its header reads and its size covers every tensor)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"truncated: {size} bytes, less than its own header says"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as exc:
+        return f"not a safetensors file ({exc.__class__.__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+               and "data_offsets" in t), default=0)
+    if 8 + n + end > size:
+        return f"truncated: {size} bytes where its tensors need {8 + n + end}"
+    return None
 
 
 def write_chat_template(model_dir: Path, template: str) -> None:
@@ -195,3 +229,24 @@ def lora_pairs(adapter: Path) -> dict[str, tuple[str, str]]:
                     mod = mod[len("base_model.model."):]
                 pairs.setdefault(mod + ".weight", {})[side] = k
     return {w: (d["lora_A"], d["lora_B"]) for w, d in pairs.items() if len(d) == 2}
+
+
+def adapter_mismatch(base: Path, adapter: Path) -> str | None:
+    """Why the adapter cannot belong to this base (None: every LoRA pair meets a base weight of its shape), read
+    from the safetensors headers: a merge into the wrong base would otherwise fail inside the tool, or worse."""
+    shapes: dict[str, list[int]] = {}
+    for f in weight_files(base):
+        if f.suffix == ".safetensors":
+            shapes.update({k: t["shape"] for k, t in read_header(f).items() if isinstance(t, dict) and "shape" in t})
+    if not shapes:
+        return None                      # pickled weights (opted in): nothing to read without loading them
+    header = read_header(adapter / "adapter_model.safetensors")
+    for weight, (a_key, b_key) in lora_pairs(adapter).items():
+        have = shapes.get(weight)
+        if have is None:
+            return f"the adapter changes {weight}, which the base model does not have"
+        a, b = header[a_key]["shape"], header[b_key]["shape"]
+        want = [b[0], a[1]]
+        if list(have) != want:
+            return f"the adapter's {weight} is {want[0]}x{want[1]}, the base model's is {have[0]}x{have[1]}"
+    return None

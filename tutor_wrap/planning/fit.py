@@ -60,3 +60,13 @@ def rows_kept(recipe: Recipe, inputs: Inputs, sequence_len: int) -> tuple[int, l
     return kept, [f"{where}: {len(too_long)} of {len(rows)} rows exceed sequence_len {sequence_len} tokens and will "
                   "be dropped by Axolotl (its excess_length_strategy: drop; set it to truncate under axolotl: to "
                   f"train their first {sequence_len} tokens instead)"]
+
+
+def beyond_positions(config: dict, sequence_len: int) -> str | None:
+    """A note when the planned context runs past the positions the base model was trained for: Axolotl trains on,
+    and the model sees positions it never learned (quality drops), unless the config scales its rotary embedding."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or sequence_len <= limit or config.get("rope_scaling"):
+        return None
+    return (f"train.sequence_len {sequence_len} runs past the base model's {limit} positions "
+            f"(max_position_embeddings): lower it to {limit} or less, unless you extend the context on purpose")

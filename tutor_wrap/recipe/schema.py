@@ -118,6 +118,15 @@ class LoraSpec(_Strict):
     # "all-linear" or a list of module names such as [q_proj, v_proj]
     targets: Literal["all-linear"] | list[str] = "all-linear"
 
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list adapts nothing: name modules such as [q_proj, v_proj], or all-linear")
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"a module is named twice: {v}")
+        return v
+
 
 class TrainSpec(_Strict):
     epochs: float | None = Field(None, gt=0)

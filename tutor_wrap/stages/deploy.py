@@ -12,6 +12,7 @@ from tutor_wrap.backends import llamacpp, modelfile, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.models.files import read_config
 from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.stages.base import Context, Pre, StageResult
@@ -38,6 +39,13 @@ def check(pre: Pre) -> list[Verdict]:
             "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
         raise TutorWrapError(f"{r.source}: {what}", hint=exc.hint) from None
     num_ctx = r.ollama.parameters.get("num_ctx")
+    config = read_config(pre.inputs.model_dir) if pre.inputs.model_dir is not None else {}
+    limit = config.get("max_position_embeddings")
+    if isinstance(num_ctx, int) and isinstance(limit, int) and num_ctx > limit and not config.get("rope_scaling"):
+        raise TutorWrapError(f"{r.source}: ollama.parameters.num_ctx {num_ctx} is past the base model's {limit} "
+                             "positions (max_position_embeddings): the model cannot use that context, and Ollama "
+                             "would reserve memory for all of it", hint=f"set num_ctx to {limit} or less, or remove "
+                             "it (the default is the context the model is trained with)")
     longest = pre.inputs.longest_eval_prompt
     if isinstance(num_ctx, int) and longest and num_ctx <= longest:
         raise TutorWrapError(f"{r.source}: ollama.parameters.num_ctx {num_ctx} leaves no room for an answer: the "

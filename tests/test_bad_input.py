@@ -51,6 +51,12 @@ def _encoder_only(d: Path) -> None:
     (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
 
 
+def _as_qwen2(d: Path) -> None:
+    """Qwen2's converter hashes the BPE pre-tokenizer and knows only Qwen's: the tiny Llama tokenizer is not one."""
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+
+
 def not_a_model(tmp: Path) -> str:
     (tmp / "empty-model").mkdir()
     return str(tmp / "empty-model")
@@ -112,6 +118,8 @@ CASES = [
      "truncated:"),
     ("base-encoder-only", lambda r, t, m: edit(r, "base_model", model_variant(t, m, "bert", _encoder_only)), None,
      "BertModel is not a text-generating model"),
+    ("tokenizer-the-converter-refuses", lambda r, t, m: edit(r, "base_model", model_variant(t, m, "q2", _as_qwen2)),
+     None, "refuses this model's tokenizer: its BPE pre-tokenizer is not one this llama.cpp knows"),
     ("lora-targets-empty", lambda r, t, m: edit(r, "lora.targets", []), None, "an empty list adapts nothing"),
     ("lone-surrogate", lambda r, t, m: r, b'{"instruction": "a\\ud800", "output": "b"}\n', "half of a character"),
     ("utf16", lambda r, t, m: r, (json.dumps(GOOD_ROW) + "\n").encode("utf-16"), "UTF-16 text"),

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from tutor_wrap.backends import llamacpp
+from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256, fingerprint
 from tutor_wrap.core.paths import cache_dir
@@ -30,6 +31,36 @@ def check_convertible(model_dir: Path) -> dict:
         raise TutorWrapError(f"{model_dir / 'config.json'} still carries a quantization_config; llama.cpp's converter "
                              "fails on it", hint="merge into a 16-bit base (the merge stage strips it; re-run `--from merge`)")
     return cfg
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "config.json", "vocab.json",
+                    "merges.txt", "special_tokens_map.json")
+
+
+def vocab_problem(ll: llamacpp.LlamaCpp, model_dir: Path) -> str | None:
+    """Why llama.cpp's converter would refuse this model's tokenizer at export (None: it takes it), found by
+    converting the vocabulary alone (`--vocab-only`, seconds) now instead of the whole model after training: an
+    unrecognised BPE pre-tokenizer, a missing tokenizer.model. Cached per tokenizer and llama.cpp build."""
+    parts = [ll.version] + [file_sha256(model_dir / n) for n in _TOKENIZER_FILES if (model_dir / n).is_file()]
+    memo = cache_dir() / "converter-vocab" / f"{fingerprint(*parts)}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text("utf-8")).get("problem")
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    out = memo.with_suffix(".gguf.partial")
+    log = memo.with_suffix(".log")
+    log.unlink(missing_ok=True)
+    proc = llamacpp.convert(ll, model_dir, out, "f16", log, vocab_only=True)
+    out.unlink(missing_ok=True)
+    problem = None
+    if proc.returncode != 0:
+        text = tail(log, 40)
+        if "BPE pre-tokenizer was not recognized" in text:
+            problem = "its BPE pre-tokenizer is not one this llama.cpp knows"
+        else:
+            errors = [line for line in text.splitlines() if re.match(r"^\w*(Error|Exception)\b", line.strip())]
+            problem = (errors[-1].strip() if errors else f"exit {proc.returncode}")[:300]
+    atomic.write_json(memo, {"problem": problem, "llama_cpp": ll.version})
+    return problem
 
 
 def outtype_for(cfg: dict, accelerator: str) -> str:

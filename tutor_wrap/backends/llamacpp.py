@@ -18,9 +18,10 @@ from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: ca
 from tutor_wrap.models.gguf_file import read_gguf_header
 
 
-def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> subprocess.CompletedProcess:
-    return run_logged([sys.executable, str(ll.converter), str(model_dir), "--outfile", str(out), "--outtype", outtype],
-                      log, env=ll.env())
+def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path, *,
+            vocab_only: bool = False) -> subprocess.CompletedProcess:
+    return run_logged([sys.executable, str(ll.converter), str(model_dir), "--outfile", str(out), "--outtype", outtype,
+                       *(["--vocab-only"] if vocab_only else [])], log, env=ll.env())
 
 
 def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, str]:

@@ -8,10 +8,11 @@ import json
 from rich.markup import escape
 
 from tutor_wrap.backends import hf_generate, llamacpp
-from tutor_wrap.backends.gguf_export import export_model
+from tutor_wrap.backends.gguf_export import export_model, vocab_problem
 from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need_of
 from tutor_wrap.planning.preflight import Verdict, export_verdict
 from tutor_wrap.stages.base import Context, Pre, StageResult
@@ -29,6 +30,21 @@ def merge_greedy(ctx: Context) -> dict | None:
 
 
 def check(pre: Pre) -> list[Verdict]:
+    """Disk for the GGUFs, and that llama.cpp's converter takes the base model's tokenizer (the trained model
+    keeps it): found in seconds now, not after training and merging."""
+    model_dir = pre.inputs.model_dir if pre.inputs else None
+    if model_dir is not None:
+        try:
+            ll = llamacpp.locate()
+        except TutorWrapError:
+            ll = None               # not built yet: preflight says so, and export would build nothing without it
+        problem = vocab_problem(ll, model_dir) if ll is not None else None
+        if problem:
+            raise TutorWrapError(f"{model_dir}: llama.cpp's converter ({ll.version}) refuses this model's tokenizer: "
+                                 f"{problem}; the model could be trained but not exported to GGUF",
+                                 hint="pick a base model whose tokenizer llama.cpp supports (the model's own tokenizer "
+                                      "files: tokenizer.json, and tokenizer.model for SentencePiece models), or a "
+                                      "newer llama.cpp via LLAMA_CPP_DIR")
     return [export_verdict(pre.recipe, pre.hardware, pre.run_dir)]
 
 

@@ -77,8 +77,9 @@ def cmd_estimate(args) -> int:
     from tutor_wrap.planning.memory import Knobs, estimate
     from tutor_wrap.runtime.tables import memory_table
 
+    short = {"q", "k", "v", "o", "gate", "up", "down"}   # q,v is q_proj,v_proj; other names are taken as written
     targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(
-        t if t.endswith("_proj") else f"{t}_proj" for t in args.lora_targets.split(","))
+        f"{t}_proj" if t in short else t for t in (t.strip() for t in args.lora_targets.split(",")) if t)
     knobs = Knobs(method=args.method, lora_r=args.lora_r, lora_targets=targets, seq_len=args.seq_len,
                   micro_batch=args.micro_batch, grad_ckpt=args.grad_ckpt == "on", optimizer=args.optimizer,
                   attn=args.attn, packing=args.packing == "on", loss=args.loss, dtype=args.dtype)

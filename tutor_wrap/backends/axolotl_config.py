@@ -6,6 +6,11 @@ seconds, so it lives in its own function and is only called where a YAML is abou
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
+
 from pathlib import Path
 from typing import Any
 
@@ -125,18 +130,37 @@ def to_yaml(cfg: dict[str, Any]) -> str:
     return header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 into a scratch file for the block (C extensions and loggers write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def validate(cfg: dict[str, Any], *, source: str = "axolotl config") -> list[str]:
     """Validate with Axolotl's schema (plugins' arguments included); return the keys it would silently drop.
 
     Raises TutorWrapError when Axolotl rejects the config.
     """
-    from axolotl.utils.config import prepare_plugins, validate_config
-    from axolotl.utils.dict import DictDefault
-
-    raw = DictDefault(dict(cfg))
+    raw = dict(cfg)
     try:
-        prepare_plugins(raw)
-        validated = validate_config(raw)
+        # Importing Axolotl loads torch, torchao and bitsandbytes, which print their optional-kernel misses ("Set
+        # trust_remote_code=True to allow loading kernels", which reads like advice to the person): kept off screen.
+        with _quiet_stderr():
+            from axolotl.utils.config import prepare_plugins, validate_config
+            from axolotl.utils.dict import DictDefault
+
+            raw = DictDefault(raw)
+            prepare_plugins(raw)
+            validated = validate_config(raw)
     except Exception as exc:  # Axolotl raises ValueError / pydantic errors; both mean "rejected"
         raise TutorWrapError(
             f"{source}: Axolotl rejected the config: {exc}",

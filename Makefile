@@ -53,10 +53,11 @@ test:
 	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
 	$(VPY) -m pytest -q --durations=25
 
-# The development lane: unit + tools tests, no training (tests/conftest.py: LANES).
+# The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist;
+# the sandbox tests, which count the sandbox user's processes, on one: their xdist_group).
 test-fast:
 	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
-	$(VPY) -m pytest -q -m "not e2e" --durations=10
+	$(VPY) -m pytest -q -m "not e2e" -n 2 --dist loadgroup --durations=10
 
 clean-runs:
 	rm -rf runs

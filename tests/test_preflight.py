@@ -138,7 +138,7 @@ def test_preflight_judges_the_plan_that_plan_makes(tmp_path):
 
     base = fake_model(tmp_path / "m")
     r, hw = recipe(base, method="lora"), profiles.load_profile("cpu-only")
-    resolved = Resolved(r, formats.get("alpaca"), base, None, None, None)
+    resolved = Resolved(r, formats.get("alpaca"), None, None, None, None)   # the lengths are what counts here
     inputs = Inputs(resolved, Dataset(path=None, rows=[], warnings=[]), [100] * 8, eval_prompt_lengths=[(1, 40)])
     measured = make_plan(r, hw, inputs.lengths, eval_prompt=inputs.longest_eval_prompt)
     assert measured.sequence_len == 128 < r.train.sequence_len

@@ -44,13 +44,16 @@ def generate(servers: list[Server], requests: list, references: list[str], spec:
 def check(pre: Pre) -> list[Verdict]:
     """The eval rows and what their checks need are checked when the recipe is resolved; here, that model-written
     code can be run in a sandbox on this machine, before hours of training."""
-    spec = pre.recipe.eval
-    if spec is not None and spec.checks.value("code_runs") is True and (problem := code_runs.sandbox_problem()):
-        raise TutorWrapError(f"{pre.recipe.source}: eval.checks.code_runs runs the model's code in a sandbox, and "
-                             f"{problem}", hint="install bubblewrap (Debian/Ubuntu: apt install bubblewrap), or set "
-                             "eval.checks.code_runs: unconfined to run it with limits only (the code could then "
-                             "read and write what you can)")
+    _sandbox_or_refuse(pre.recipe)
     return []
+
+
+def _sandbox_or_refuse(r) -> None:
+    if r.eval is not None and r.eval.checks.value("code_runs") is True and (problem := code_runs.sandbox_problem()):
+        raise TutorWrapError(f"{r.source}: eval.checks.code_runs runs the model's code in a sandbox, and {problem}",
+                             hint="install bubblewrap (Debian/Ubuntu: apt install bubblewrap), or set "
+                                  "eval.checks.code_runs: unconfined to run it with limits only (the code could then "
+                                  "read and write what you can)")
 
 
 def inputs(ctx: Context) -> dict:
@@ -65,6 +68,7 @@ def evaluate(ctx: Context) -> dict:
     r = ctx.recipe
     spec = r.eval
     assert spec is not None
+    _sandbox_or_refuse(r)      # also here: `eval` on a run dir may come on another machine than the plan did
     fmt = ctx.resolved.fmt
     rows = ctx.resolved.eval_rows
     qt = r.eval_quant_type

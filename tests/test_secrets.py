@@ -21,6 +21,12 @@ CASES = [
     ("hub-token-key", lambda r: r["axolotl"].update(hub_token=KEY), "axolotl.hub_token", "HF_TOKEN"),
     ("password-in-a-url", lambda r: r["axolotl"].update(mlflow_tracking_uri=f"https://me:{PASSWORD}@ml.example"),
      "axolotl.mlflow_tracking_uri", "MLFLOW_TRACKING_TOKEN"),
+    ("credential-in-a-url-query", lambda r: r["axolotl"].update(mlflow_tracking_uri=f"https://ml.example/?token={KEY}"),
+     "axolotl.mlflow_tracking_uri", "MLFLOW_TRACKING_TOKEN"),
+    ("password-in-a-path", lambda r: r["dataset"].update(path=f"https://me:{PASSWORD}@data.example/d.jsonl"),
+     "dataset.path", "the variable the tool that needs it reads"),     # never "set PATH"
+    ("nested-tracker-key", lambda r: r["axolotl"].update(comet_experiment_config={"api_key": KEY}),
+     "axolotl.comet_experiment_config.api_key", "COMET_API_KEY"),
     ("token-in-a-text", lambda r: r["ollama"].update(system=f"Use {TOKEN} for the hub."), "ollama.system",
      "HF_TOKEN"),
     ("token-in-a-list", lambda r: r["axolotl"].update(special_tokens={"additional": ["a", TOKEN]}),

@@ -72,7 +72,8 @@ class _Problems:
 
 
 def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
-                       key: str = "dataset.path") -> Dataset[ChatRow]:
+                       key: str = "dataset.path", special: tuple[str, ...] = ()) -> Dataset[ChatRow]:
+    """`special`: the chat template's own marker tokens, which no turn's text may hold."""
     path = Path(path)
     objs = read_objects(path, example=shape.example, key=key)
     _refuse_other_shapes(path, objs, shape, key)
@@ -87,6 +88,11 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
             continue
         msgs: list[tuple[str, str]] = []
         tool = _tool_use(obj, turns, shape)
+        if tool and "(reasoning)" in tool:
+            bad.add(f"{tool}: reasoning fields are not supported (tutor_wrap trains, serves and judges the turns' "
+                    "text; the reasoning would be dropped from training without a word)", n,
+                    "remove the field, or put what the model should learn to write into 'content'")
+            continue
         if tool:
             bad.add(f"{tool}: tool calls are not supported (tutor_wrap trains, serves and judges plain text turns; "
                     "the calls and the tool schema would be dropped from training without a word)", n,
@@ -104,6 +110,18 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
                 break
             if not t[shape.content].strip():
                 bad.add(f"a {role} turn with empty '{shape.content}'", n, "remove the turn or give it text")
+                break
+            marker = next((tok for tok in special if tok in t[shape.content]), None)
+            if marker:
+                bad.add(f"a {role} turn holds {marker!r}, the chat template's own marker: the tokenizer reads it as "
+                        "a turn boundary, so training and serving would see another conversation than the row's", n,
+                        "remove the marker from the text (it is never plain text in this template)")
+                break
+            unused = next((k for k in _IGNORED_TURN_KEYS if k in t), None)
+            if unused:
+                bad.add(f"a turn with '{unused}', which tutor_wrap does not apply (which turns train is "
+                        "dataset.roles_to_train, for every row)", n,
+                        f"remove '{unused}' from the turns, or train such rows with Axolotl directly")
                 break
             msgs.append((role, t[shape.content]))
         else:
@@ -131,6 +149,10 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
 
 _TOOL_ROLES = ("tool", "function", "ipython")
 _TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# Per-turn training switches other tools read (Axolotl's message_field_training and the like): silently trained
+# here otherwise.
+_IGNORED_TURN_KEYS = ("weight", "training", "train", "train_detail")
 
 
 def _tool_use(obj: dict, turns: list, shape: Shape) -> str | None:
@@ -143,6 +165,9 @@ def _tool_use(obj: dict, turns: list, shape: Shape) -> str | None:
         keys = [k for k in _TOOL_KEYS if t.get(k)]
         if keys:
             return f"a turn with '{keys[0]}'"
+        thought = [k for k in _REASONING_KEYS if t.get(k)]
+        if thought:
+            return f"a turn with '{thought[0]}' (reasoning)"
         if t.get(shape.role) in _TOOL_ROLES and t.get(shape.role) not in shape.roles:
             return f"a {t.get(shape.role)!r} turn"
     return None
@@ -209,7 +234,7 @@ class Chat(Format[ChatRow]):
         return f"{self.name} rows in the {self.chat.name} chat template{own}"
 
     def read(self, path: Path, *, require_output: bool = True, key: str = "dataset.path") -> Dataset[ChatRow]:
-        return load_conversations(path, self.shape, require_output=require_output, key=key)
+        return load_conversations(path, self.shape, require_output=require_output, key=key, special=self.chat.tokens)
 
     def messages(self, row: ChatRow) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in row.messages[: row.last_user + 1]]

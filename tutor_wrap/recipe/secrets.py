@@ -18,16 +18,27 @@ _SECRET_VALUE = (
     (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "an API key", None),
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "a GitHub token", None),
     (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"), "a URL with a password in it", None),
+    (re.compile(r"(?i)[?&](access_|auth_|api_|private_)?(token|key|apikey|secret|password|passwd|sig|signature)=[^&#\s]+"),
+     "a URL with a credential in its query", None),
 )
 # The variable each tracker or hub reads its credential from, by the key's prefix.
 _ENV_FOR = (("comet", "COMET_API_KEY"), ("wandb", "WANDB_API_KEY"), ("mlflow", "MLFLOW_TRACKING_TOKEN (or "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"), ("hf", "HF_TOKEN"), ("hub", "HF_TOKEN"))
 
 
-def _env_for(key: str, default: str | None) -> str:
-    low = key.lower()
-    found = next((env for prefix, env in _ENV_FOR if low.startswith(prefix)), None)
-    return found or default or key.upper()
+def _env_for(keys: list[str], default: str | None, named: bool) -> str:
+    """The variable to set instead: a tracker's or the hub's own when a key on the path names one; a secret-named
+    key's own name otherwise; for a credential found in a value, the hub's (hf_ tokens) or a general word."""
+    for key in reversed(keys):
+        low = key.lower()
+        found = next((env for prefix, env in _ENV_FOR if low.startswith(prefix)), None)
+        if found:
+            return found
+    if default:
+        return default
+    if named and keys:
+        return f"{keys[-1].upper()} (or the variable the tool that needs it reads)"
+    return "the variable the tool that needs it reads (HF_TOKEN for the hub)"
 
 
 def find_secret(data: Any, path: tuple = ()) -> tuple[tuple, str, str] | None:
@@ -37,7 +48,7 @@ def find_secret(data: Any, path: tuple = ()) -> tuple[tuple, str, str] | None:
         for key, value in data.items():
             here = (*path, key)
             if isinstance(value, str) and value.strip() and _SECRET_KEY.search(str(key)):
-                return here, "a credential", _env_for(str(key), None)
+                return here, "a credential", _env_for([str(p) for p in here if isinstance(p, str)], None, True)
             found = find_secret(value, here)
             if found:
                 return found
@@ -49,6 +60,5 @@ def find_secret(data: Any, path: tuple = ()) -> tuple[tuple, str, str] | None:
     elif isinstance(data, str):
         for pattern, what, env in _SECRET_VALUE:
             if pattern.search(data):
-                key = next((str(p) for p in reversed(path) if isinstance(p, str)), "")
-                return path, what, _env_for(key, env)
+                return path, what, _env_for([str(p) for p in path if isinstance(p, str)], env, False)
     return None

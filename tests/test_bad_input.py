@@ -106,6 +106,9 @@ CASES = [
     ("ollama-num-ctx-under-an-eval-prompt", lambda r, t, m: edit(edit(r, "eval", {"prompts": long_eval_prompt(t)}),
                                                                   "ollama.parameters", {"num_ctx": 64}) | {
         "train": {"max_steps": 1, "sequence_len": 2048}}, None, "ollama.parameters.num_ctx 64 leaves no room"),
+    ("eval-regex-empty", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "checks": {"regex": ""}}), None,
+     "an empty pattern matches every answer"),
+    ("eval-seed-random", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "seed": -1}), None, "eval.seed"),
     ("hub-dataset-not-cached", lambda r, t, m: edit(r, "dataset", {"hub": "someone/absent-dataset"}), None,
      "dataset.hub someone/absent-dataset is not in the Hugging Face cache"),
     ("dataset-is-a-folder", lambda r, t, m: edit(r, "dataset.path", "."), None, "is a folder, not a file"),
@@ -444,8 +447,6 @@ COMMAND_CASES = [
     ("merge-adapter-of-another-base", lambda t, m: ["merge", "--base", m, "--adapter", _lora_adapter(t, m, wrong=True),
                                                     "--out", t / "out"], "was not trained on"),
     ("deploy-after-the-recipe-moved", lambda t, m: ["deploy", _run_of_a_moved_recipe(t, m)], "is no longer there"),
-    ("deploy-name-like-a-flag", lambda t, m: ["deploy", _finished_run_dir(t, m), "--name=--insecure"],
-     "not a valid Ollama model name"),
 ]
 
 
@@ -532,11 +533,24 @@ ARGUMENT_CASES = [
     ("zero-machines", ["--num-machines", "0"], "--num-machines 0: at least 1"),
     ("no-main-address", ["--num-machines", "2", "--machine-rank", "1"], "needs --main-process-ip"),
     ("port-out-of-range", ["--main-process-port", "70000"], "--main-process-port 70000"),
-    ("zero-processes", ["--num-processes", "0"], "--num-processes 0: at least 1"),
+    ("zero-processes", ["--num-processes", "0"], "--num-processes: 0: at least 1"),
     ("empty-run-dir", ["--run-dir", ""], "--run-dir: an empty path"),
     ("main-address-with-a-command", ["--num-machines", "2", "--main-process-ip", "10.0.0.1;rm -rf /"],
      "is not an IP address or host name"),
 ]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["deploy", "RUN", "--name=--insecure"], "'--insecure': part '--insecure' is not letters"),
+    (["deploy", "RUN", "--name", "Bad Name"], "'Bad Name': part 'Bad Name' is not letters"),
+    (["estimate", "--model", "smollm2-135m", "--lora-r", "0"], "--lora-r: 0: 1 to 1024"),
+    (["plan", "RECIPE", "--num-processes", "0"], "--num-processes: 0: at least 1"),
+], ids=["deploy-name-like-a-flag", "deploy-name-with-a-space", "estimate-rank-zero", "plan-zero-processes"])
+def test_bad_arguments_exit_2_on_every_command(args, expected, tiny_model, tmp_path):
+    args = [str(_finished_run_dir(tmp_path, tiny_model)) if a == "RUN" else str(_good(tmp_path, tiny_model))
+            if a == "RECIPE" else a for a in args]
+    proc = _cli(*args)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("case", ARGUMENT_CASES, ids=[c[0] for c in ARGUMENT_CASES])
@@ -586,6 +600,17 @@ def test_eval_after_a_recipe_edit_is_refused(tiny_model, tmp_path):
     recipe.write_text(yaml.safe_dump(edit(r, "train.learning_rate", 0.001)))
     for command in ("eval", "deploy"):
         _one_error(_cli(command, run), "changed since this run's plan stage")
+
+
+def test_deploy_and_eval_refuse_a_replaced_artifact(tiny_model, tmp_path):
+    """`run` redoes a stage whose artifact changed; `deploy` and `eval` on the run dir refuse to use it instead of
+    serving or judging a file the run did not make."""
+    run = tmp_path / "run"
+    recipe = _good(tmp_path, tiny_model)
+    assert _cli("run", recipe, "--run-dir", run, "--until", "plan").returncode == 0
+    (run / "plan.json").write_text((run / "plan.json").read_text().replace('"sequence_len"', '"sequence_len" ', 1))
+    for command in ("eval", "deploy"):
+        _one_error(_cli(command, run), "plan.json changed or went missing since stage plan made it")
 
 
 

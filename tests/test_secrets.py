@@ -27,6 +27,12 @@ CASES = [
      "dataset.path", "the variable the tool that needs it reads"),     # never "set PATH"
     ("nested-tracker-key", lambda r: r["axolotl"].update(comet_experiment_config={"api_key": KEY}),
      "axolotl.comet_experiment_config.api_key", "COMET_API_KEY"),
+    ("gitlab-token-in-a-name", lambda r: r["axolotl"].update(wandb_name="glpat-" + "x1Y2z3" * 4), "axolotl.wandb_name",
+     "WANDB_API_KEY"),
+    ("token-as-a-url-user", lambda r: r["axolotl"].update(hub_model_id=f"https://{KEY}{KEY}@hub.example/me/m"),
+     "axolotl.hub_model_id", "HF_TOKEN"),
+    ("token-in-a-url-fragment", lambda r: r["axolotl"].update(mlflow_tracking_uri=f"https://ml.example/#access_token={KEY}"),
+     "axolotl.mlflow_tracking_uri", "MLFLOW_TRACKING_TOKEN"),
     ("token-in-a-text", lambda r: r["ollama"].update(system=f"Use {TOKEN} for the hub."), "ollama.system",
      "HF_TOKEN"),
     ("token-in-a-list", lambda r: r["axolotl"].update(special_tokens={"additional": ["a", TOKEN]}),
@@ -51,7 +57,7 @@ def test_a_planted_secret_is_refused_and_never_written_or_printed(case, command,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{key} holds" in proc.stderr and f"set {env}" in proc.stderr, proc.stderr
-    for secret in (TOKEN, KEY, PASSWORD):
+    for secret in (TOKEN, KEY, PASSWORD, "x1Y2z3" * 4):
         assert secret not in proc.stdout + proc.stderr
         written = [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] if run.exists() else []
         assert written == []

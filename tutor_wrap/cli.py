@@ -165,14 +165,34 @@ def _host(text: str) -> str:
 
 
 def _name(text: str) -> str:
+    """An Ollama model name, by Ollama's own rules (recipe/schema.ollama_name_problem)."""
+    from tutor_wrap.recipe.schema import ollama_name_problem
+
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty name")
+    problem = ollama_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return text
+
+
+def _count(lowest: int, highest: int | None = None):
+    """A whole number in range, as argparse checks it (exit 2, like every other bad argument)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < lowest or (highest is not None and n > highest):
+            raise argparse.ArgumentTypeError(f"{n}: {lowest} to {highest}" if highest is not None
+                                             else f"{n}: at least {lowest}")
+        return n
+    return parse
 
 
 def _processes_arg(parser) -> None:
     # On plan, preflight and run alike: the plan (batch split, threads per process) depends on it.
-    parser.add_argument("--num-processes", type=int, default=None, metavar="N",
+    parser.add_argument("--num-processes", type=_count(1), default=None, metavar="N",
                         help="training processes on this machine (default: one per GPU, or one on a CPU); on a CPU, "
                              "N processes split the rows and average gradients over gloo")
 
@@ -208,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     es = sub.add_parser("estimate", help="predict peak GPU memory of an Axolotl run (no torch import)")
     es.add_argument("--model", required=True, help="catalog id, hub id or a local model folder")
     es.add_argument("--method", choices=("full", "lora", "lora8bit", "qlora"), default="qlora")
-    es.add_argument("--lora-r", type=int, default=16)
+    es.add_argument("--lora-r", type=_count(1, 1024), default=16)
     es.add_argument("--lora-targets", default="all-linear", help="all-linear or e.g. q,v")
-    es.add_argument("--seq-len", type=int, default=2048)
-    es.add_argument("--micro-batch", type=int, default=1)
+    es.add_argument("--seq-len", type=_count(16, 131072), default=2048)
+    es.add_argument("--micro-batch", type=_count(1), default=1)
     es.add_argument("--grad-ckpt", choices=("on", "off"), default="on")
     es.add_argument("--optimizer", choices=("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"),
                     default="adamw_bnb_8bit")

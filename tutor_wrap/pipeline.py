@@ -215,16 +215,24 @@ def _check_up_to_date(ctx: Context, name: str, recipe_path: str) -> None:
         except (KeyError, TypeError):
             pass
     before = STAGE_NAMES[:STAGE_NAMES.index(name)]
+    update = (f"bring the run up to date first: python -m tutor_wrap run {recipe_path} --run-dir {ctx.run.path} "
+              "(it redoes what changed and the stages after it)")
     for stage in STAGES:
         if stage.NAME not in before:
             continue
         rec = ctx.run.stage(stage.NAME)
+        if rec.get("status") != "done":
+            raise TutorWrapError(f"{ctx.run.path}: stage {stage.NAME} is {rec.get('status') or 'not run'}: `{name}` "
+                                 "needs every stage before it finished", hint=update)
         fp = fingerprint(stage.NAME, stage.inputs(ctx), [ctx.run.stage(d).get("fingerprint") for d in stage.DEPENDS])
-        if rec.get("status") == "done" and rec.get("fingerprint") != fp:
-            raise TutorWrapError(f"{recipe_path} changed since this run's {stage.NAME} stage: `{name}` would use "
-                                 f"the edited recipe with a model made from the old one",
-                                 hint=f"bring the run up to date first: python -m tutor_wrap run {recipe_path} "
-                                      f"--run-dir {ctx.run.path} (it redoes what the edit affects), or undo the edit")
+        if rec.get("fingerprint") != fp:
+            raise TutorWrapError(f"{recipe_path} or a file it names (the dataset, the eval prompts) changed since this "
+                                 f"run's {stage.NAME} stage: `{name}` would pair the edit with a model made before it",
+                                 hint=update + ", or undo the edit")
+        changed = _changed_artifacts(ctx.run, rec)
+        if changed:
+            raise TutorWrapError(f"{ctx.run.path}: {', '.join(changed)} changed or went missing since stage "
+                                 f"{stage.NAME} made it: `{name}` would use a file the run did not make", hint=update)
 
 
 def merge_folder(base: Path, adapter: Path, out: Path, hw: Hardware, *, method: str = "auto",

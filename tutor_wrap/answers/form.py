@@ -15,6 +15,8 @@ def _at_least_one(v: int) -> None:
 
 
 def _compiles(v: str) -> None:
+    if not v:
+        raise ValueError("an empty pattern matches every answer: write what the answer must contain")
     try:
         re.compile(v)
     except re.error as exc:

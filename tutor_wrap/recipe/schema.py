@@ -284,7 +284,9 @@ def _check_value(check, value: Any) -> Any:
 class EvalSpec(_Strict):
     prompts: Path
     max_tokens: int = Field(192, ge=1, le=8192)
-    seed: int = 0                     # passed to llama-server with every request (greedy decoding: a tie-break only)
+    # passed to llama-server with every request (greedy decoding: a tie-break only); llama.cpp's seeds are 32-bit and
+    # 0xFFFFFFFF (and any negative) means "random", which would make two evals differ
+    seed: int = Field(0, ge=0, le=2**32 - 2)
     quant_type: str | None = None     # default: the first of export.quant_types
     checks: EvalChecks = Field(default_factory=EvalChecks)
     primary_metric: str = "format_pass_rate"     # a rate of answers/registry.metrics()

@@ -17,8 +17,12 @@ _SECRET_VALUE = (
     (re.compile(r"\bhf_[A-Za-z0-9]{20,}"), "a Hugging Face token", "HF_TOKEN"),
     (re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"), "an API key", None),
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}"), "a GitHub token", None),
+    (re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}"), "a GitLab token", None),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key", None),
+    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), "a Slack token", None),
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s@:]{16,}@"), "a URL with a token as its user name", None),
     (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@"), "a URL with a password in it", None),
-    (re.compile(r"(?i)[?&](access_|auth_|api_|private_)?(token|key|apikey|secret|password|passwd|sig|signature)=[^&#\s]+"),
+    (re.compile(r"(?i)[?&#](access_|auth_|api_|private_)?(token|key|apikey|secret|password|passwd|sig|signature)=[^&#\s]+"),
      "a URL with a credential in its query", None),
 )
 # The variable each tracker or hub reads its credential from, by the key's prefix.

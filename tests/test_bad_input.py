@@ -106,6 +106,10 @@ CASES = [
     ("ollama-num-ctx-under-an-eval-prompt", lambda r, t, m: edit(edit(r, "eval", {"prompts": long_eval_prompt(t)}),
                                                                   "ollama.parameters", {"num_ctx": 64}) | {
         "train": {"max_steps": 1, "sequence_len": 2048}}, None, "ollama.parameters.num_ctx 64 leaves no room"),
+    ("eval-file-empty", lambda r, t, m: edit(r, "eval", {"prompts": empty_file(t)}), None,
+     "the eval.prompts file is empty"),
+    ("eval-row-without-instruction", lambda r, t, m: edit(r, "eval", {"prompts": eval_without_instruction(t)}), None,
+     "('output', the reference answer, is optional)"),
     ("eval-regex-empty", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "checks": {"regex": ""}}), None,
      "an empty pattern matches every answer"),
     ("eval-seed-random", lambda r, t, m: edit(r, "eval", {"prompts": "data.jsonl", "seed": -1}), None, "eval.seed"),
@@ -185,6 +189,16 @@ CASES = [
                                                                           "checks": {"answer_match": True}}), None,
      "line 1, 2: no reference answer"),
 ]
+
+
+def empty_file(tmp: Path) -> str:
+    (tmp / "empty.jsonl").write_text("")
+    return "empty.jsonl"
+
+
+def eval_without_instruction(tmp: Path) -> str:
+    (tmp / "eval.jsonl").write_text('{"instruction": "", "output": "4"}\n')
+    return "eval.jsonl"
 
 
 def chat_eval_file(tmp: Path) -> str:

@@ -84,10 +84,12 @@ def load_alpaca(path: Path, *, require_output: bool = True, key: str = "dataset.
         k, lines = next(iter(missing.items()))
         raise TutorWrapError(
             f"{path}: line {line_numbers(lines)}: missing or empty '{k}'",
-            hint="every Alpaca row needs a non-empty 'instruction' and 'output' ('input' may be empty)",
+            hint="every Alpaca row needs a non-empty 'instruction' and 'output' ('input' may be empty)" if require_output
+            else f"every {key} row needs a non-empty 'instruction' ('output', the reference answer, is optional)",
         )
     if not rows:
-        raise TutorWrapError(f"{path}: the dataset is empty", hint="add at least one Alpaca row")
+        what = "the dataset" if key == "dataset.path" else f"the {key} file"
+        raise TutorWrapError(f"{path}: {what} is empty", hint="add at least one Alpaca row")
     warnings = []
     seen: set[tuple[str, str, str]] = set()
     dups = []

@@ -134,7 +134,8 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
             rows.append(ChatRow(n, tuple(msgs)))
     bad.raise_first(path)
     if not rows:
-        raise TutorWrapError(f"{path}: the dataset is empty", hint=f"add at least one row like {shape.example}")
+        what = "the dataset" if key == "dataset.path" else f"the {key} file"
+        raise TutorWrapError(f"{path}: {what} is empty", hint=f"add at least one row like {shape.example}")
     warnings = []
     seen: set = set()
     dups = []

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,9 @@ FILE_BYTES = 1024**2
 TMPFS_BYTES = 16 * 1024**2       # all the answer may write, in all its files together
 PROCESSES = 64                   # the sandbox user's processes (a fork bomb stops here)
 NOBODY = 65534
-UNCONFINED = "unconfined"        # the recipe's opt-in where no sandbox can be made
+UNCONFINED = "unconfined"
+NAMESPACE_RETRIES = 40           # x 0.25 s: how long a new sandbox waits for the last one's processes to go
+_NAMESPACE_BUSY = b"Creating new namespace failed: Resource temporarily unavailable"        # the recipe's opt-in where no sandbox can be made
 # The interpreter must be readable by the sandbox user: a pyenv or venv python under /root is not, for nobody.
 SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
 # Unconfined runs only: any socket use fails the way a machine without network fails.
@@ -147,16 +150,22 @@ def run_block(code: str, *, confined: bool = True) -> tuple[bool, str | None]:
             env.update(HOME=tmp, TMPDIR=tmp, PYTHONDONTWRITEBYTECODE="1")
             args = [python, "-I", "-c", _NO_NETWORK + code]
             cwd = tmp
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, preexec_fn=_limits)
-        try:
-            _, err = proc.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return False, f"did not finish within {TIMEOUT_S} s"
-        finally:
-            _kill_group(proc)      # whatever it left behind in its session (a background sleeper) goes too
+        for _ in range(NAMESPACE_RETRIES):
+            proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_limits)
+            try:
+                _, err = proc.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.communicate()
+                return False, f"did not finish within {TIMEOUT_S} s"
+            finally:
+                _kill_group(proc)      # whatever it left behind in its session (a background sleeper) goes too
+            # The kernel releases the previous sandbox's processes (a fork bomb's, say) a moment after its PID
+            # namespace goes: until then they count against the process limit and bubblewrap cannot start.
+            if not (confined and proc.returncode != 0 and _NAMESPACE_BUSY in err):
+                break
+            time.sleep(0.25)
     if proc.returncode == 0:
         return True, None
     # SIGKILL / SIGXCPU from the CPU-time limit: the signal itself unconfined, 128 + it through bubblewrap

@@ -70,6 +70,11 @@ def _changed_artifacts(run: RunDir, rec: dict) -> list[str]:
             if not run.abs(rel).exists() or (rel in kept and artifact_fingerprint(run.abs(rel)) != kept[rel])]
 
 
+def _fingerprint(stage, ctx: Context) -> str:
+    """What a stage's record must match to be skipped: its own inputs and the fingerprints of what it reads."""
+    return fingerprint(stage.NAME, stage.inputs(ctx), [ctx.run.stage(d).get("fingerprint") for d in stage.DEPENDS])
+
+
 def _downstream(name: str) -> list[str]:
     """`name` and every stage that reads it, directly or not."""
     out = [name]
@@ -107,7 +112,7 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     ctx = Context(resolved=resolve(recipe), run=run, hardware=hw, console=console, machines=machines,
                   processes=processes)
     for stage in STAGES:
-        fp = fingerprint(stage.NAME, stage.inputs(ctx), [run.stage(d).get("fingerprint") for d in stage.DEPENDS])
+        fp = _fingerprint(stage, ctx)
         rec = run.stage(stage.NAME)
         if rec.get("status") == "done" and rec.get("fingerprint") == fp:
             changed = _changed_artifacts(run, rec)
@@ -168,8 +173,8 @@ def _checked(ctx: Context, console: Console) -> Inputs:
                           f"({escape(v.why)})" + (f"; {escape(v.remedy)}" if v.remedy else ""))
     if wont:
         v = wont[0]
-        need = (f": needs {v.to_dict()['needs']} of {v.resource}, has {v.to_dict()['has']}"
-                if v.needs_bytes is not None else "")
+        d = v.to_dict()
+        need = f": needs {d['needs']} of {v.resource}, has {d['has']}" if "needs" in d else ""
         raise TutorWrapError(f"{v.stage} won't fit on this machine{need} ({v.why})",
                              hint=(v.remedy or "") + " (`python -m tutor_wrap preflight RECIPE` shows every stage)")
     return inputs
@@ -224,7 +229,7 @@ def _check_up_to_date(ctx: Context, name: str, recipe_path: str) -> None:
         if rec.get("status") != "done":
             raise TutorWrapError(f"{ctx.run.path}: stage {stage.NAME} is {rec.get('status') or 'not run'}: `{name}` "
                                  "needs every stage before it finished", hint=update)
-        fp = fingerprint(stage.NAME, stage.inputs(ctx), [ctx.run.stage(d).get("fingerprint") for d in stage.DEPENDS])
+        fp = _fingerprint(stage, ctx)
         if rec.get("fingerprint") != fp:
             raise TutorWrapError(f"{recipe_path} or a file it names (the dataset, the eval prompts) changed since this "
                                  f"run's {stage.NAME} stage: `{name}` would pair the edit with a model made before it",

@@ -87,12 +87,13 @@ def load_conversations(path: Path, shape: Shape, *, require_output: bool = True,
                     f"e.g. {shape.example}")
             continue
         msgs: list[tuple[str, str]] = []
-        tool = _tool_use(obj, turns, shape)
-        if tool and "(reasoning)" in tool:
-            bad.add(f"{tool}: reasoning fields are not supported (tutor_wrap trains, serves and judges the turns' "
+        thought = _reasoning(turns)
+        if thought:
+            bad.add(f"{thought}: reasoning fields are not supported (tutor_wrap trains, serves and judges the turns' "
                     "text; the reasoning would be dropped from training without a word)", n,
                     "remove the field, or put what the model should learn to write into 'content'")
             continue
+        tool = _tool_use(obj, turns, shape)
         if tool:
             bad.add(f"{tool}: tool calls are not supported (tutor_wrap trains, serves and judges plain text turns; "
                     "the calls and the tool schema would be dropped from training without a word)", n,
@@ -166,11 +167,17 @@ def _tool_use(obj: dict, turns: list, shape: Shape) -> str | None:
         keys = [k for k in _TOOL_KEYS if t.get(k)]
         if keys:
             return f"a turn with '{keys[0]}'"
-        thought = [k for k in _REASONING_KEYS if t.get(k)]
-        if thought:
-            return f"a turn with '{thought[0]}' (reasoning)"
         if t.get(shape.role) in _TOOL_ROLES and t.get(shape.role) not in shape.roles:
             return f"a {t.get(shape.role)!r} turn"
+    return None
+
+
+def _reasoning(turns: list) -> str | None:
+    """The reasoning field a turn carries (reasoning_content and its kin), or None."""
+    for t in turns:
+        found = [k for k in _REASONING_KEYS if isinstance(t, dict) and t.get(k)]
+        if found:
+            return f"a turn with '{found[0]}' (reasoning)"
     return None
 
 

@@ -68,6 +68,7 @@ class Inputs:
     # (line, tokens) of each eval prompt in the training format: eval and deploy serve them in the planned context
     eval_prompt_lengths: list[tuple[int, int]] | None = None
     notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
+    config: dict = field(default_factory=dict)       # the local base model's config.json ({} for a hub id)
 
     @property
     def fmt(self) -> Format:
@@ -88,30 +89,27 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     (tools run offline); planning for another machine only notes it."""
     recipe, model_dir, fmt = res.recipe, res.model_dir, res.fmt
     notes: list[str] = []
+    config: dict = {}
     if model_dir is not None:
         config = check_base_model(model_dir, allow_pickle=recipe.allow_pickle_weights)
         _check_convertible(model_dir, config)
     elif not hub_cached(recipe.base_model):
-        msg = (f"{recipe.source}: base_model {recipe.base_model} is not in the Hugging Face cache on this machine, "
-               "and tutor_wrap runs the tools offline")
-        fix = (f"download it first (`huggingface-cli download {recipe.base_model}` where the hub is reachable, "
-               "then copy the cache), or point base_model at a local model folder")
-        if trains_here:
-            raise TutorWrapError(msg, hint=fix)
-        notes.append(f"{msg}: `run` here would fail; {fix}")
+        _missing_from_cache(f"{recipe.source}: base_model {recipe.base_model} is not in the Hugging Face cache on this "
+                            "machine, and tutor_wrap runs the tools offline",
+                            f"download it first (`huggingface-cli download {recipe.base_model}` where the hub is "
+                            "reachable, then copy the cache), or point base_model at a local model folder",
+                            trains_here, notes)
     _check_lora_targets(recipe, model_dir)
     if recipe.dataset.hub:
         data = Dataset(path=None, rows=[], warnings=[])
         lengths = None
         hub = recipe.dataset.hub
         if not hub_dataset_cached(hub):
-            msg = (f"{recipe.source}: dataset.hub {hub} is not in the Hugging Face cache on this machine, and "
-                   "Axolotl loads it offline")
-            fix = (f"download it first (`huggingface-cli download --repo-type dataset {hub}` where the hub is "
-                   "reachable, then copy the cache), or point dataset.path at a local JSONL")
-            if trains_here:
-                raise TutorWrapError(msg, hint=fix)
-            notes.append(f"{msg}: `run` here would fail; {fix}")
+            _missing_from_cache(f"{recipe.source}: dataset.hub {hub} is not in the Hugging Face cache on this machine, "
+                                "and Axolotl loads it offline",
+                                f"download it first (`huggingface-cli download --repo-type dataset {hub}` where the hub "
+                                "is reachable, then copy the cache), or point dataset.path at a local JSONL",
+                                trains_here, notes)
         notes.append(f"dataset {hub} ({recipe.dataset.hub_split}) is loaded by Axolotl at train time "
                      "from the Hugging Face cache: its rows are not checked or measured here")
     else:
@@ -124,7 +122,15 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     if rows and model_dir is not None:
         counted = token_lengths(model_dir, [fmt.prompt(r) for r in rows])
         eval_lengths = list(zip([getattr(r, "line", i + 1) for i, r in enumerate(rows)], counted)) if counted else None
-    return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes)
+    return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes, config=config)
+
+
+def _missing_from_cache(msg: str, fix: str, trains_here: bool, notes: list[str]) -> None:
+    """Something the hub would give is not cached: an error where this machine trains (the tools run offline),
+    a note where the plan is for another machine."""
+    if trains_here:
+        raise TutorWrapError(msg, hint=fix)
+    notes.append(f"{msg}: `run` here would fail; {fix}")
 
 
 def _eval_rows(recipe: Recipe, fmt: Format) -> list | None:

@@ -12,7 +12,6 @@ from tutor_wrap.backends import llamacpp, modelfile, ollama
 from tutor_wrap.checks.serving import ollama_parity, served_parity
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.models.files import read_config
 from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.stages.base import Context, Pre, StageResult
@@ -39,7 +38,7 @@ def check(pre: Pre) -> list[Verdict]:
             "ModelfileSpec.system", "ollama.system").replace("ModelfileSpec.stops", "ollama.parameters.stop")
         raise TutorWrapError(f"{r.source}: {what}", hint=exc.hint) from None
     num_ctx = r.ollama.parameters.get("num_ctx")
-    config = read_config(pre.inputs.model_dir) if pre.inputs.model_dir is not None else {}
+    config = pre.inputs.config
     limit = config.get("max_position_embeddings")
     if isinstance(num_ctx, int) and isinstance(limit, int) and num_ctx > limit and not config.get("rope_scaling"):
         raise TutorWrapError(f"{r.source}: ollama.parameters.num_ctx {num_ctx} is past the base model's {limit} "

@@ -15,7 +15,6 @@ from tutor_wrap.backends import axolotl_config
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.models.files import read_config
 from tutor_wrap.planning.fit import beyond_positions, check_eval_prompts_fit, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
 from tutor_wrap.planning.preflight import Verdict
@@ -44,7 +43,7 @@ def prepare(inputs: Inputs, hw: Hardware, run_dir: Path, *, processes: int | Non
     plan = make_plan(recipe, hw, inputs.lengths, processes=processes, eval_prompt=inputs.longest_eval_prompt)
     check_eval_prompts_fit(recipe, inputs, plan.sequence_len)
     kept, notes = rows_kept(recipe, inputs, plan.sequence_len)
-    if inputs.model_dir is not None and (past := beyond_positions(read_config(inputs.model_dir), plan.sequence_len)):
+    if past := beyond_positions(inputs.config, plan.sequence_len):
         notes.append(past)
     cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,

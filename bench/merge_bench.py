@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         report = merge(base, adapter, out, {"base_model": str(base), "adapter": "lora"}, hw, method=method, log=log,
                        verify=None if args.no_verify else verifier(base, adapter, log, ram_budget=hw.ram_available_bytes))
         secs = time.perf_counter() - t
-        pred, meas = report["predicted_peak_rss_bytes"], report["measured_peak_rss_bytes"]
-        ver = report.get("verification") or {}
+        pred, meas = report.budget.predicted_peak_rss_bytes, report.measured_peak_rss_bytes
+        ver = report.verification or {}
         rows.append({
             "method": method,
             "model_bytes": sum(shards),
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "predicted_peak_rss_bytes": pred,
             "measured_peak_rss_bytes": meas,
             "error_pct": round(100 * (pred - meas) / meas, 1) if meas else None,
-            "merge_seconds": round(report.get("merge_seconds", secs), 1),
+            "merge_seconds": round(report.merge_seconds or secs, 1),
             "merged_bytes": sum(p.stat().st_size for p in weight_files(out)),
             "verification": ver.get("status"),
             "verify_max_abs_diff": ver.get("max_abs_diff"),

@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from tutor_wrap.backends import llamacpp, modelfile
+from tutor_wrap.backends.gguf_export import ExportReport
+from tutor_wrap.backends.merge import MergeReport
 
 pytestmark = pytest.mark.e2e
 
@@ -121,7 +123,11 @@ def test_export_measures_fidelity_to_the_merged_model(finished_run):
     q4 = report["files"]["Q4_K_M"]
     assert q4["perplexity"] > 0 and report["files"]["F16"]["perplexity"] > 0
     assert abs(q4["perplexity_change_pct"]) < 50
-    assert q4["agreement_with_F16"]["prompts"] == len(EVAL)
+    assert q4["agreement_with_unquantized"]["prompts"] == len(EVAL)
+    # the report reads back into its record, and the quant it names is the file on disk
+    typed = ExportReport.load(run / "export/report.json")
+    assert (run / "export" / typed.files["Q4_K_M"].path).stat().st_size == typed.files["Q4_K_M"].size_bytes
+    assert MergeReport.load(run / "merge/report.json").verification["greedy"]["texts"] == greedy["texts"]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="torch's AVX2 code path is x86's")

@@ -59,7 +59,7 @@ def test_fallback_tensors_are_counted_once_each(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     report = export_model(model, out, "odd", ["Q4_K_M"], "cpu", tmp_path / "export.log")
-    q = report["files"]["Q4_K_M"]
-    assert expected > 0 and q["fallback_tensors"] == expected
+    q = report.files["Q4_K_M"]
+    assert expected > 0 and q.fallback_tensors == expected
     # each of them is in the file as a 32-block type, and the head is the one more Q8_0
-    assert sum(n for kind, n in q["tensor_types"].items() if kind in ("Q5_0", "Q5_1", "Q8_0", "Q4_0")) == expected + 1
+    assert sum(n for kind, n in q.metadata["tensor_types"].items() if kind in ("Q5_0", "Q5_1", "Q8_0", "Q4_0")) == expected + 1

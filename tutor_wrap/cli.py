@@ -40,6 +40,19 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from tutor_wrap.pipeline import fetch
+    from tutor_wrap.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    sources = fetch(recipe, args.run_dir, _console())
+    if not sources:
+        print(f"{args.recipe} names no hub model or dataset: nothing to fetch", file=sys.stderr)
+    for key, s in sources.items():
+        print(f"{key}: {s['repo']} at {s['commit']}" + (f" ({s['revision']})" if s["revision"] != s["commit"] else ""))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
     from tutor_wrap.pipeline import plan_for
@@ -129,9 +142,9 @@ def cmd_merge(args) -> int:
     hw = resolve_hardware(args.hardware, out.parent)
     report = merge_folder(Path(args.base).resolve(), Path(args.adapter).resolve(), out, hw, method=args.method,
                           verify=not args.no_verify)
-    print(json.dumps(report, indent=2) if args.json else
-          f"merged into {out} ({report['method']}, peak RSS {report['measured_peak_rss_bytes'] / 2**30:.2f} GiB, "
-          f"verification {(report.get('verification') or {}).get('status', 'off')})")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else
+          f"merged into {out} ({report.method}, peak RSS {report.measured_peak_rss_bytes / 2**30:.2f} GiB, "
+          f"verification {(report.verification or {}).get('status', 'off')})")
     return 0
 
 
@@ -208,12 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and everything after it")
     r.add_argument("--until", choices=STAGES, help="stop after this stage (run again without it to go on)")
     _processes_arg(r)
+    _offline_arg(r)
     mm = r.add_argument_group("several machines (run the same command on each, with its own --machine-rank)")
     mm.add_argument("--num-machines", type=int, default=1)
     mm.add_argument("--machine-rank", type=int, default=0)
     mm.add_argument("--main-process-ip", type=_host)
     mm.add_argument("--main-process-port", type=int, default=29500)
     r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser("fetch", help="download a recipe's hub model and dataset ahead of `run` (only what it reads)")
+    f.add_argument("recipe", type=_path)
+    f.add_argument("--run-dir", type=_path, default=None, help="default: runs/<recipe name>/")
+    _offline_arg(f)
+    f.set_defaults(func=cmd_fetch)
 
     pl = sub.add_parser("plan", help="show the planned knobs and write the Axolotl YAML")
     pl.add_argument("recipe", type=_path)
@@ -289,9 +309,16 @@ def run_args_problem(args) -> str | None:
     return None
 
 
+def _offline_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offline", action="store_true",
+                   help="never touch the network: use what the Hugging Face cache has (as HF_HUB_OFFLINE=1)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "offline", False):
+        os.environ["HF_HUB_OFFLINE"] = "1"   # before huggingface_hub is imported: it reads this once
     if args.func is cmd_run and (problem := run_args_problem(args)):
         parser.error(problem)   # exit 2, like every other bad argument
     try:

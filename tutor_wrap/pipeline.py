@@ -8,12 +8,15 @@ import importlib
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from tutor_wrap.core.errors import TutorWrapError
+if TYPE_CHECKING:
+    from tutor_wrap.backends.merge import MergeReport
 from tutor_wrap.machine.hardware import Hardware, describe
 from tutor_wrap.machine.profiles import resolve_hardware
 from tutor_wrap.machine import software
@@ -26,6 +29,7 @@ from tutor_wrap.runtime.lock import run_dir_lock
 from tutor_wrap.runtime.rundir import RunDir
 from tutor_wrap.stages import ORDER, plan
 from tutor_wrap.stages.base import Context, Pre, StageResult
+from tutor_wrap.sources import local_recipe
 from tutor_wrap.stages.plan import Prepared
 
 # The stage modules in stages.ORDER. Each has NAME, DEPENDS, inputs(), check() and run() (stages/base.py).
@@ -42,9 +46,28 @@ def plan_for(recipe: Recipe, hw: Hardware, run_dir: Path | None = None, *,
              processes: int | None = None) -> tuple[Prepared, list[Verdict]]:
     """The `plan` command: the recipe resolved and checked, every stage's check, the plan and its Axolotl config
     (nothing written)."""
+    recipe = _cached_sources(recipe, run_dir)
     inputs = check_inputs(resolve(recipe))
     verdicts = check_stages(Pre(recipe, hw, run_dir, processes, inputs))
     return plan.prepare(inputs, hw, run_dir or recipe.default_run_dir(), processes=processes), verdicts
+
+
+def _cached_sources(recipe: Recipe, run_dir: Path | None) -> Recipe:
+    """`plan` and `preflight`: the recipe's hub sources as far as this machine has them (never downloaded), at the
+    commits the run dir recorded."""
+    run = RunDir(Path(run_dir or recipe.default_run_dir()).resolve())
+    return local_recipe(recipe, run.path, run.manifest().get("sources") or {}, download=False)[0]
+
+
+def fetch(recipe: Recipe, run_dir: Path | None, console: Console) -> dict:
+    """The `fetch` command: the recipe's hub model and dataset downloaded (only what is missing) and the dataset
+    materialized, as `run` would before planning; the commits recorded in the run's manifest."""
+    run = RunDir.create(run_dir or recipe.default_run_dir())
+    with run_dir_lock(run.path):
+        _check_owner(run, recipe)
+        _, sources = local_recipe(recipe, run.path, run.manifest().get("sources") or {}, download=True, console=console)
+        run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), sources=sources)
+    return sources
 
 
 def preflight(recipe: Recipe | None, hw: Hardware, run_dir: Path | None = None, *,
@@ -54,6 +77,7 @@ def preflight(recipe: Recipe | None, hw: Hardware, run_dir: Path | None = None, 
     stage that won't fit fails it."""
     report = preflight_lib.collect(hw, software.collect())
     if recipe is not None:
+        recipe = _cached_sources(recipe, run_dir)
         inputs = check_inputs(resolve(recipe))
         verdicts = check_stages(Pre(recipe, hw, run_dir, processes, inputs))
         report["stages"] = [v.to_dict() for v in verdicts]
@@ -99,8 +123,10 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     hw = hardware or resolve_hardware(recipe.hardware, run.path)
     console.print(f"[bold]tutor_wrap[/] {escape(recipe.name)} -> {escape(str(run.path))}\nmachine: {escape(describe(hw))}")
     _check_owner(run, recipe)
+    recipe, sources = local_recipe(recipe, run.path, run.manifest().get("sources") or {}, download=True,
+                                   console=console)
     run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict(),
-                        processes=processes)
+                        processes=processes, sources=sources)
     if from_stage:
         if from_stage not in STAGE_NAMES:
             raise TutorWrapError(f"--from {from_stage}: no such stage", hint=f"stages: {', '.join(STAGE_NAMES)}")
@@ -200,6 +226,7 @@ def run_stage_of(run_dir: Path, name: str, console: Console, *, ollama_name: str
             raise TutorWrapError(f"--name {ollama_name!r}: " + exc.errors()[0]["msg"].removeprefix("Value error, "),
                                  hint="e.g. --name python-tutor:latest") from None
         recipe = recipe.model_copy(update={"ollama": spec})
+    recipe = local_recipe(recipe, run.path, run.manifest().get("sources") or {}, download=False)[0]
     stage = next(s for s in STAGES if s.NAME == name)
     with run_dir_lock(run.path):
         ctx = Context(resolve(recipe), run, resolve_hardware(recipe.hardware, run.path), console)
@@ -241,7 +268,7 @@ def _check_up_to_date(ctx: Context, name: str, recipe_path: str) -> None:
 
 
 def merge_folder(base: Path, adapter: Path, out: Path, hw: Hardware, *, method: str = "auto",
-                 verify: bool = True) -> dict:
+                 verify: bool = True) -> "MergeReport":
     """The `merge` command: an adapter folder (with the axolotl.yml Axolotl saves beside it, if any) into `base`,
     verified as the merge stage verifies."""
     import yaml

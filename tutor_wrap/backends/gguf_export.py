@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tutor_wrap.backends import llamacpp
@@ -23,6 +24,48 @@ from tutor_wrap.planning.budgets import disk_needed
 
 # How a full disk shows up: ENOSPC from Python, numpy's short write in the converter, llama.cpp's write errors.
 _DISK_FULL = re.compile(r"No space left on device|Errno 28|requested and \d+ written|failed to write|short write")
+
+
+@dataclass
+class GgufFile:
+    """One GGUF the export wrote, and what was measured on it."""
+    path: str                                  # its name, in the export folder
+    size_bytes: int
+    metadata: dict                             # llamacpp.metadata: the header facts the checks read
+    fallback_tensors: int | None = None        # tensors llama-quantize kept at another type (None: not quantized)
+    sample: str | None = None                  # checks/gguf.py's few greedy tokens
+    chat_template_matches_training: bool = False
+    perplexity: float | None = None            # on the held-out reference answers (checks/fidelity.py)
+    perplexity_change_pct: float | None = None     # ... against the unquantized GGUF
+    agreement_with_unquantized: dict | None = None  # greedy agreement with the unquantized GGUF
+
+    @property
+    def file_type(self) -> int | None:
+        return self.metadata.get("file_type")
+
+
+@dataclass
+class ExportReport:
+    """export/report.json (and a cached base GGUF's report.json): written from this record, read back with `load`."""
+    llama_cpp: str
+    outtype: str                               # the unquantized file's type: "f16" or "bf16"
+    files: dict[str, GgufFile] = field(default_factory=dict)   # by type: "F16", "Q4_K_M", ...
+    chat_template: str | None = None
+    fidelity: dict = field(default_factory=dict)   # checks/fidelity.export_fidelity's
+    source: str | None = None                  # the model folder (cached GGUFs)
+
+    @property
+    def unquantized_kind(self) -> str:
+        return self.outtype.upper()
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> "ExportReport":
+        d = json.loads(path.read_text("utf-8"))
+        d["files"] = {k: GgufFile(**v) for k, v in d.get("files", {}).items()}
+        return cls(**d)
 
 
 def check_convertible(model_dir: Path) -> dict:
@@ -92,12 +135,12 @@ def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: st
     os.replace(tmp, out)
 
 
-def gguf_facts(gguf: Path) -> dict:
-    return {**llamacpp.metadata(gguf), "size_bytes": gguf.stat().st_size}
+def gguf_file(gguf: Path, **measured) -> GgufFile:
+    return GgufFile(gguf.name, gguf.stat().st_size, llamacpp.metadata(gguf), **measured)
 
 
 def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[str], accelerator: str,
-                 log: Path) -> dict:
+                 log: Path) -> ExportReport:
     """The f16 (or bf16) GGUF of `model_dir` and each quant type, each written under a temporary name and renamed
     when complete; disk is checked first. The report lists each file with its metadata (checks/gguf.py verifies it)."""
     ll = llamacpp.locate()
@@ -109,10 +152,10 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
     if need > free:
         raise TutorWrapError(f"export needs about {need / GIB:.1f} GiB of disk (f16 {f16_size / GIB:.1f} GiB + quants); "
                              f"{free / GIB:.1f} GiB free in {out_dir}", hint="free disk space or move the run dir")
-    report = {"llama_cpp": ll.version, "outtype": outtype, "files": {}}
+    report = ExportReport(ll.version, outtype)
     f16 = out_dir / f"{stem}-{outtype.upper()}.gguf"
     convert_model(ll, model_dir, f16, outtype, log)
-    report["files"][outtype.upper()] = {"path": f16.name, **gguf_facts(f16)}
+    report.files[outtype.upper()] = gguf_file(f16)
     for q in quant_types:
         out = out_dir / f"{stem}-{q}.gguf"
         tmp = out.with_name(f".{out.name}.partial")
@@ -124,11 +167,14 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
                 raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
             raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
         os.replace(tmp, out)
-        report["files"][q] = {"path": out.name, "fallback_tensors": llamacpp.fallback_count(text), **gguf_facts(out)}
+        report.files[q] = gguf_file(out, fallback_tensors=llamacpp.fallback_count(text))
     return report
 
 
-def cached_gguf(model_dir: Path, quant: str, accelerator: str, log: Path) -> tuple[Path, dict]:
+_CACHE_FORMAT = 2   # of an entry's report.json (ExportReport); entries of another format are built again
+
+
+def cached_gguf(model_dir: Path, quant: str, accelerator: str, log: Path) -> tuple[Path, ExportReport]:
     """`model_dir`'s GGUF of one quant type, built once per model content + quant type + llama.cpp build and reused
     by later runs and recipes (eval's base model). The entry appears under its final name only when complete
     (built in a temporary folder, renamed); a lock keeps two runs from building the same entry at once."""
@@ -137,8 +183,8 @@ def cached_gguf(model_dir: Path, quant: str, accelerator: str, log: Path) -> tup
 
     ll = llamacpp.locate()
     files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model"))
-    key = fingerprint({p.name: file_sha256(p) for p in files}, quant, ll.version, outtype_for(read_config(model_dir),
-                                                                                            accelerator))
+    key = fingerprint({p.name: file_sha256(p) for p in files}, quant, ll.version,
+                      outtype_for(read_config(model_dir), accelerator), _CACHE_FORMAT)
     root = cache_dir() / "gguf"
     entry = root / key
     root.mkdir(parents=True, exist_ok=True)
@@ -148,13 +194,12 @@ def cached_gguf(model_dir: Path, quant: str, accelerator: str, log: Path) -> tup
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
             try:
                 report = export_model(model_dir, tmp, "model", [quant], accelerator, log)
-                (tmp / report["files"][report["outtype"].upper()]["path"]).unlink()   # only the quant is reused
-                del report["files"][report["outtype"].upper()]
-                report["source"] = str(model_dir)
-                (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+                (tmp / report.files.pop(report.unquantized_kind).path).unlink()   # only the quant is reused
+                report.source = str(model_dir)
+                report.save(tmp / "report.json")
                 shutil.rmtree(entry, ignore_errors=True)
                 os.replace(tmp, entry)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    report = json.loads((entry / "report.json").read_text("utf-8"))
-    return entry / report["files"][quant]["path"], report
+    report = ExportReport.load(entry / "report.json")
+    return entry / report.files[quant].path, report

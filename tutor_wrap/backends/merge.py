@@ -14,26 +14,63 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 from tutor_wrap.backends.axolotl_merge import (copy_trained_tokenizer, merge_config, nf4_compute_dtype, run_merge_lora,
                                                run_nf4_merge, strip_quantization)
+from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import tail
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.models.files import adapter_mismatch, check_adapter, weight_files, write_chat_template
-from tutor_wrap.planning.budgets import choose_method
+from tutor_wrap.planning.budgets import MergeBudget, choose_method
 
 # (merged folder, the NF4 compute dtype of a QLoRA merge or None) -> the verification report; raises on a mismatch
 Verify = Callable[[Path, "str | None"], dict]
 
 
+@dataclass
+class MergeReport:
+    """What a merge did and measured; merge/report.json is this record (the budget's fields at the top level, so the
+    file reads flat), and export reads it back with `load`."""
+    budget: MergeBudget
+    measured_peak_rss_bytes: int | None
+    merge_seconds: float
+    stripped_quantization_config: bool
+    verification: dict | None            # checks/merge_verify.py's report; None when verification was off
+    chat_template: str | None = None     # the training format's, written into the merged folder
+    weights_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.budget.method
+
+    @property
+    def prediction_error_pct(self) -> float | None:
+        peak = self.measured_peak_rss_bytes
+        return round(100 * (self.budget.predicted_peak_rss_bytes - peak) / peak, 1) if peak else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {**d.pop("budget"), **d, "prediction_error_pct": self.prediction_error_pct}
+
+    def save(self, path: Path) -> None:
+        atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "MergeReport":
+        d = json.loads(path.read_text("utf-8"))
+        budget = MergeBudget(**{f.name: d[f.name] for f in fields(MergeBudget)})
+        return cls(budget, **{f.name: d[f.name] for f in fields(cls) if f.name != "budget" and f.name in d})
+
+
 def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware, *, method: str = "auto",
-          log: Path, verify: Verify | None = None, chat_template: str | None = None) -> dict:
+          log: Path, verify: Verify | None = None, chat_template: str | None = None) -> MergeReport:
     """Merge `adapter` into `base`, writing a complete, verified model folder at `out` (or nothing).
 
     `chat_template` (the training format's, see data/format.py) replaces the base model's template that
@@ -76,6 +113,4 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         merged.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {**asdict(budget), "measured_peak_rss_bytes": peak, "merge_seconds": seconds,
-            "prediction_error_pct": round(100 * (budget.predicted_peak_rss_bytes - peak) / peak, 1) if peak else None,
-            "stripped_quantization_config": stripped, "verification": verification}
+    return MergeReport(budget, peak, seconds, stripped, verification, chat_template)

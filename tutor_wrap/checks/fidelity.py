@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tutor_wrap.backends import hf_generate, llamacpp
+from tutor_wrap.backends.gguf_export import ExportReport
 from tutor_wrap.backends.llama_server import serve
 from tutor_wrap.core import atomic
 
@@ -83,7 +84,7 @@ def ppl_ctx(tokenizer_json: Path, text: str) -> int:
     return ctx
 
 
-def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list[tuple[str, str]],
+def export_fidelity(model_dir: Path, out_dir: Path, report: ExportReport, examples: list[tuple[str, str]],
                     hf: list[str] | None, *, hf_skipped: str = "") -> dict:
     """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers.
 
@@ -93,9 +94,9 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
     """
     ll = llamacpp.locate()
     tok_json = model_dir / "tokenizer.json"
-    files = report["files"]
-    f16_kind = report["outtype"].upper()
-    f16 = out_dir / files[f16_kind]["path"]
+    files = report.files
+    f16_kind = report.unquantized_kind
+    f16 = out_dir / files[f16_kind].path
     req = reference_request(examples)
     few = req.prompts
     ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json)
@@ -105,17 +106,17 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: dict, examples: list
     ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
     base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0] if ref_file else None
     if base_ppl is not None:
-        files[f16_kind]["perplexity"] = base_ppl
+        files[f16_kind].perplexity = base_ppl
     for q, info in files.items():
         if q == f16_kind:
             continue
-        gguf = out_dir / info["path"]
-        info["agreement_with_" + f16_kind] = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS, tok_json), ref,
+        gguf = out_dir / info.path
+        info.agreement_with_unquantized = agreement(gguf_continuations(ll, gguf, few, AGREE_TOKENS, tok_json), ref,
                                                            tok_json, AGREE_TOKENS)
         if ref_file:
             ppl = llamacpp.perplexity(ll, gguf, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0]
-            info["perplexity"] = ppl
-            info["perplexity_change_pct"] = round(100 * (ppl - base_ppl) / base_ppl, 2)
+            info.perplexity = ppl
+            info.perplexity_change_pct = round(100 * (ppl - base_ppl) / base_ppl, 2)
     result["reference"] = {"rows_with_answers": sum(bool(a) for _, a in examples), "ppl_ctx": ctx,
                            "ppl_max_chunks": PPL_CHUNKS}
     return result

@@ -93,25 +93,17 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     if model_dir is not None:
         config = check_base_model(model_dir, allow_pickle=recipe.allow_pickle_weights)
         _check_convertible(model_dir, config)
-    elif not hub_cached(recipe.base_model):
-        _missing_from_cache(f"{recipe.source}: base_model {recipe.base_model} is not in the Hugging Face cache on this "
-                            "machine, and tutor_wrap runs the tools offline",
-                            f"download it first (`huggingface-cli download {recipe.base_model}` where the hub is "
-                            "reachable, then copy the cache), or point base_model at a local model folder",
-                            trains_here, notes)
+    else:
+        at = f" at revision {recipe.revision}" if recipe.revision else ""
+        _missing_from_cache(f"{recipe.source}: base_model {recipe.base_model}{at} is not in the Hugging Face cache on "
+                            "this machine yet", FETCH_FIX, trains_here, notes)
     _check_lora_targets(recipe, model_dir)
     if recipe.dataset.hub:
         data = Dataset(path=None, rows=[], warnings=[])
         lengths = None
         hub = recipe.dataset.hub
-        if not hub_dataset_cached(hub):
-            _missing_from_cache(f"{recipe.source}: dataset.hub {hub} is not in the Hugging Face cache on this machine, "
-                                "and Axolotl loads it offline",
-                                f"download it first (`huggingface-cli download --repo-type dataset {hub}` where the hub "
-                                "is reachable, then copy the cache), or point dataset.path at a local JSONL",
-                                trains_here, notes)
-        notes.append(f"dataset {hub} ({recipe.dataset.hub_split}) is loaded by Axolotl at train time "
-                     "from the Hugging Face cache: its rows are not checked or measured here")
+        _missing_from_cache(f"{recipe.source}: dataset.hub {hub} is not downloaded yet, so its rows are not checked "
+                            "or measured here", FETCH_FIX, trains_here, notes)
     else:
         data = fmt.read(recipe.resolve(recipe.dataset.path))
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
@@ -125,12 +117,16 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes, config=config)
 
 
+FETCH_FIX = ("`python -m tutor_wrap fetch RECIPE` downloads it (`run` does too) where the hub is reachable; "
+             "offline, copy a Hugging Face cache that has it (HF_HUB_CACHE), or point the recipe at local files")
+
+
 def _missing_from_cache(msg: str, fix: str, trains_here: bool, notes: list[str]) -> None:
-    """Something the hub would give is not cached: an error where this machine trains (the tools run offline),
-    a note where the plan is for another machine."""
+    """Something the hub would give is not downloaded: an error where this machine trains now (`run` fetched what
+    it could; offline it could not), a note for `plan` and `preflight`, which never download."""
     if trains_here:
         raise TutorWrapError(msg, hint=fix)
-    notes.append(f"{msg}: `run` here would fail; {fix}")
+    notes.append(f"{msg}: {fix}")
 
 
 def _eval_rows(recipe: Recipe, fmt: Format) -> list | None:
@@ -159,16 +155,8 @@ def dataset_format(recipe: Recipe) -> Format:
 
 
 def _tokenizer(recipe: Recipe) -> tuple[TokenizerInfo | None, str]:
-    """The base model's tokenizer facts and where they were read (a local folder, or the HF cache for a hub id)."""
+    """The base model's tokenizer facts and where they were read (a local folder, or a hub id's cached snapshot)."""
     model_dir = recipe.base_model_path()
-    if model_dir is None:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(recipe.base_model, "tokenizer_config.json")
-        except Exception:
-            found = None
-        model_dir = Path(found).parent if isinstance(found, str) else None
     if model_dir is None:
         return None, recipe.base_model
     return read_tokenizer_info(model_dir), str(model_dir)
@@ -215,25 +203,6 @@ def chat_template(recipe: Recipe) -> ChatTemplate:
                 f"{where} does not have as tokens: the model would learn them as pieces of text and never stop",
                 hint=f"use a base model made for {chat.name} (or chat_template: {TOKENIZER} for an Instruct model)")
     return chat
-
-
-def hub_dataset_cached(dataset_id: str) -> bool:
-    """Has the hub cache a downloaded snapshot of this dataset repository (no network)?"""
-    from huggingface_hub import constants
-
-    snapshots = Path(constants.HF_HUB_CACHE) / ("datasets--" + dataset_id.replace("/", "--")) / "snapshots"
-    return snapshots.is_dir() and any(snapshots.iterdir())
-
-
-def hub_cached(model_id: str) -> bool:
-    """Is the hub model's config.json in the local Hugging Face cache (no network)?"""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(model_id, "config.json")
-    except Exception:  # an id the hub library refuses (bad characters) is not in any cache either
-        return False
-    return isinstance(found, str)
 
 
 def _check_convertible(model_dir: Path, config: dict) -> None:

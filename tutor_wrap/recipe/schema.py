@@ -17,6 +17,7 @@ from tutor_wrap.answers.registry import ANSWER_CHECKS, metrics
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER
 from tutor_wrap.data.formats import CHAT_FORMATS, FORMATS
+from tutor_wrap.models.hub_cache import snapshot
 from tutor_wrap.models.quant import QUANT_TYPES
 
 Method = Literal["full", "lora", "lora8bit", "qlora"]
@@ -56,6 +57,7 @@ class DatasetSpec(_Strict):
     hub: str | None = None            # a Hugging Face dataset id, loaded by Axolotl (must be in the HF cache: offline)
     split: str = "train"              # hub only: the split to load
     limit: int | None = Field(None, ge=1)   # hub only: the first N rows of the split
+    revision: str | None = None       # hub only: a branch, tag or commit (default: main; the commit used is recorded)
     # hub only: column names for the alpaca roles, e.g. {instruction: query, output: response}; for chat rows the
     # column holding the turns, {messages: dialog}
     fields: dict[Literal["instruction", "input", "output", "messages"], str] = Field(default_factory=dict)
@@ -80,8 +82,8 @@ class DatasetSpec(_Strict):
     def _one_source(self) -> "DatasetSpec":
         if (self.path is None) == (self.hub is None):
             raise ValueError("give exactly one of dataset.path (a local JSONL) or dataset.hub (a Hugging Face dataset id)")
-        if self.path is not None and (self.fields or self.limit or self.split != "train"):
-            raise ValueError("split, limit and fields apply to dataset.hub only")
+        if self.path is not None and (self.fields or self.limit or self.split != "train" or self.revision):
+            raise ValueError("split, limit, fields and revision apply to dataset.hub only")
         chat = self.format in CHAT_FORMATS
         known = [TOKENIZER, *CHAT_TEMPLATES]
         if not chat:
@@ -311,6 +313,7 @@ class EvalSpec(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     base_model: str
+    revision: str | None = None       # a hub base_model's branch, tag or commit (default: main; the commit is recorded)
     dataset: DatasetSpec
     method: Method = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -352,18 +355,29 @@ class Recipe(_Strict):
         return (self.source.parent / p).resolve()
 
     def base_model_path(self) -> Path | None:
-        """The base model as a local directory, or None when it is a hub id."""
+        """The base model as a local directory: a folder, or a hub id's snapshot in the Hugging Face cache at
+        `revision`; None when it is a hub id not downloaded yet."""
         for candidate in (self.resolve(self.base_model), Path(self.base_model).expanduser()):
             if candidate.is_dir():
+                if self.revision:
+                    raise TutorWrapError(f"{self.source}: revision {self.revision!r} applies to a hub base_model, and "
+                                         f"{self.base_model!r} is a local folder",
+                                         hint="remove `revision:`, or name the model by its hub id")
                 return candidate.resolve()
-        looks_local = self.base_model.startswith((".", "/", "~")) or self.base_model.count("/") != 1
-        if looks_local:
+        if not self.is_hub_model:
             raise TutorWrapError(
                 f"{self.source}: base_model {self.base_model!r} is not a directory",
                 hint="point base_model at a local Hugging Face model folder (config.json + *.safetensors), "
                 "or use a hub id such as meta-llama/Meta-Llama-3-8B",
             )
-        return None
+        snap = snapshot(self.base_model, "model", self.revision)
+        return snap.path if snap is not None and (snap.path / "config.json").is_file() else None
+
+    @property
+    def is_hub_model(self) -> bool:
+        if self.base_model.startswith((".", "/", "~")) or self.base_model.count("/") != 1:
+            return False
+        return not any(c.is_dir() for c in (self.resolve(self.base_model), Path(self.base_model).expanduser()))
 
     def default_run_dir(self) -> Path:
         return Path("runs") / self.name

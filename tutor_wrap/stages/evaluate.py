@@ -83,7 +83,7 @@ def evaluate(ctx: Context) -> dict:
     ctx.console.print(f"eval: the base model's {qt} GGUF (built once per base model, quant type and llama.cpp "
                       "build, then taken from the cache)")
     base, base_report = cached_gguf(base_dir, qt, ctx.hardware.accelerator, eval_dir / "base-export.log")
-    base_template = base_report["files"][qt].get("chat_template")
+    base_template = base_report.files[qt].metadata.get("chat_template")
     ll = llamacpp.locate()
     prompts = [fmt.prompt(row) for row in rows]
     refs = [fmt.answer(row) for row in rows]

@@ -3,15 +3,13 @@ merged model on the held-out prompts."""
 
 from __future__ import annotations
 
-import json
-
 from rich.markup import escape
 
 from tutor_wrap.backends import hf_generate, llamacpp
 from tutor_wrap.backends.gguf_export import export_model, vocab_problem
+from tutor_wrap.backends.merge import MergeReport
 from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
-from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need_of
 from tutor_wrap.planning.preflight import Verdict, export_verdict
@@ -26,7 +24,7 @@ def merge_greedy(ctx: Context) -> dict | None:
     path = ctx.run.stage("merge").get("artifacts", {}).get("report")
     if not path or not ctx.run.abs(path).is_file():
         return None
-    return (json.loads(ctx.run.abs(path).read_text("utf-8")).get("verification") or {}).get("greedy")
+    return (MergeReport.load(ctx.run.abs(path)).verification or {}).get("greedy")
 
 
 def check(pre: Pre) -> list[Verdict]:
@@ -83,30 +81,32 @@ def run(ctx: Context) -> StageResult:
         hf_texts = hf_generate.continuations(model_dir, req, hf_out)
     ll = llamacpp.locate()
     template = ctx.resolved.chat_template
-    for kind, info in report["files"].items():
-        info.update(verify(ll, out_dir / info["path"], kind, meta=info, chat_template=template))
-        info.pop("chat_template", None)   # the same text for every file: kept once, below
-    report["chat_template"] = template
-    report["fidelity"] = (export_fidelity(model_dir, out_dir, report, examples, hf_texts, hf_skipped=hf_from)
-                          if examples is not None else {"skipped": "the recipe has no eval prompts"})
+    for kind, info in report.files.items():
+        checked = verify(ll, out_dir / info.path, kind, meta=info.metadata, chat_template=template)
+        info.sample, info.chat_template_matches_training = checked["sample"], checked["chat_template_matches_training"]
+        info.metadata.pop("chat_template", None)   # the same text for every file: kept once, below
+    report.chat_template = template
+    report.fidelity = (export_fidelity(model_dir, out_dir, report, examples, hf_texts, hf_skipped=hf_from)
+                       if examples is not None else {"skipped": "the recipe has no eval prompts"})
     if examples is not None:
-        report["fidelity"]["hf_reference_from"] = hf_from
-    atomic.write_json(out_dir / "report.json", report)
+        report.fidelity["hf_reference_from"] = hf_from
+    report.save(out_dir / "report.json")
     arts = {"report": ctx.run.rel(out_dir / "report.json")}
-    for kind, info in report["files"].items():
-        arts[f"gguf_{kind}"] = ctx.run.rel(out_dir / info["path"])
-        agree = next((v for k, v in info.items() if k.startswith("agreement_with_")), None)
-        ctx.console.print(f"export: {escape(info['path'])}  {info['size_bytes'] / 1e6:.1f} MB  file_type {info['file_type']}"
-                          + (f"  fallback tensors {info['fallback_tensors']}" if "fallback_tensors" in info else "")
-                          + (f"  PPL {info['perplexity']:.3f}" if "perplexity" in info else "")
-                          + (f" ({info['perplexity_change_pct']:+.2f}%)" if "perplexity_change_pct" in info else "")
-                          + (f"  greedy agreement with f16 {agree['agree']}/{agree['prompts']} on "
+    unq = report.unquantized_kind
+    for kind, info in report.files.items():
+        arts[f"gguf_{kind}"] = ctx.run.rel(out_dir / info.path)
+        agree = info.agreement_with_unquantized
+        ctx.console.print(f"export: {escape(info.path)}  {info.size_bytes / 1e6:.1f} MB  file_type {info.file_type}"
+                          + (f"  fallback tensors {info.fallback_tensors}" if info.fallback_tensors is not None else "")
+                          + (f"  PPL {info.perplexity:.3f}" if info.perplexity is not None else "")
+                          + (f" ({info.perplexity_change_pct:+.2f}%)" if info.perplexity_change_pct is not None else "")
+                          + (f"  greedy agreement with {unq} {agree['agree']}/{agree['prompts']} on "
                              f"{agree['tokens']} tokens" if agree else ""))
-    hf = next((v for k, v in report["fidelity"].items() if k.startswith("hf_vs_")), None)
+    hf = report.fidelity.get("hf_vs_" + unq)
     if hf and "skipped" in hf:
-        ctx.console.print(f"export: merged HF model vs {report['outtype'].upper()} GGUF: {escape(hf['skipped'])}")
+        ctx.console.print(f"export: merged HF model vs {unq} GGUF: {escape(hf['skipped'])}")
     elif hf:
-        ctx.console.print(f"export: merged HF model vs {report['outtype'].upper()} GGUF: {hf['agree']}/"
+        ctx.console.print(f"export: merged HF model vs {unq} GGUF: {hf['agree']}/"
                           f"{hf['prompts']} prompts agree on the first {hf['tokens']} greedy tokens "
                           f"(mean matching prefix {hf['mean_matching_prefix']:.1f})")
-    return StageResult(arts, info={"llama_cpp": report["llama_cpp"]})
+    return StageResult(arts, info={"llama_cpp": report.llama_cpp})

@@ -13,7 +13,6 @@ from tutor_wrap.backends.axolotl_merge import keep_add_flags
 from tutor_wrap.backends.merge import merge
 from tutor_wrap.checks.fidelity import reference_request
 from tutor_wrap.checks.merge_verify import verifier
-from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.units import GIB
@@ -62,11 +61,10 @@ def run(ctx: Context) -> StageResult:
     log = merge_dir / "merge.log"
     report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=log, chat_template=template,
                    verify=verifier(base, out_dir, log, ram_budget=ctx.hardware.ram_available_bytes, greedy=greedy))
-    report["chat_template"] = template
-    report["weights_sha256"] = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
-    atomic.write_json(merge_dir / "report.json", report)
-    ctx.console.print(f"merge: {report['method']}, predicted peak RSS {report['predicted_peak_rss_bytes'] / GIB:.2f} GiB, "
-                      f"measured {report['measured_peak_rss_bytes'] / GIB:.2f} GiB; verification "
-                      + _verification_line(report.get("verification")))
+    report.weights_sha256 = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
+    report.save(merge_dir / "report.json")
+    ctx.console.print(f"merge: {report.method}, predicted peak RSS {report.budget.predicted_peak_rss_bytes / GIB:.2f} "
+                      f"GiB, measured {report.measured_peak_rss_bytes / GIB:.2f} GiB; verification "
+                      + _verification_line(report.verification))
     return StageResult({"model": ctx.run.rel(merge_dir / "model"), "report": ctx.run.rel(merge_dir / "report.json")},
-                       info={"method": report["method"]})
+                       info={"method": report.method})

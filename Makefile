@@ -48,15 +48,22 @@ go-toolchain: sandbox
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
+# olah, a self-hosted Hugging Face hub mirror that serves local git repositories through the hub's API: the real
+# hub server the download tests talk to (tests/test_hub.py), in a venv of its own (its web stack apart from ours).
+HUB_SERVER := .cache/olah/bin/olah-cli
+$(HUB_SERVER):
+	$(PYTHON) -m venv .cache/olah
+	.cache/olah/bin/python -m pip install --quiet olah==0.5.4
+
 # Everything (what CI runs), with the 25 slowest tests listed at the end.
 test:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
 	$(VPY) -m pytest -q --durations=25
 
 # The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist;
 # the sandbox tests, which count the sandbox user's processes, on one: their xdist_group).
 test-fast:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
 	$(VPY) -m pytest -q -m "not e2e" -n 2 --dist loadgroup --durations=10
 
 clean-runs:

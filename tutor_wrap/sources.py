@@ -22,7 +22,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import fingerprint
 from tutor_wrap.core.units import GIB
 from tutor_wrap.data import formats
-from tutor_wrap.models.hub_cache import snapshot
+from tutor_wrap.models.hub_cache import record_ref, snapshot
 from tutor_wrap.planning.budgets import disk_needed
 from tutor_wrap.recipe.schema import Recipe
 
@@ -121,6 +121,7 @@ def local_recipe(recipe: Recipe, run_dir: Path, recorded: dict, *, download: boo
                 console.print(f"fetch: {escape(repo)} at {r.commit[:12]}: {len(r.missing)} of {len(r.files)} files, "
                               f"{r.missing_bytes / 1e6:.1f} MB")
             path = hub.download(r, where=f"{where}: {key}")
+            record_ref(repo, r.repo_type, _pinned(recorded, key, repo, rev), r.commit)
             srcs[key] = Source(repo, r.repo_type, rev, r.commit, path)
     else:
         for key, repo, rev in asked:

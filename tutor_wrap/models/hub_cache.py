@@ -41,3 +41,16 @@ def snapshot(repo: str, repo_type: str, revision: str | None) -> Snapshot | None
             return None
     path = folder / "snapshots" / commit
     return Snapshot(repo, repo_type, commit, path) if path.is_dir() else None
+
+
+def record_ref(repo: str, repo_type: str, ref: str, commit: str) -> None:
+    """Note that branch/tag `ref` is `commit`, as huggingface_hub does when it downloads by a ref name (tutor_wrap
+    downloads by the commit it resolved, so that the files cannot change mid-download): the next offline lookup of
+    the ref finds the snapshot."""
+    if COMMIT.match(ref) or "/" in ref.strip("/") and ".." in ref:
+        return
+    path = repo_folder(repo, repo_type) / "refs" / ref
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(commit)
+    tmp.replace(path)

@@ -34,7 +34,7 @@ class Resolved:
 
     recipe: Recipe
     fmt: Format                      # the dataset's format (chat rows: in their chat template)
-    model_dir: Path | None           # None: a hub id, loaded by Axolotl from the HF cache
+    model_dir: Path | None           # a local folder or a hub id's cached snapshot; None: not downloaded yet
     eval_rows: list | None           # the eval file's rows in the dataset's format; None without an eval block
     eval_sha256: str | None          # the eval file's content hash (the fingerprint of the stages that read it)
     dataset_sha256: str | None       # the local dataset's content hash; None for a hub dataset
@@ -68,7 +68,7 @@ class Inputs:
     # (line, tokens) of each eval prompt in the training format: eval and deploy serve them in the planned context
     eval_prompt_lengths: list[tuple[int, int]] | None = None
     notes: list[str] = field(default_factory=list)   # warnings for the person, already worded
-    config: dict = field(default_factory=dict)       # the local base model's config.json ({} for a hub id)
+    config: dict = field(default_factory=dict)       # the base model's config.json ({} when not downloaded)
 
     @property
     def fmt(self) -> Format:

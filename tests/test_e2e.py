@@ -197,6 +197,11 @@ def test_fine_tuned_model_stops_where_the_base_rambles(finished_run):
     assert (run / "eval/report.html").read_text().count("<tr>") > len(EVAL)
     assert (run / "eval/report.md").read_text().count("### ") >= len(EVAL)
     assert "eos_rate" in proc.stdout
+    # "Say ok to request 100." is a near-copy of the trained "Say ok to request 10." (character 5-gram Jaccard 0.84):
+    # the report says so beside the verdict, and that no prompt is left without them
+    assert report["overlap"]["eval_lines"] == [1, 2, 3, 4] and report["without_overlap"]["n_prompts"] == 0
+    assert all(p["overlaps_training"] for p in report["prompts"])
+    assert "Overlap with the training data:** 4 of 4 held-out prompts overlap" in (run / "eval/report.md").read_text()
 
 
 def test_served_model_formats_prompts_as_trained(finished_run):
@@ -251,12 +256,28 @@ def test_editing_eval_settings_redoes_only_eval(finished_run):
     assert json.loads((run / "eval/report.json").read_text())["max_tokens"] == 10
 
 
+def test_an_eval_file_edited_into_a_training_row_stops_the_run_before_any_stage(finished_run):
+    """Plan is not redone for an edited eval file (export, deploy and eval are): the overlap is checked anyway."""
+    run, _ = finished_run
+    eval_file = run.parent / "data/eval.jsonl"
+    before, stages = eval_file.read_text(), json.loads((run / "manifest.json").read_text())["stages"]
+    try:
+        eval_file.write_text(before + json.dumps({"instruction": "say OK to  request 7.", "output": "ok"}) + "\n")
+        proc = run_cli("run", str(run.parent / "tiny.yml"), "--run-dir", str(run), cwd=run.parent)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"line {len(EVAL) + 1}: the prompt is also in the training rows (eval.jsonl line {len(EVAL) + 1} = " \
+               "train.jsonl line 8" in proc.stderr, proc.stderr[-2000:]
+        assert json.loads((run / "manifest.json").read_text())["stages"] == stages
+    finally:
+        eval_file.write_text(before)
+
+
 def test_new_eval_prompts_redo_export_with_its_own_reference(finished_run):
     """The merge recorded the reference for the old prompts: the export computes it for the new ones itself
     (beside the conversion), and the merge is not redone."""
     run, _ = finished_run
     eval_file = run.parent / "data/eval.jsonl"
-    eval_file.write_text(eval_file.read_text() + json.dumps({"instruction": "Say ok to request 7.", "output": "ok"})
+    eval_file.write_text(eval_file.read_text() + json.dumps({"instruction": "Say ok to request 107.", "output": "ok"})
                          + "\n")
     proc = run_cli("run", str(run.parent / "tiny.yml"), "--run-dir", str(run), cwd=run.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

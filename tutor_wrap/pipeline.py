@@ -22,7 +22,7 @@ from tutor_wrap.machine.profiles import resolve_hardware
 from tutor_wrap.machine import software
 from tutor_wrap.planning import preflight as preflight_lib
 from tutor_wrap.planning.preflight import Verdict
-from tutor_wrap.recipe.resolve import Inputs, check_inputs, resolve
+from tutor_wrap.recipe.resolve import Inputs, check_inputs, check_overlap, resolve
 from tutor_wrap.recipe.schema import OllamaSpec, Recipe
 from tutor_wrap.core.hashing import artifact_fingerprint, fingerprint
 from tutor_wrap.runtime.lock import run_dir_lock
@@ -125,6 +125,10 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     _check_owner(run, recipe)
     recipe, sources = local_recipe(recipe, run.path, run.manifest().get("sources") or {}, download=True,
                                    console=console)
+    resolved = resolve(recipe)
+    # Before anything is recorded or redone, and also when plan will be skipped: an eval file edited since (export,
+    # deploy and eval redo) must not bring trained rows in unnoticed. Its notes are printed where the plan is made.
+    check_overlap(resolved)
     run.update_manifest(recipe=recipe.name, recipe_path=str(recipe.source), hardware=hw.to_dict(),
                         processes=processes, sources=sources)
     if from_stage:
@@ -135,8 +139,7 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
             console.print(f"[yellow]note:[/] --from {from_stage}: {', '.join(before)} have not finished in this run "
                           "dir; they run first")
         run.invalidate_from(_downstream(from_stage))
-    ctx = Context(resolved=resolve(recipe), run=run, hardware=hw, console=console, machines=machines,
-                  processes=processes)
+    ctx = Context(resolved=resolved, run=run, hardware=hw, console=console, machines=machines, processes=processes)
     for stage in STAGES:
         fp = _fingerprint(stage, ctx)
         rec = run.stage(stage.NAME)

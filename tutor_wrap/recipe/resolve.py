@@ -12,6 +12,7 @@ the dataset in its format (with token lengths from the base model's own tokenize
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from tutor_wrap.answers.registry import ANSWER_CHECKS
@@ -22,6 +23,7 @@ from tutor_wrap.data.chat_templates import CHAT_TEMPLATES, TOKENIZER, ChatTempla
 from tutor_wrap.data.format import Dataset, Format
 from tutor_wrap.data.jsonl import line_numbers
 from tutor_wrap.data.lengths import token_lengths
+from tutor_wrap.data.overlap import NEAR_JACCARD, Overlap, Pair, Text, find
 from tutor_wrap.machine import tools
 from tutor_wrap.models.catalog import PROJECTIONS
 from tutor_wrap.models.files import TokenizerInfo, check_base_model, linear_module_names, read_tokenizer_info
@@ -43,6 +45,19 @@ class Resolved:
     def chat_template(self) -> str:
         """The Jinja every consumer of the merged model and its GGUF prompts with: the training format's."""
         return self.fmt.chat_template
+
+    @cached_property
+    def dataset(self) -> Dataset | None:
+        """The local dataset's rows, read once (None for a hub dataset not downloaded)."""
+        path = self.recipe.resolve(self.recipe.dataset.path)
+        return self.fmt.read(path) if path is not None else None
+
+    @cached_property
+    def overlap(self) -> Overlap | None:
+        """The eval rows against the training rows (data/overlap.py); None without both."""
+        if not self.eval_rows or self.dataset is None:
+            return None
+        return find(_texts(self.fmt, self.dataset.rows), _texts(self.fmt, self.eval_rows))
 
     def heldout_examples(self) -> list[tuple[str, str]] | None:
         """(prompt in the training format, reference answer or "") for each eval row; None without eval rows."""
@@ -105,9 +120,10 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
         _missing_from_cache(f"{recipe.source}: dataset.hub {hub} is not downloaded yet, so its rows are not checked "
                             "or measured here", FETCH_FIX, trains_here, notes)
     else:
-        data = fmt.read(recipe.resolve(recipe.dataset.path))
+        data = res.dataset
         lengths = token_lengths(model_dir, [fmt.training_text(row) for row in data.rows])
     notes += data.warnings
+    notes += check_overlap(res)
     tools.ollama()   # a TUTOR_WRAP_OLLAMA that names nothing would otherwise surface at deploy, after training
     eval_lengths = None
     rows = res.eval_rows
@@ -115,6 +131,57 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
         counted = token_lengths(model_dir, [fmt.prompt(r) for r in rows])
         eval_lengths = list(zip([getattr(r, "line", i + 1) for i, r in enumerate(rows)], counted)) if counted else None
     return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes, config=config)
+
+
+def _texts(fmt: Format, rows: list) -> list[Text]:
+    return [Text(getattr(r, "line", i + 1),
+                 "\n".join(m["content"] for m in fmt.plain_messages(r) if m["role"] == "user"), fmt.answer(r))
+            for i, r in enumerate(rows)]
+
+
+def _pairs(pairs: list[Pair], limit: int = 5) -> str:
+    shown = ", ".join(f"line {p.line} ~ line {p.other} ({p.part}, {p.similarity:.2f})" for p in pairs[:limit])
+    return shown + (f" and {len(pairs) - limit} more" if len(pairs) > limit else "")
+
+
+def check_overlap(res: Resolved) -> list[str]:
+    """Held-out rows that are not held out: repeated eval prompts and eval rows equal to training rows raise (the
+    paired test would count a prompt twice, the A/B would measure recall of trained rows); near-copies, and
+    training rows that are near-copies of each other, are returned as notes."""
+    ov = res.overlap
+    if ov is None:
+        return []
+    r = res.recipe
+    eval_path, data_path = r.resolve(r.eval.prompts), r.resolve(r.dataset.path)
+    if ov.repeated_eval:
+        p = ov.repeated_eval[0]
+        raise TutorWrapError(f"{eval_path}: line {line_numbers([q.line for q in ov.repeated_eval])} repeat"
+                             f"{'s' if len(ov.repeated_eval) == 1 else ''} an earlier prompt (line {p.line} = line "
+                             f"{p.other}, after normalizing case and whitespace): a repeated prompt counts twice in the "
+                             "paired test and can make a chance difference look significant",
+                             hint="keep each held-out prompt once")
+    if ov.exact and not r.eval.allow_overlap:
+        p = ov.exact[0]
+        raise TutorWrapError(f"{eval_path}: line {line_numbers(sorted({q.line for q in ov.exact}))}: the {p.part} is "
+                             f"also in the training rows ({eval_path.name} line {p.line} = {data_path.name} line "
+                             f"{p.other}, after normalizing case and whitespace"
+                             + (f"; {len(ov.exact)} in all" if len(ov.exact) > 1 else "") + "): the A/B would measure "
+                             "how well the model recalls trained rows, not how it answers new prompts",
+                             hint="remove those rows from one of the two files, or set eval.allow_overlap: true (the "
+                                  "eval report then also shows the metrics without them)")
+    notes = []
+    if ov.exact:
+        notes.append(f"{eval_path}: {len({p.line for p in ov.exact})} eval rows are also training rows "
+                     f"(eval.allow_overlap: true): {_pairs(ov.exact)}; the eval report shows the metrics without them")
+    if ov.near:
+        notes.append(f"{eval_path}: {len({p.line for p in ov.near})} eval rows are near-copies of training rows in "
+                     f"{data_path.name} (character 5-gram Jaccard >= {NEAR_JACCARD}): {_pairs(ov.near)}; the eval "
+                     "report shows the metrics without them too")
+    if ov.near_train:
+        notes.append(f"{data_path}: {len(ov.near_train)} rows are near-copies of an earlier row (Jaccard >= "
+                     f"{NEAR_JACCARD}, prompt and answer together): {_pairs(ov.near_train)}; they weigh about twice "
+                     "in training")
+    return notes
 
 
 FETCH_FIX = ("`python -m tutor_wrap fetch RECIPE` downloads it (`run` does too) where the hub is reachable; "

@@ -292,6 +292,9 @@ class EvalSpec(_Strict):
     quant_type: str | None = None     # default: the first of export.quant_types
     checks: EvalChecks = Field(default_factory=EvalChecks)
     primary_metric: str = "format_pass_rate"     # a rate of answers/registry.metrics()
+    # eval prompts (or reference answers) that are also training rows are an error; true: kept, and the report
+    # shows the metrics without them beside the verdict
+    allow_overlap: bool = False
 
     @model_validator(mode="after")
     def _metric_is_measured(self) -> "EvalSpec":

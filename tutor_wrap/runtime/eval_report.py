@@ -38,6 +38,24 @@ def _stats_lines(report: dict) -> list[str]:
     return out
 
 
+def overlap_line(report: dict) -> str | None:
+    """The held-out prompts that are copies of training rows, and the primary metric without them."""
+    ov, wo = report.get("overlap"), report.get("without_overlap")
+    if not ov or not wo:
+        return None
+    n, pm, best = len(ov["eval_lines"]), report["primary_metric"], report.get("best_baseline", "base")
+    exact = len({p["line"] for p in ov["exact"]})
+    head = (f"{n} of {report['n_prompts']} held-out prompts overlap the training rows ({exact} exact, {n - exact} "
+            f"near-copies at Jaccard >= {ov['threshold']}; eval lines {', '.join(map(str, ov['eval_lines'][:12]))}"
+            + (" ..." if n > 12 else "") + ")")
+    if not wo["n_prompts"]:
+        return head + ": no prompt is left without them"
+    st = wo["stats"][f"tuned_vs_{best}"]
+    return (head + f"; without them ({wo['n_prompts']} prompts): {pm} tuned {wo['tuned'][pm]:.3f} vs "
+            f"{ARM_LABELS.get(best, best)} {wo[best][pm]:.3f}, {st['wins']} better, {st['losses']} worse, "
+            f"{st['ties']} the same, exact McNemar p = {st['p_value']:.2g}")
+
+
 def render_markdown(report: dict, loss_png: str | None) -> str:
     arms = report.get("arms", ["base", "tuned"])
     best = report.get("best_baseline", "base")
@@ -54,11 +72,14 @@ def render_markdown(report: dict, loss_png: str | None) -> str:
         delta = f"{t - b:+.3f}" if b is not None and t is not None else "-"
         lines.append(f"| {k} | " + " | ".join(_value(report, a, k) for a in arms) + f" | {delta} |")
     lines += ["", *(f"- {s}" for s in _stats_lines(report))]
+    if ov := overlap_line(report):
+        lines += ["", f"**Overlap with the training data:** {ov}."]
     if loss_png:
         lines += ["", f"![training loss]({loss_png})"]
     lines += ["", "## Outputs", ""]
     for i, row in enumerate(report["prompts"], 1):
-        lines += [f"### {i}. {row['instruction']}", ""]
+        lines += [f"### {i}. {row['instruction']}" + (" (overlaps the training rows)" if row.get("overlaps_training")
+                                                      else ""), ""]
         for a in arms:
             ans = row[a]
             lines += [f"**{ARM_LABELS.get(a, a)}**" + (" (pass)" if ans.get("all_pass", ans["format_pass"]) else "")
@@ -82,6 +103,8 @@ def render_html(report: dict, loss_png: Path | None) -> str:
         rows += (f"<tr><td>{esc(k)}{' *' if k == report['primary_metric'] else ''}</td>"
                  + "".join(f"<td>{_value(report, a, k)}</td>" for a in arms) + f"<td>{delta}</td></tr>")
     stats = "".join(f"<li>{esc(s)}</li>" for s in _stats_lines(report))
+    if ov := overlap_line(report):
+        stats += f"<li><b>Overlap with the training data:</b> {esc(ov)}</li>"
     img = ""
     if loss_png is not None and loss_png.is_file():
         img = ('<h2>Training loss</h2><img alt="training loss" src="data:image/png;base64,'
@@ -92,7 +115,8 @@ def render_html(report: dict, loss_png: Path | None) -> str:
         return (f"<td class={'pass' if ok else 'fail'}><div class=c>{esc(_checks_line(ans))}</div>"
                 f"<pre>{esc(ans['text'])}</pre></td>")
 
-    pairs = "".join(f"<tr><td class=q>{i}. {esc(p['instruction'])}</td>" + "".join(cell(p[a]) for a in arms) + "</tr>"
+    pairs = "".join(f"<tr><td class=q>{i}. {esc(p['instruction'])}"
+                    + (" <i>(overlaps the training rows)</i>" if p.get("overlaps_training") else "") + "</td>" + "".join(cell(p[a]) for a in arms) + "</tr>"
                     for i, p in enumerate(report["prompts"], 1))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(report['recipe'])}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}}table{{border-collapse:collapse}}

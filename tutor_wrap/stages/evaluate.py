@@ -21,7 +21,7 @@ from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
-from tutor_wrap.runtime.eval_report import render_html, render_markdown
+from tutor_wrap.runtime.eval_report import overlap_line, render_html, render_markdown
 from tutor_wrap.runtime.progress import progress_bar
 from tutor_wrap.runtime.tables import eval_table
 from tutor_wrap.stages.base import Context, Pre, StageResult
@@ -119,13 +119,16 @@ def evaluate(ctx: Context) -> dict:
     best = max(baselines, key=lambda a: summaries[a][pm])
     stats = {f"tuned_vs_{a}": paired([j.passes(pm) for j in arms[a]], [j.passes(pm) for j in arms["tuned"]])
              for a in baselines}
+    lines = [getattr(row, "line", i + 1) for i, row in enumerate(rows)]
+    overlapping = set(ctx.resolved.overlap.eval_lines) if ctx.resolved.overlap else set()
     report = {
         "recipe": r.name, "primary_metric": pm, "n_prompts": len(prompts), "quant_type": qt,
         "seed": spec.seed, "max_tokens": spec.max_tokens, "arms": list(arms), **summaries,
         "generation": {**pool, "why": layout.why},
         "best_baseline": best, "stats": stats,
         "base_gguf": ctx.run.rel(base), "tuned_gguf": ctx.run.rel(tuned),
-        "prompts": [{"instruction": fmt.title(row),
+        **_without_overlap(arms, lines, overlapping, ctx.resolved.overlap, pm),
+        "prompts": [{"instruction": fmt.title(row), "line": lines[i], "overlaps_training": lines[i] in overlapping,
                      **{arm: {**asdict(judged[i]), "format_pass": judged[i].format_pass,
                               "all_pass": judged[i].all_pass} for arm, judged in arms.items()}}
                     for i, row in enumerate(rows)],
@@ -135,6 +138,23 @@ def evaluate(ctx: Context) -> dict:
     atomic.write_text(eval_dir / "report.md", render_markdown(report, f"../{loss_png}" if loss_png else None))
     atomic.write_text(eval_dir / "report.html", render_html(report, ctx.run.abs(loss_png) if loss_png else None))
     return report
+
+
+def _without_overlap(arms: dict[str, list[Judged]], lines: list[int], overlapping: set[int], overlap,
+                     pm: str) -> dict:
+    """Beside the verdict on every prompt: which prompts are (near-)copies of training rows, and the metrics and the
+    paired test on the prompts that are not (data/overlap.py)."""
+    if not overlapping:
+        return {}
+    keep = [i for i, line in enumerate(lines) if line not in overlapping]
+    out = {"overlap": {k: v for k, v in overlap.to_dict().items() if k != "near_train"},
+           "without_overlap": {"n_prompts": len(keep)}}
+    if keep:
+        out["without_overlap"].update({arm: summarize([judged[i] for i in keep]) for arm, judged in arms.items()})
+        out["without_overlap"]["stats"] = {
+            f"tuned_vs_{a}": paired([arms[a][i].passes(pm) for i in keep], [arms["tuned"][i].passes(pm) for i in keep])
+            for a in arms if a != "tuned"}
+    return out
 
 
 def run(ctx: Context) -> StageResult:
@@ -147,6 +167,8 @@ def run(ctx: Context) -> StageResult:
     ctx.console.print(f"eval: tuned vs {best} on {pm}: {st['wins']} prompts better, {st['losses']} worse, "
                       f"{st['ties']} the same; exact McNemar p = {st['p_value']:.2g}"
                       + ("" if st["significant"] else " (not significant at 0.05: the difference may be chance)"))
+    if line := overlap_line(report):
+        ctx.console.print("eval: " + escape(line))
     arts = {"report": "eval/report.json", "report_md": "eval/report.md", "report_html": "eval/report.html"}
     info = {"primary_metric": pm, "base": report[best][pm], "tuned": report["tuned"][pm], "baseline": best,
             "p_value": st["p_value"]}

@@ -15,11 +15,12 @@ from tutor_wrap.backends import axolotl_config
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware
-from tutor_wrap.planning.fit import beyond_positions, check_eval_prompts_fit, rows_kept
+from tutor_wrap.planning.fit import beyond_positions, check_eval_prompts_fit, excess_length_strategy, rows_kept
 from tutor_wrap.planning.planner import Plan, make_plan
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.recipe.resolve import Inputs, check_inputs
 from tutor_wrap.recipe.schema import Recipe
+from tutor_wrap.runtime import data_report
 from tutor_wrap.runtime.tables import plan_table
 from tutor_wrap.stages.base import Context, Pre, StageResult
 
@@ -90,6 +91,22 @@ def inputs(ctx: Context) -> dict:
     }
 
 
+def _data_report(ctx: Context, p: Prepared) -> dict[str, Path]:
+    """plan/data.json, lengths.png and data.html, and the terminal line: the rows as training will read them."""
+    r, plan, rows = ctx.recipe, p.plan, p.inputs.data.rows
+    ov = ctx.resolved.overlap
+    s = data_report.summarize(
+        rows=rows, lengths=p.inputs.lengths, sequence_len=plan.sequence_len, strategy=excess_length_strategy(r),
+        batch=plan.micro_batch_size * plan.gradient_accumulation_steps * plan.num_processes,
+        packing=plan.sample_packing, max_steps=r.train.max_steps, epochs=r.train.epochs,
+        seconds_per_step=plan.seconds_per_step,
+        roles=[[role for role, _ in row.messages] for row in rows] if rows and hasattr(rows[0], "messages") else None,
+        overlap=ov.to_dict() if ov else None)
+    files = data_report.write(s, p.inputs.lengths, ctx.run.sub("plan"), r.name)
+    ctx.console.print(escape(data_report.line(s, ctx.run.rel(files["data_html"]))))
+    return files
+
+
 def run(ctx: Context) -> StageResult:
     r = ctx.recipe
     p = prepare(ctx.inputs or check_inputs(ctx.resolved, trains_here=True), ctx.hardware, ctx.run.path,
@@ -107,8 +124,10 @@ def run(ctx: Context) -> StageResult:
         "max_tokens": max(p.inputs.lengths) if p.inputs.lengths else None, "prompt_format": fmt_name,
     })
     ctx.console.print(plan_table(p.plan))
+    data_files = _data_report(ctx, p)
     return StageResult(
         artifacts={"axolotl_yml": ctx.run.rel(yml), "plan_json": ctx.run.rel(plan_json),
-                   **{f"sidecar_{s.stem}": ctx.run.rel(s) for s in sidecars}},
+                   **{f"sidecar_{s.stem}": ctx.run.rel(s) for s in sidecars},
+                   **{k: ctx.run.rel(f) for k, f in data_files.items()}},
         info={"rows": rows, "rows_kept": p.rows_kept, "prompt_format": fmt_name},
     )

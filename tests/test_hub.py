@@ -25,6 +25,7 @@ def _model_files(model: Path) -> dict[str, bytes]:
     # What a careless download would also take: Meta's consolidated checkpoint and a pickled copy of the weights.
     files["original/consolidated.00.pth"] = os.urandom(4096)
     files["pytorch_model.bin"] = os.urandom(4096)
+    files["consolidated.safetensors"] = os.urandom(4096)   # Mistral's own-format copy, beside the HF weights
     files["README.md"] = b"# tiny\n"
     return files
 
@@ -180,9 +181,9 @@ def test_too_little_disk_is_refused_before_a_byte_is_written(hub, tmp_path):
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_a_killed_download_leaves_no_broken_file_and_the_next_run_completes(hub, tmp_path):
-    """Ctrl-C or a kill mid-download: huggingface_hub keeps the partial blob (`*.incomplete`) and the next run asks
-    for the rest (`Range: bytes=N-`). olah answers such a request with the whole file (200; it ignores Range), so
+def test_ctrl_c_mid_download_stops_at_once_and_the_next_run_completes(hub, tmp_path):
+    """Ctrl-C mid-download stops the transfer where it is (not at the end of the file), huggingface_hub keeps the
+    partial blob (`*.incomplete`) and the next run asks for the rest (`Range: bytes=N-`). olah answers such a request with the whole file (200; it ignores Range), so
     here the rerun starts that file over: what this proves is that the kill leaves no file under its final name and
     the rerun completes with the right bytes; the byte-level resume is the real hub's 206."""
     import hashlib
@@ -205,14 +206,17 @@ def test_a_killed_download_leaves_no_broken_file_and_the_next_run_completes(hub,
     while proc.poll() is None and time.monotonic() < deadline:
         sizes = [f.stat().st_size for f in hf.rglob("*.incomplete") if f.is_file()]
         if sizes and max(sizes) > 2_000_000:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGINT)
             partial = max(sizes)
             break
         time.sleep(0.005)
-    proc.wait()
-    assert partial, "the download finished before it could be killed: make the served model larger"
+    stopped = time.monotonic()
+    assert proc.wait(timeout=60) == 130
+    assert partial, "the download finished before it could be interrupted: make the served model larger"
+    assert time.monotonic() - stopped < 10
     blobs = hf / "hub" / "models--testorg--wide-llama" / "blobs"
-    assert list(blobs.glob("*.incomplete")), "the kill left the partial file to continue from"
+    left = [f.stat().st_size for f in blobs.glob("*.incomplete")]
+    assert left and max(left) < (wide / "model.safetensors").stat().st_size, "stopped mid-file, the partial kept"
     snapshots = hf / "hub" / "models--testorg--wide-llama" / "snapshots"
     assert not any(p.name == "model.safetensors" for p in snapshots.rglob("*")), "a partial file under its final name"
 
@@ -245,3 +249,57 @@ def test_a_gated_repository_names_its_page_and_the_token_ways(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-home")   # no stored token either
     err = _hub_error(GatedRepoError("restricted", response=response), "meta-llama/Meta-Llama-3-8B", "model", "main", "x")
     assert "needs a token of an account that accepted its license" in str(err)
+
+
+def test_what_is_wrong_with_a_repository_is_said_before_a_byte_is_downloaded(hub, tmp_path, tiny_model):
+    pickled = {k: v for k, v in _model_files(tiny_model).items() if not k.endswith(".safetensors")}
+    commit_files(hub.repo("model", "testorg/pickled"), pickled, "bin only")
+    proc = _cli(tmp_path, hub, "fetch", str(_recipe(tmp_path, base_model="testorg/pickled")))
+    assert proc.returncode == 1 and "has only pickled weights" in proc.stderr and "allow_pickle_weights" in proc.stderr
+    no_tok = {k: v for k, v in _model_files(tiny_model).items() if not k.startswith("tokenizer")}
+    commit_files(hub.repo("model", "testorg/no-tokenizer"), no_tok, "no tokenizer")
+    proc = _cli(tmp_path, hub, "fetch", str(_recipe(tmp_path, base_model="testorg/no-tokenizer")))
+    assert proc.returncode == 1 and "testorg/no-tokenizer has no tokenizer" in proc.stderr
+    assert not list((tmp_path / "hf" / "hub").glob("models--testorg--*/blobs/*"))
+    proc = _cli(tmp_path, hub, "fetch", str(_recipe(tmp_path, base_model="testorg/ti..ny")))
+    assert proc.returncode == 1 and "is not a valid hub id" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_dataset_columns_and_sharegpt_turns(hub, tmp_path, tiny_chat_model):
+    rows = "".join(json.dumps({"conv": [{"from": "human", "value": f"Name list method {i}."},
+                                         {"from": "gpt", "value": "append"}]}) + "\n" for i in range(20)).encode()
+    commit_files(hub.repo("dataset", "testorg/sg"), {"train.jsonl": rows}, "sharegpt")
+    commit_files(hub.repo("model", "testorg/tiny-chat"), {p.name: p.read_bytes() for p in tiny_chat_model.iterdir()
+                                                           if p.is_file()}, "chat model")
+    sg = {"hub": "testorg/sg", "format": "sharegpt", "chat_template": "chatml"}
+    # the column of turns unmapped: said with the columns, before a rows file is written
+    proc = _cli(tmp_path, hub, "run", str(_recipe(tmp_path, base_model="testorg/tiny-chat", dataset=sg)), "--until",
+                "plan", "--run-dir", "sg")
+    assert proc.returncode == 1 and "the rows need 'conversations', and the dataset's columns are conv" in proc.stderr
+    assert not list((tmp_path / "sg").glob("data/*.jsonl"))
+    proc = _cli(tmp_path, hub, "run", str(_recipe(tmp_path, base_model="testorg/tiny-chat",
+                                                  dataset={**sg, "fields": {"messages": "conv"}})),
+                "--until", "plan", "--run-dir", "sg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = next((tmp_path / "sg").glob("data/*.jsonl"))
+    assert json.loads(data.read_text().splitlines()[0])["conversations"][1]["value"] == "append"
+    # a rows file edited since is made again from the pinned commit, not trusted
+    data.write_text(data.read_text()[:50])
+    proc = _cli(tmp_path, hub, "run", str(_recipe(tmp_path, base_model="testorg/tiny-chat",
+                                                  dataset={**sg, "fields": {"messages": "conv"}})),
+                "--until", "plan", "--run-dir", "sg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(data.read_text().splitlines()) == 20
+
+
+def test_cache_that_cannot_be_written_and_a_run_dir_of_another_recipe(hub, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    proc = _cli(tmp_path, hub, "fetch", str(_recipe(tmp_path)), hf_home=tmp_path / "a-file" / "hf")
+    assert proc.returncode == 1 and "the Hugging Face cache" in proc.stderr and "cannot be written" in proc.stderr
+    assert "HF_HOME" in proc.stderr and "Traceback" not in proc.stderr
+    assert _cli(tmp_path, hub, "fetch", str(_recipe(tmp_path)), "--run-dir", "shared").returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    proc = _cli(other, hub, "fetch", str(_recipe(other, name="another")), "--run-dir", str(tmp_path / "shared"),
+                hf_home=tmp_path / "hf")
+    assert proc.returncode == 1 and "holds the run of recipe 'hubrun'" in proc.stderr

@@ -338,5 +338,6 @@ def main(argv: list[str] | None = None) -> int:
               "space, a read-only mount), or choose another place (--run-dir)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; `run` again to resume from the last completed stage or checkpoint", file=sys.stderr)
+        print("interrupted; the same command again resumes (finished stages, checkpoints and the downloaded part of a "
+              "file are kept)", file=sys.stderr)
         return 130

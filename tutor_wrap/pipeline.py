@@ -180,7 +180,7 @@ def _check_owner(run: RunDir, recipe: Recipe) -> None:
     typo) would otherwise redo or mix its stages. A recipe file that moved, its old path gone, keeps its run."""
     m = run.manifest()
     old = m.get("recipe_path")
-    if not m.get("stages") or not old or recipe.source is None:
+    if not (m.get("stages") or m.get("sources")) or not old or recipe.source is None:
         return
     old_path, new_path = Path(old), Path(recipe.source).resolve()
     if old_path.resolve() == new_path or (m.get("recipe") == recipe.name and not old_path.exists()):

@@ -64,6 +64,7 @@ def _check_disk(remotes: dict[str, hub.Remote], recipe: Recipe, run_dir: Path) -
     cache = _existing(Path(constants.HF_HUB_CACHE))
     runs = _existing(run_dir)
     download = sum(r.missing_bytes for r in remotes.values())
+    size = (lambda n: f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 1e6:.1f} MB")
     later = 0
     if "base_model" in remotes and recipe.method != "full":
         weights = sum(n for f, n in remotes["base_model"].files.items() if f.endswith(".safetensors"))
@@ -75,21 +76,20 @@ def _check_disk(remotes: dict[str, hub.Remote], recipe: Recipe, run_dir: Path) -
     for where, n in need.items():
         free = shutil.disk_usage(where).free
         if n > free:
-            parts = ", ".join(f"{r.repo} {r.missing_bytes / GIB:.1f} GiB" for r in remotes.values() if r.missing)
+            parts = ", ".join(f"{r.repo} {size(r.missing_bytes)}" for r in remotes.values() if r.missing)
             raise TutorWrapError(
                 f"not enough disk for the downloads ({parts or 'none'}) and what merge and export then write "
-                f"({later / GIB:.1f} GiB): {n / GIB:.1f} GiB needed on the disk of {where}, {free / GIB:.1f} GiB free; "
-                "nothing was downloaded",
+                f"({size(later)}): {size(n)} needed on the disk of {where}, {size(free)} free; nothing was downloaded",
                 hint="free disk space, or put the Hugging Face cache on a bigger disk (HF_HOME or HF_HUB_CACHE) and "
                      "the run elsewhere (--run-dir)")
 
 
 def _renames(recipe: Recipe) -> dict[str, str]:
-    """Hub columns -> the keys the recipe's format reads (chat rows: the format's own list field)."""
+    """Hub columns -> the keys the recipe's format reads (`fields: {messages: COL}` for chat rows names the column
+    of turns: the format's own key for it, `conversations` for ShareGPT rows)."""
     ds = recipe.dataset
-    fmt = formats.FORMATS[ds.format]
-    field = getattr(getattr(fmt, "shape", None), "field", "messages")
-    return {col: (field if key == "messages" else key) for key, col in ds.fields.items()}
+    turns = formats.ROW_KEYS[ds.format][0]
+    return {col: (turns if key == "messages" else key) for key, col in ds.fields.items()}
 
 
 def _materialized(recipe: Recipe, src: Source, run_dir: Path) -> Path:
@@ -104,14 +104,16 @@ def local_recipe(recipe: Recipe, run_dir: Path, recorded: dict, *, download: boo
     """(the recipe with its hub sources made local, the sources record for the manifest). `download`: fetch what the
     cache lacks (off when the hub is: --offline, HF_HUB_OFFLINE=1); else only what is cached is used and the rest
     is left to check_inputs to report."""
+    recipe.base_model_path()     # a base_model that is neither a folder nor a hub id is refused before any download
     asked = _asked(recipe)
     if not asked:
         return recipe, {}
     where = str(recipe.source)
     srcs: dict[str, Source] = {}
     if download and not hub.offline():
+        hub.check_cache(where)
         remotes = {key: hub.remote(repo, "model" if key == "base_model" else "dataset", _pinned(recorded, key, repo, rev),
-                                   allow_pickle=recipe.allow_pickle_weights,
+                                   allow_pickle=recipe.allow_pickle_weights, split=recipe.dataset.split,
                                    trust_remote_code=recipe.trust_remote_code, where=f"{where}: {key}")
                    for key, repo, rev in asked}
         _check_disk(remotes, recipe, run_dir)
@@ -138,11 +140,14 @@ def local_recipe(recipe: Recipe, run_dir: Path, recorded: dict, *, download: boo
     ds_src = srcs.get("dataset")
     if ds_src is not None and ds_src.path is not None:
         out = _materialized(recipe, ds_src, run_dir)
-        if not out.is_file():
-            hub.materialize(ds_src.path, recipe.dataset.split, recipe.dataset.limit, _renames(recipe), out,
-                            f"{where}: dataset.hub {recipe.dataset.hub}")
+        if not hub.materialized(out):
+            ds = recipe.dataset
+            n = hub.materialize(ds_src.path, ds.split, ds.limit, _renames(recipe), formats.ROW_KEYS[ds.format], out,
+                                f"{where}: dataset.hub {ds.hub}")
             if console is not None:
-                console.print(f"fetch: {escape(recipe.dataset.hub)} {escape(recipe.dataset.hub_split)} -> {escape(str(out))}")
+                short = f" (the split has only {n}: fewer than limit {ds.limit})" if ds.limit and n < ds.limit else ""
+                console.print(f"fetch: {escape(ds.hub)} {escape(ds.hub_split)}: {n} rows{escape(short)} -> "
+                              f"{escape(str(out))}")
         updates["dataset"] = recipe.dataset.model_copy(update={"path": out.resolve(), "hub": None, "split": "train",
                                                                "limit": None, "fields": {}, "revision": None})
     record = {key: {"repo": s.repo, "revision": s.revision, "commit": s.commit} for key, s in srcs.items() if s.commit}

@@ -11,7 +11,7 @@ from typing import Callable
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.data.alpaca import ALPACA
-from tutor_wrap.data.chat import chat_format
+from tutor_wrap.data.chat import SHAPES, chat_format
 from tutor_wrap.data.chat_templates import ChatTemplate
 from tutor_wrap.data.format import Format
 
@@ -22,6 +22,9 @@ FORMATS: dict[str, Callable[[ChatTemplate | None], Format]] = {
     "sharegpt": lambda t: chat_format("sharegpt", t),
 }
 CHAT_FORMATS = ("chat", "sharegpt")      # the formats that need a chat template
+# the keys every row of a format must have: what a hub dataset's columns are mapped onto (`dataset.fields`)
+ROW_KEYS: dict[str, tuple[str, ...]] = {ALPACA.name: ("instruction", "output"),
+                                        **{name: (shape.field,) for name, shape in SHAPES.items()}}
 
 
 def get(name: str, chat_template: ChatTemplate | None = None) -> Format:

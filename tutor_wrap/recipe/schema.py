@@ -78,6 +78,13 @@ class DatasetSpec(_Strict):
                              + f"; known: {', '.join(FORMATS)}")
         return v
 
+    @field_validator("split")
+    @classmethod
+    def _plain_split(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+", v):
+            raise ValueError(f"split {v!r} is a split's name (train, test, ...); for the first N rows use limit: N")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetSpec":
         if (self.path is None) == (self.hub is None):

@@ -633,7 +633,8 @@ def test_code_runs_without_a_sandbox_is_refused_at_plan_unless_the_recipe_opts_o
     eval, after training); `code_runs: unconfined` is the named opt-in."""
     recipe = _good(tmp_path, tiny_model)
     r = yaml.safe_load(recipe.read_text())
-    (tmp_path / "eval.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
+    held_out = {"instruction": "Explain tuples.", "input": "", "output": "A tuple is fixed.\n\n```python\nt = (1,)\n```"}
+    (tmp_path / "eval.jsonl").write_text(json.dumps(held_out) + "\n")
     no_bwrap = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
     for value, refused in ((True, True), ("unconfined", False)):
         recipe.write_text(yaml.safe_dump(edit(r, "eval", {"prompts": "eval.jsonl", "checks": {"code_runs": value}})))

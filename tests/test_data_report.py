@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-pytestmark = pytest.mark.tools
+pytestmark = pytest.mark.e2e   # the CLI through the plan stage
 
 SHORT = [{"instruction": f"Name a Python builtin number {i}.", "input": "", "output": "len"} for i in range(10)]
 LONG = [{"instruction": "Repeat this: " + " ".join(f"word{j}" for j in range(300)), "input": "", "output": "ok"}

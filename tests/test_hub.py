@@ -13,7 +13,7 @@ import yaml
 
 from hub_server import commit_files, serve
 
-pytestmark = pytest.mark.tools
+pytestmark = pytest.mark.e2e   # a hub server and the CLI through the plan stage, ~30 s a test
 
 TOKEN = "hf_tutorwrapTESTtoken0123456789abcdef"   # a planted token: it must reach no file and no output
 ROWS = [{"query": f"Write a function that returns {i}.", "response": f"```python\ndef f():\n    return {i}\n```",

@@ -140,3 +140,62 @@ def test_the_eval_report_gives_the_metrics_without_the_overlapping_prompts():
     assert line.startswith("2 of 5 held-out prompts overlap the training rows (1 exact, 1 near-copies")
     assert "without them (3 prompts): eos_rate tuned 1.000 vs base (training format) 0.000, 3 better" in line
     assert line in render_markdown(report, None)
+
+
+def _chat(*turns: str) -> dict:
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]}
+
+
+def test_a_trained_turn_inside_a_longer_conversation_counts(tiny_chat_model, tmp_path):
+    """Chat rows: each trained user turn and its answer is a training pair of its own, and an eval row asks its
+    last user turn (the turns before it are context)."""
+    a1 = "A variable is a name bound to a value; assigning again rebinds the name to the new value."
+    train = [_chat("What is a variable in Python?", a1, "And a constant?", "Python has none; write NAMES_IN_CAPS."),
+             _chat("How do I check the type of a value?", "Call type(value), or isinstance(value, int) to test it.")]
+    cases = {  # eval row -> what must be said
+        "first turn of a two-turn row": (_chat("what is a variable in python?", "x"), "the prompt is also"),
+        "its answer, the question rephrased": (_chat("Tell me about Python variables, briefly.", a1), "the answer is"),
+        "a trained question after new context": (_chat("Hi, I am learning Python today.", "Great, ask away.",
+                                                       "How do I check the type of a value?"), "the prompt is also"),
+    }
+    for name, (row, said) in cases.items():
+        (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+        (tmp_path / "eval.jsonl").write_text(json.dumps(_chat("Explain decorators with an example.", "A wrapper."))
+                                             + "\n" + json.dumps(row) + "\n")
+        recipe = {"name": "ovc", "base_model": str(tiny_chat_model),
+                  "dataset": {"path": "train.jsonl", "format": "chat", "chat_template": "chatml"},
+                  "train": {"max_steps": 1, "sequence_len": 256}, "ollama": {"model": "ovc"},
+                  "eval": {"prompts": "eval.jsonl"}}
+        (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+        proc = _cli(tmp_path, "plan", "r.yml", "--no-validate")
+        assert proc.returncode == 1 and f"eval.jsonl: line 2: {said}" in proc.stderr, (name, proc.stderr[-1500:])
+
+
+def test_short_or_shared_answers_are_not_leaks(tiny_model, tmp_path):
+    """"The answer is: 7" under different questions (math data), and one boilerplate answer many rows share."""
+    train = [{"instruction": f"What is {a} + {b}?", "input": "", "output": f"The answer is: {a + b}"}
+             for a in range(1, 8) for b in range(1, 8)]
+    boiler = "Thanks for asking! Please see the official Python documentation for the details of this topic."
+    train += [{"instruction": f"Where can I read about {t}?", "input": "", "output": boiler} for t in TOPICS[:6]]
+    heldout = [{"instruction": "Tom has 3 apples and buys 4 more. How many now?", "output": "The answer is: 7"},
+               {"instruction": "Where do I learn about asyncio?", "output": boiler}]
+    proc = _cli(tmp_path, "plan", str(_write(tmp_path, tiny_model, train, heldout)), "--no-validate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "near-copies of an earlier row" not in proc.stderr    # different questions, one shared answer
+
+
+def test_a_row_repeated_with_other_case_or_spacing_is_a_near_copy(tiny_model, tmp_path):
+    twin = dict(TRAIN[2], instruction=TRAIN[2]["instruction"].upper().replace(" ", "  "))
+    proc = _cli(tmp_path, "plan", str(_write(tmp_path, tiny_model, TRAIN + [twin], FRESH)), "--no-validate")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"line {len(TRAIN) + 1} ~ line 3 (row, 1.00)" in proc.stderr
+
+
+def test_preflight_says_what_plan_says_about_an_eval_prompt_past_the_context(tiny_model, tmp_path):
+    long = {"instruction": "Summarize: " + " ".join(f"w{i}" for i in range(600)), "output": "short"}
+    recipe = _write(tmp_path, tiny_model, TRAIN, [FRESH[0], long])
+    said = {cmd: _cli(tmp_path, *args) for cmd, args in (("plan", ("plan", str(recipe), "--no-validate")),
+                                                         ("preflight", ("preflight", str(recipe))))}
+    for cmd, proc in said.items():
+        assert proc.returncode == 1 and "eval.jsonl: line 2" in proc.stderr and "context" in proc.stderr, \
+            (cmd, proc.stderr[-1500:])

@@ -9,6 +9,8 @@ only decides which pairs are worth comparing (all pairs of 100k x 1k rows would 
 
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +25,14 @@ SHINGLE_CHARS = 5
 # a pair costs more than comparing one too many). datasketch's own choice for 0.7 (8 x 8) finds a pair at 0.75 only
 # 57% of the time.
 NUM_PERM, BANDS, BAND_ROWS = 128, 25, 5
-MIN_ANSWER_WORDS = 4     # reference answers shorter than this ("4", "yes") match by chance, not by leakage
+# Reference answers shorter than this ("4", "The answer is: 7") coincide by chance, not by leakage; so do answers that
+# several training rows share (boilerplate): neither counts as an answer overlap.
+MIN_ANSWER_WORDS = 8
 
 
 def normalize(text: str) -> str:
-    return " ".join(text.casefold().split())
+    """Case, whitespace and Unicode compatibility forms (full-width '？' is '?') do not make a row new."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def shingles(text: str) -> set[str]:
@@ -50,8 +55,9 @@ def jaccard(a: set[str], b: set[str]) -> float:
 @dataclass(frozen=True)
 class Text:
     line: int
-    prompt: str              # what the user sends (alpaca: instruction and input; chat: the user turns)
-    answer: str              # the reference / trained answer ("" when none)
+    prompt: str              # one user turn (alpaca: instruction and input)
+    answer: str              # the assistant turn that answers it: trained, or the eval row's reference ("" if none)
+    context: str = ""        # the user turns before it in the conversation (an eval prompt is repeated only with them)
 
 
 @dataclass(frozen=True)
@@ -138,29 +144,33 @@ def _likely(candidates, q, sig) -> list[int]:
     return [r for r, e in zip(rows, est) if e >= NEAR_JACCARD - 0.15]
 
 
-def find(train: list[Text], heldout: list[Text], *, train_near_limit: int = 200_000) -> Overlap:
-    """Every overlap between `heldout` and `train`, repeated held-out prompts, and near-copies among `train`
-    (checked when there are at most `train_near_limit` training rows)."""
+def find(train: list[Text], heldout: list[Text], rows: list[Text] | None = None, *,
+         train_near_limit: int = 200_000) -> Overlap:
+    """Every overlap between `heldout` and `train` (one Text per trained user turn and its answer, so a turn inside
+    a longer conversation counts), repeated held-out prompts, and near-copies among the training `rows` (one Text
+    per row, all its turns; default `train`), checked when there are at most `train_near_limit` of them."""
     out = Overlap()
+    rows = train if rows is None else rows
     first_eval: dict[str, int] = {}
     for h in heldout:
-        k = normalize(h.prompt)
+        k = normalize(h.context + "\n" + h.prompt)
         if k in first_eval:
             out.repeated_eval.append(Pair(h.line, first_eval[k], "prompt", 1.0))
         else:
             first_eval[k] = h.line
     exact_prompt: dict[str, int] = {}
     exact_answer: dict[str, int] = {}
+    shared = Counter(normalize(t.answer) for t in train)
     for t in train:
         exact_prompt.setdefault(normalize(t.prompt), t.line)
-        if len(t.answer.split()) >= MIN_ANSWER_WORDS:
+        if _distinctive(t.answer) and shared[normalize(t.answer)] == 1:
             exact_answer.setdefault(normalize(t.answer), t.line)
     matched: set[tuple[int, str]] = set()
     for h in heldout:
         if (line := exact_prompt.get(normalize(h.prompt))) is not None:
             out.exact.append(Pair(h.line, line, "prompt", 1.0))
             matched.add((h.line, "prompt"))
-        if len(h.answer.split()) >= MIN_ANSWER_WORDS and (line := exact_answer.get(normalize(h.answer))) is not None:
+        if _distinctive(h.answer) and (line := exact_answer.get(normalize(h.answer))) is not None:
             out.exact.append(Pair(h.line, line, "answer", 1.0))
             matched.add((h.line, "answer"))
     if not train:
@@ -170,29 +180,39 @@ def find(train: list[Text], heldout: list[Text], *, train_near_limit: int = 200_
     sig_answer = _signatures(shingles(t.answer) for t in train)
     for part, sig, get in (("prompt", sig_prompt, lambda x: x.prompt), ("answer", sig_answer, lambda x: x.answer)):
         asked = [(h, sh) for h in heldout if (h.line, part) not in matched
-                 and not (part == "answer" and len(h.answer.split()) < MIN_ANSWER_WORDS) and (sh := shingles(get(h)))]
+                 and not (part == "answer" and not _distinctive(h.answer)) and (sh := shingles(get(h)))]
         if not asked:
             continue
         index = _Index(_band_keys(sig))
         q_sig = _signatures(sh for _, sh in asked)
         q_keys = _band_keys(q_sig)
         for (h, sh), q, k in zip(asked, q_sig, q_keys):
-            best = max(((jaccard(sh, shingles(get(train[i]))), i) for i in _likely(index.query(k), q, sig)),
-                       default=None)
+            cands = _likely(index.query(k), q, sig)
+            if part == "answer":     # boilerplate several rows share is not a leak
+                cands = [i for i in cands if shared[normalize(train[i].answer)] == 1]
+            best = max(((jaccard(sh, shingles(get(train[i]))), i) for i in cands), default=None)
             if best and best[0] >= NEAR_JACCARD:
                 out.near.append(Pair(h.line, train[best[1]].line, part, best[0]))
-    if len(train) <= train_near_limit:
-        out.near_train = _near_train(train, sig_prompt, sig_answer)
+    if len(rows) <= train_near_limit:
+        if rows is not train:
+            sig_prompt = _signatures(shingles(t.prompt) for t in rows)
+            sig_answer = _signatures(shingles(t.answer) for t in rows)
+        out.near_train = _near_train(rows, sig_prompt, sig_answer)
     return out
+
+
+def _distinctive(answer: str) -> bool:
+    return len(answer.split()) >= MIN_ANSWER_WORDS
 
 
 GROUP_LOOKBACK = 64   # in a band shared by many rows (templated data), each row is compared with this many before it
 
 
 def _near_train(train: list[Text], sig_prompt, sig_answer) -> list[Pair]:
-    """Training rows that are near-copies of an earlier row, prompt and answer together. The MinHash of a union is
-    the element-wise minimum of the two signatures: no third pass over the text. Exact duplicates are reported by
-    the format's reader already."""
+    """Training rows that are near-copies of an earlier row: prompt and answer each at the threshold (two questions
+    that share a boilerplate answer are not copies). Candidates come from the signature of the whole row, the
+    element-wise minimum of the two (the MinHash of a union): no third pass over the text. Rows that are the same
+    text are the format reader's duplicates, reported there."""
     sig = np.minimum(sig_prompt, sig_answer)
     keys = _band_keys(sig)
     candidates: dict[int, set[int]] = {}
@@ -208,13 +228,15 @@ def _near_train(train: list[Text], sig_prompt, sig_answer) -> list[Pair]:
     out = []
     for i in sorted(candidates):
         t = train[i]
+        same = (t.prompt.strip(), t.answer.strip())
         earlier = [j for j in _likely(candidates[i], sig[i], sig)
-                   if (normalize(train[j].prompt), normalize(train[j].answer)) != (normalize(t.prompt),
-                                                                                    normalize(t.answer))]
-        if not earlier:
-            continue
-        whole = shingles(t.prompt) | shingles(t.answer)
-        best = max((jaccard(whole, shingles(train[j].prompt) | shingles(train[j].answer)), j) for j in earlier)
-        if best[0] >= NEAR_JACCARD:
+                   if (train[j].prompt.strip(), train[j].answer.strip()) != same]
+        best = None
+        for j in earlier:
+            sim = min(jaccard(shingles(t.prompt), shingles(train[j].prompt)),
+                      jaccard(shingles(t.answer), shingles(train[j].answer)))
+            if best is None or sim > best[0]:
+                best = (sim, j)
+        if best and best[0] >= NEAR_JACCARD:
             out.append(Pair(t.line, train[best[1]].line, "row", best[0]))
     return out

@@ -57,7 +57,8 @@ class Resolved:
         """The eval rows against the training rows (data/overlap.py); None without both."""
         if not self.eval_rows or self.dataset is None:
             return None
-        return find(_texts(self.fmt, self.dataset.rows), _texts(self.fmt, self.eval_rows))
+        pairs, whole = _train_texts(self.fmt, self.dataset.rows)
+        return find(pairs, _eval_texts(self.fmt, self.eval_rows), whole)
 
     def heldout_examples(self) -> list[tuple[str, str]] | None:
         """(prompt in the training format, reference answer or "") for each eval row; None without eval rows."""
@@ -133,10 +134,34 @@ def check_inputs(res: Resolved, *, trains_here: bool = False) -> Inputs:
     return Inputs(res, data, lengths, eval_prompt_lengths=eval_lengths, notes=notes, config=config)
 
 
-def _texts(fmt: Format, rows: list) -> list[Text]:
-    return [Text(getattr(r, "line", i + 1),
-                 "\n".join(m["content"] for m in fmt.plain_messages(r) if m["role"] == "user"), fmt.answer(r))
-            for i, r in enumerate(rows)]
+def _turns(fmt: Format, row) -> list[dict[str, str]]:
+    """The row's conversation as its user sees it, ending with the (trained or reference) answer."""
+    msgs = [m for m in fmt.plain_messages(row) if m["role"] in ("user", "assistant")]
+    answer = fmt.answer(row)
+    return msgs + [{"role": "assistant", "content": answer}] if answer else msgs
+
+
+def _train_texts(fmt: Format, rows: list) -> tuple[list[Text], list[Text]]:
+    """(one Text per user turn and the answer after it, one Text per row with all its turns)."""
+    pairs, whole = [], []
+    for i, r in enumerate(rows):
+        line, turns = getattr(r, "line", i + 1), _turns(fmt, r)
+        for k, m in enumerate(turns):
+            if m["role"] == "user":
+                nxt = turns[k + 1]["content"] if k + 1 < len(turns) and turns[k + 1]["role"] == "assistant" else ""
+                pairs.append(Text(line, m["content"], nxt))
+        whole.append(Text(line, "\n".join(m["content"] for m in turns if m["role"] == "user"),
+                          "\n".join(m["content"] for m in turns if m["role"] == "assistant")))
+    return pairs, whole
+
+
+def _eval_texts(fmt: Format, rows: list) -> list[Text]:
+    """The question each eval row asks (its last user turn), its reference answer, and the turns before it."""
+    out = []
+    for i, r in enumerate(rows):
+        users = [m["content"] for m in fmt.plain_messages(r) if m["role"] == "user"]
+        out.append(Text(getattr(r, "line", i + 1), users[-1] if users else "", fmt.answer(r), "\n".join(users[:-1])))
+    return out
 
 
 def _pairs(pairs: list[Pair], limit: int = 5) -> str:
@@ -162,11 +187,13 @@ def check_overlap(res: Resolved) -> list[str]:
                              hint="keep each held-out prompt once")
     if ov.exact and not r.eval.allow_overlap:
         p = ov.exact[0]
-        raise TutorWrapError(f"{eval_path}: line {line_numbers(sorted({q.line for q in ov.exact}))}: the {p.part} is "
-                             f"also in the training rows ({eval_path.name} line {p.line} = {data_path.name} line "
-                             f"{p.other}, after normalizing case and whitespace"
-                             + (f"; {len(ov.exact)} in all" if len(ov.exact) > 1 else "") + "): the A/B would measure "
-                             "how well the model recalls trained rows, not how it answers new prompts",
+        parts = " and the ".join(q.part for q in ov.exact if q.line == p.line)
+        lines = sorted({q.line for q in ov.exact})
+        raise TutorWrapError(f"{eval_path}: line {line_numbers(lines)}: the {parts} "
+                             f"{'is' if ' and ' not in parts else 'are'} also in the training rows ({eval_path.name} "
+                             f"line {p.line} = {data_path.name} line {p.other}, after normalizing case and whitespace"
+                             + (f"; {len(lines)} eval rows in all" if len(lines) > 1 else "") + "): the A/B would "
+                             "measure how well the model recalls trained rows, not how it answers new prompts",
                              hint="remove those rows from one of the two files, or set eval.allow_overlap: true (the "
                                   "eval report then also shows the metrics without them)")
     notes = []

@@ -14,10 +14,11 @@ from tutor_wrap.core import atomic
 
 
 def summarize(*, rows: list, lengths: list[int] | None, sequence_len: int, strategy: str, batch: int,
-              packing: bool, max_steps: int | None, epochs: float | None, seconds_per_step: float | None,
-              roles: list[list[str]] | None, overlap: dict | None) -> dict:
+              accumulation: int, packing: bool, max_steps: int | None, epochs: float | None,
+              seconds_per_micro_batch: float | None, roles: list[list[str]] | None, overlap: dict | None) -> dict:
     """The report's facts. `strategy`: Axolotl's excess_length_strategy (drop or truncate rows past sequence_len);
-    `batch`: rows per optimizer step (micro-batch x accumulation x processes); `roles`: each chat row's turn roles."""
+    `batch`: rows per optimizer step (micro-batch x accumulation x processes), `accumulation` of them the micro-batches
+    each process runs per step; `seconds_per_micro_batch`: the planner's estimate; `roles`: each chat row's turns."""
     out: dict = {"rows": len(rows), "sequence_len": sequence_len, "excess_length_strategy": strategy}
     if lengths:
         over = [n for n in lengths if n > sequence_len]
@@ -34,8 +35,9 @@ def summarize(*, rows: list, lengths: list[int] | None, sequence_len: int, strat
             "rows_truncated": len(over) if strategy == "truncate" else 0,
             "training_tokens_per_epoch": per_epoch, "steps_per_epoch": steps_per_epoch, "steps": steps,
             "epochs": round(steps / steps_per_epoch, 2), "rows_per_step": batch, "packing": packing,
-            "seconds_per_step": seconds_per_step,
-            "training_seconds": round(steps * seconds_per_step) if seconds_per_step else None,
+            "seconds_per_step": round(accumulation * seconds_per_micro_batch, 1) if seconds_per_micro_batch else None,
+            "training_seconds": round(steps * accumulation * seconds_per_micro_batch) if seconds_per_micro_batch
+            else None,
         })
     if roles:
         turns = [len(r) for r in roles]
@@ -106,7 +108,12 @@ def write(s: dict, lengths: list[int] | None, out_dir: Path, title: str) -> dict
         files["lengths_png"] = out_dir / "lengths.png"
         atomic.write_bytes(files["lengths_png"], png)
         img = f'<img alt="row lengths" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in s.items())
+    def cell(v) -> str:
+        if isinstance(v, dict):
+            return "<br>".join(f"{html.escape(str(k))}: {html.escape(str(x))}" for k, x in v.items())
+        return html.escape(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in s.items())
     atomic.write_text(files["data_html"], f"""<!doctype html><html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>Data: {html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}

@@ -74,7 +74,11 @@ def write_config(cfg: dict[str, Any], path: Path, *, in_run_dir: bool = False) -
 
 
 def check(pre: Pre) -> list[Verdict]:
-    return []     # what the plan needs is the inputs themselves (recipe/resolve.check_inputs, run before the stages)
+    """What planning itself refuses (an eval prompt past the planned context, no row left at sequence_len), so that
+    `preflight` says it as `plan` and `run` do; the inputs were checked before the stages (check_inputs)."""
+    if pre.inputs is not None:
+        prepare(pre.inputs, pre.hardware, pre.run_dir or pre.recipe.default_run_dir(), processes=pre.processes)
+    return []
 
 
 def inputs(ctx: Context) -> dict:
@@ -98,8 +102,8 @@ def _data_report(ctx: Context, p: Prepared) -> dict[str, Path]:
     s = data_report.summarize(
         rows=rows, lengths=p.inputs.lengths, sequence_len=plan.sequence_len, strategy=excess_length_strategy(r),
         batch=plan.micro_batch_size * plan.gradient_accumulation_steps * plan.num_processes,
-        packing=plan.sample_packing, max_steps=r.train.max_steps, epochs=r.train.epochs,
-        seconds_per_step=plan.seconds_per_step,
+        accumulation=plan.gradient_accumulation_steps, packing=plan.sample_packing, max_steps=r.train.max_steps,
+        epochs=r.train.epochs, seconds_per_micro_batch=plan.seconds_per_step,   # the planner's is per micro-batch
         roles=[[role for role, _ in row.messages] for row in rows] if rows and hasattr(rows[0], "messages") else None,
         overlap=ov.to_dict() if ov else None)
     files = data_report.write(s, p.inputs.lengths, ctx.run.sub("plan"), r.name)

@@ -579,6 +579,7 @@ def test_run_flags_that_cannot_work_together_exit_2(case, tiny_model, tmp_path):
 # Run control: a run dir holds one recipe's work, is trusted only while its artifacts are what was recorded, and
 # is self-contained.
 
+@pytest.mark.e2e   # the CLI through several stages
 def test_another_recipe_cannot_take_over_a_run_dir(tiny_model, tmp_path):
     run = tmp_path / "run"
     assert _cli("run", _good(tmp_path, tiny_model), "--run-dir", run, "--until", "plan").returncode == 0
@@ -590,6 +591,7 @@ def test_another_recipe_cannot_take_over_a_run_dir(tiny_model, tmp_path):
     assert (run / "manifest.json").read_text() == before
 
 
+@pytest.mark.e2e   # the CLI through several stages
 def test_a_changed_artifact_is_made_again(tiny_model, tmp_path):
     """A finished stage whose file was truncated or replaced is redone, not trusted for its fingerprint."""
     run = tmp_path / "run"
@@ -604,6 +606,7 @@ def test_a_changed_artifact_is_made_again(tiny_model, tmp_path):
     assert "plan: done before, inputs unchanged; skipped" in quiet.stdout
 
 
+@pytest.mark.e2e   # the CLI through several stages
 def test_eval_after_a_recipe_edit_is_refused(tiny_model, tmp_path):
     """`eval` and `deploy` use the recipe the run recorded: edited since in what the model was made from, they
     would judge or serve it with settings it was not trained with."""
@@ -616,6 +619,7 @@ def test_eval_after_a_recipe_edit_is_refused(tiny_model, tmp_path):
         _one_error(_cli(command, run), "changed since this run's plan stage")
 
 
+@pytest.mark.e2e   # the CLI through several stages
 def test_deploy_and_eval_refuse_a_replaced_artifact(tiny_model, tmp_path):
     """`run` redoes a stage whose artifact changed; `deploy` and `eval` on the run dir refuse to use it instead of
     serving or judging a file the run did not make."""

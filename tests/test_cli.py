@@ -91,6 +91,7 @@ def test_estimate_answers_json_without_torch():
     assert cli("estimate", "--model", "no-such-model").returncode == 1
 
 
+@pytest.mark.e2e   # the CLI through several stages
 def test_names_with_brackets_print_as_written(tiny_model, tmp_path):
     """Rich markup in a run dir's name (`exp [v2]`, a stray `[/x]`) is printed as written, not read as markup."""
     import json

@@ -25,7 +25,8 @@ from tutor_wrap.machine.profiles import load_profile
 from tutor_wrap.backends import merge as merge_lib
 from tutor_wrap.stages import merge as merge_stage
 
-pytestmark = pytest.mark.tools
+# one worker builds the module's merged model once (under make test-fast's two workers each would build it)
+pytestmark = [pytest.mark.tools, pytest.mark.xdist_group("merge")]
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTED = "model.layers.0.self_attn.q_proj.weight"

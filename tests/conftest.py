@@ -16,6 +16,11 @@ os.environ.setdefault("TUTOR_WRAP_OLLAMA", "off")
 # The pipelines here train on the CPU: they hide CUDA GPUs with CUDA_VISIBLE_DEVICES="" where they start a run; the
 # HIP runtime reads that as unset, so ROCm GPUs are hidden for the whole session with an invalid index.
 os.environ["HIP_VISIBLE_DEVICES"] = "-1"
+# What the tests' merges measure is kept apart from the person's own calibration store (planning/calibration.py).
+if "TUTOR_WRAP_CALIBRATION" not in os.environ:
+    import tempfile
+
+    os.environ["TUTOR_WRAP_CALIBRATION"] = str(Path(tempfile.mkdtemp(prefix="tutor-wrap-calibration-")) / "store.json")
 
 
 @pytest.fixture(scope="session")

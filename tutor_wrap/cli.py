@@ -53,6 +53,34 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_calibration(args) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tutor_wrap.machine.profiles import resolve_hardware
+    from tutor_wrap.planning import calibration
+
+    if args.reset:
+        print(f"forgot {calibration.reset()} measurements ({calibration.store_path()})")
+        return 0
+    hw = resolve_hardware("auto")
+    mine = calibration.records(hw)
+    if args.json:
+        print(json.dumps({"store": str(calibration.store_path()), "machine": calibration.machine_key(hw),
+                          "records": mine}, indent=2))
+        return 0
+    table = Table(title=f"measured on this machine ({len(mine)}; {calibration.store_path()})")
+    for col in ("when", "what", "run", "predicted", "measured", "off"):
+        table.add_column(col)
+    for r in mine:
+        off = calibration.off_by(r["predicted_bytes"], r["measured_bytes"])
+        table.add_row(r["time"], f"{r['kind']} {r.get('method', '')}".strip(), escape(r["run"]),
+                      f"{r['predicted_bytes'] / 2**30:.2f} GiB", f"{r['measured_bytes'] / 2**30:.2f} GiB",
+                      f"{off:+.0f}%" if off is not None else "-")
+    _console().print(table)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
     from tutor_wrap.pipeline import plan_for
@@ -285,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("run_dir", type=_path)
     d.add_argument("--name", type=_name, help="Ollama model name (default: the recipe's ollama.model)")
     d.set_defaults(func=cmd_deploy)
+
+    c = sub.add_parser("calibration", help="what this machine's runs measured, which later plans use (show, reset)")
+    c.add_argument("--reset", action="store_true", help="forget every measurement")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_calibration)
 
     e = sub.add_parser("eval", help="compare base and fine-tuned GGUFs on the recipe's held-out prompts")
     e.add_argument("run_dir", type=_path)

@@ -288,4 +288,5 @@ def merge_folder(base: Path, adapter: Path, out: Path, hw: Hardware, *, method: 
     cfg.setdefault("adapter", "lora")
     log = out.parent / f"{out.name}.merge.log"
     return merge(base, adapter, out, cfg, hw, method=method, log=log,
-                 verify=verifier(base, adapter, log, ram_budget=hw.ram_available_bytes) if verify else None)
+                 verify=verifier(base, adapter, log, ram_budget=hw.ram_available_bytes) if verify else None,
+                 run=str(out))

@@ -28,6 +28,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import tail
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.models.files import adapter_mismatch, check_adapter, weight_files, write_chat_template
+from tutor_wrap.planning import calibration
 from tutor_wrap.planning.budgets import MergeBudget, choose_method
 
 # (merged folder, the NF4 compute dtype of a QLoRA merge or None) -> the verification report; raises on a mismatch
@@ -65,12 +66,12 @@ class MergeReport:
     @classmethod
     def load(cls, path: Path) -> "MergeReport":
         d = json.loads(path.read_text("utf-8"))
-        budget = MergeBudget(**{f.name: d[f.name] for f in fields(MergeBudget)})
+        budget = MergeBudget(**{f.name: d[f.name] for f in fields(MergeBudget) if f.name in d})
         return cls(budget, **{f.name: d[f.name] for f in fields(cls) if f.name != "budget" and f.name in d})
 
 
 def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware, *, method: str = "auto",
-          log: Path, verify: Verify | None = None, chat_template: str | None = None) -> MergeReport:
+          log: Path, verify: Verify | None = None, chat_template: str | None = None, run: str = "") -> MergeReport:
     """Merge `adapter` into `base`, writing a complete, verified model folder at `out` (or nothing).
 
     `chat_template` (the training format's, see data/format.py) replaces the base model's template that
@@ -113,4 +114,10 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         merged.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return MergeReport(budget, peak, seconds, stripped, verification, chat_template)
+    report = MergeReport(budget, peak, seconds, stripped, verification, chat_template)
+    if peak and rc == 0:
+        # What this machine measured beside what the published constants predict: its next predictions are fitted
+        # to it (planning/calibration.py).
+        calibration.record(hw, "merge", run, budget.predicted_peak_rss_bytes, peak, method=budget.method,
+                           model_part_bytes=budget.model_part_bytes, model_bytes=budget.disk_needed_bytes)
+    return report

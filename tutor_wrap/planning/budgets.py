@@ -14,6 +14,7 @@ from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.machine.host import WSL_DEFAULT_MEMORY_FRACTION, wsl_limits
 from tutor_wrap.models.files import param_stats, weight_files
 from tutor_wrap.models.quant import quant_type
+from tutor_wrap.planning import calibration
 
 
 def wslconfig_lines(memory_gib: int, swap_gib: int) -> str:
@@ -55,6 +56,10 @@ class MergeBudget:
     disk_needed_bytes: int
     ram_swap_available_bytes: int
     disk_free_bytes: int
+    runtime_bytes: int = 0           # the runtime floor in the prediction: published, or measured on this machine
+    model_part_bytes: int = 0        # the part that scales with the model, by the published factors
+    factor: float = 1.0              # on that part: 1, or what this machine's merges measured
+    basis: str = "the published constants (bench/merge_bench.py)"
 
     @property
     def fits(self) -> bool:
@@ -93,14 +98,23 @@ def predict_sizes(shards: list[int], adapter: int, hw: Hardware, method: str) ->
     own, so bytes in memory = bytes on disk) plus one shard of save_pretrained staging.
     runtime = 0.75 GiB: the peak of merging the 7 MB test model (the imports, either method).
     """
+    total, part = sum(shards), scaled_bytes(shards, adapter, method)
+    runtime, factor, basis = RUNTIME_BYTES, 1.0, MergeBudget.basis
+    if fit := calibration.merge_fit(hw, method, RUNTIME_BYTES):
+        runtime, factor, basis = fit
+    peak = int(runtime + factor * part)
+    usable = hw.ram_available_bytes + hw.swap_free_bytes
+    return MergeBudget(method, peak, total, usable, hw.disk_free_bytes, runtime, part, factor, basis)
+
+
+def scaled_bytes(shards: list[int], adapter: int, method: str) -> int:
+    """The part of the merge's peak that scales with the model: all of it but the runtime floor."""
     total, largest = sum(shards), (max(shards) if shards else 0)
     if method == "legacy":
-        peak = RUNTIME_BYTES + LEGACY_TOTAL_FACTOR * total + LEGACY_SHARD_FACTOR * largest
+        part = LEGACY_TOTAL_FACTOR * total + LEGACY_SHARD_FACTOR * largest
     else:
-        peak = RUNTIME_BYTES + EFFICIENT_TOTAL_FACTOR * total + EFFICIENT_SHARD_FACTOR * largest
-    peak = int(peak + ADAPTER_FACTOR * adapter)
-    usable = hw.ram_available_bytes + hw.swap_free_bytes
-    return MergeBudget(method, peak, total, usable, hw.disk_free_bytes)
+        part = EFFICIENT_TOTAL_FACTOR * total + EFFICIENT_SHARD_FACTOR * largest
+    return int(part + ADAPTER_FACTOR * adapter)
 
 
 def refusal(b: MergeBudget, hw: Hardware, other: MergeBudget | None = None) -> TutorWrapError:

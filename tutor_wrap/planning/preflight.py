@@ -197,7 +197,7 @@ def merge_verdicts(recipe, hw: Hardware, run_dir: Path | None = None) -> list[Ve
     ram = _verdict("merge", "RAM+swap", b.predicted_peak_rss_bytes, b.ram_swap_available_bytes,
                    _ram_remedy(hw, b.predicted_peak_rss_bytes - b.ram_swap_available_bytes),
                    f"axolotl merge-lora (memory_efficient) peaks at about 3x the largest shard plus the adapter and "
-                   f"~0.75 GiB of runtime (bench/merge_bench.py) (sizes from {w.sizes_from}); a whole-model (legacy) "
+                   f"{gib(b.runtime_bytes)} of runtime ({b.basis}) (sizes from {w.sizes_from}); a whole-model (legacy) "
                    f"merge, as in the seed report, would need {gib(legacy.predicted_peak_rss_bytes)}; RAM "
                    f"{gib(hw.ram_available_bytes)} free + swap {gib(hw.swap_free_bytes)} free")
     disk = _verdict("merge", "disk", b.disk_needed_bytes, hw.disk_free_bytes,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from tutor_wrap.backends.axolotl_merge import keep_add_flags
 from tutor_wrap.backends.merge import merge
@@ -17,6 +18,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.units import GIB
 from tutor_wrap.models.files import weight_files, write_chat_template
+from tutor_wrap.planning.calibration import FLAG_PCT
 from tutor_wrap.planning.preflight import Verdict, merge_verdicts
 from tutor_wrap.stages.base import Context, Pre, StageResult
 
@@ -60,11 +62,17 @@ def run(ctx: Context) -> StageResult:
     greedy = reference_request(ctx.resolved.heldout_examples())
     log = merge_dir / "merge.log"
     report = merge(base, out_dir, merge_dir / "model", cfg, ctx.hardware, log=log, chat_template=template,
-                   verify=verifier(base, out_dir, log, ram_budget=ctx.hardware.ram_available_bytes, greedy=greedy))
+                   verify=verifier(base, out_dir, log, ram_budget=ctx.hardware.ram_available_bytes, greedy=greedy),
+                   run=str(ctx.run.path))
     report.weights_sha256 = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
     report.save(merge_dir / "report.json")
     ctx.console.print(f"merge: {report.method}, predicted peak RSS {report.budget.predicted_peak_rss_bytes / GIB:.2f} "
                       f"GiB, measured {report.measured_peak_rss_bytes / GIB:.2f} GiB; verification "
                       + _verification_line(report.verification))
+    off = report.prediction_error_pct
+    if off is not None and abs(off) > FLAG_PCT:
+        ctx.console.print(f"[yellow]note:[/] merge: the predicted peak was {off:+.0f}% off the measured one (predicted "
+                          f"from {escape(report.budget.basis)}); the measurement is kept for this machine's next plans "
+                          "(`python -m tutor_wrap calibration`)")
     return StageResult({"model": ctx.run.rel(merge_dir / "model"), "report": ctx.run.rel(merge_dir / "report.json")},
                        info={"method": report.method})

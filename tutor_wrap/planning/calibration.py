@@ -1,0 +1,127 @@
+"""What this machine measured: every run's peaks beside the predictions, kept for the user's later plans.
+
+The store is one JSON file in the user's cache dir (`TUTOR_WRAP_CALIBRATION` names another), shared by every run
+dir and recipe; each record carries the machine and stack it was measured on (`machine_key`), and only records of
+the same key are used. A write takes a lock and replaces the file atomically: two runs finishing at once both land.
+
+Used so far: the merge's peak (budgets.predict_sizes: a runtime floor plus a part that scales with the shards, both
+published constants set at the top of the run-to-run spread), fitted to what this machine's merges measured.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+from tutor_wrap.core import atomic
+from tutor_wrap.core.hashing import fingerprint
+from tutor_wrap.machine.hardware import Hardware
+
+STACK = ("torch", "axolotl", "transformers", "peft", "bitsandbytes")
+RECENT = 3           # measurements older than the last 2 x RECENT of a kind are not used
+FLAG_PCT = 15        # a prediction further off than this is said in the run's summary
+
+
+def store_path() -> Path:
+    env = os.environ.get("TUTOR_WRAP_CALIBRATION")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tutor_wrap" / "calibration.json"
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_key(hw: Hardware) -> str | None:
+    """This machine and its stack; None for a hardware profile (a plan for another machine uses no measurement
+    from this one)."""
+    if hw.source != "probe":
+        return None
+    return fingerprint(hw.cpu_model, hw.cpu_count, round(hw.ram_total_bytes / 2**30),
+                       [(g.name, g.vram_total_bytes) for g in hw.gpus], {p: _version(p) for p in STACK})
+
+
+@contextmanager
+def _locked():
+    path = store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+
+
+def _read(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return []
+    return data.get("records", []) if isinstance(data, dict) else []
+
+
+def records(hw: Hardware | None = None) -> list[dict]:
+    """Every record, or this machine's (same key) when `hw` is given."""
+    all_ = _read(store_path())
+    if hw is None:
+        return all_
+    key = machine_key(hw)
+    return [r for r in all_ if key is not None and r.get("machine") == key]
+
+
+def record(hw: Hardware, kind: str, run: str, predicted: int, measured: int, **knobs) -> dict | None:
+    """Add one measurement (bytes) with the knobs that determine it; None when `hw` is a profile, not this machine.
+    Storing is best effort: a cache dir that cannot be written loses the measurement, not the run."""
+    key = machine_key(hw)
+    if key is None or not measured:
+        return None
+    rec = {"machine": key, "kind": kind, "run": run, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "predicted_bytes": int(predicted), "measured_bytes": int(measured), **knobs}
+    try:
+        with _locked() as path:
+            atomic.write_json(path, {"records": _read(path) + [rec]})
+    except OSError:
+        return None
+    return rec
+
+
+def reset() -> int:
+    """Forget every measurement; returns how many there were."""
+    with _locked() as path:
+        n = len(_read(path))
+        atomic.write_json(path, {"records": []})
+    return n
+
+
+def merge_fit(hw: Hardware, method: str, published_runtime: int) -> tuple[int, float, str] | None:
+    """(runtime floor, factor on the part that scales with the model, the reason) from this machine's merges by
+    `method`, or None without any. The runtime comes from the merge whose model part was the smallest (where it is
+    most of the peak), the factor from the one whose model part was the largest; one merge of a large model keeps
+    the published runtime and sets the factor, one of a tiny model sets the runtime: a measurement is never
+    stretched over the part it says little about."""
+    mine = [r for r in records(hw) if r.get("kind") == "merge" and r.get("method") == method
+            and isinstance(r.get("model_part_bytes"), int) and r["model_part_bytes"] >= 0][-2 * RECENT:]
+    if not mine:
+        return None
+    small = min(mine, key=lambda r: r["model_part_bytes"])
+    large = max(mine, key=lambda r: r["model_part_bytes"])
+    if small["model_part_bytes"] < published_runtime / 4:      # the runtime is most of that peak
+        runtime = small["measured_bytes"] - small["model_part_bytes"]
+    else:
+        runtime = published_runtime
+    factor = 1.0
+    if large["model_part_bytes"] >= published_runtime / 4:
+        factor = max(0.5, (large["measured_bytes"] - runtime) / large["model_part_bytes"])
+    runs = sorted({small["run"], large["run"]})
+    return runtime, round(factor, 3), f"measured on this machine in {', '.join(runs)}"
+
+
+def off_by(predicted: int, measured: int) -> float | None:
+    return round(100 * (predicted - measured) / measured, 1) if measured else None

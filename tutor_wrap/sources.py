@@ -22,6 +22,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import fingerprint
 from tutor_wrap.core.units import GIB
 from tutor_wrap.data import formats
+from tutor_wrap.machine.host import existing_dir
 from tutor_wrap.models.hub_cache import record_ref, snapshot
 from tutor_wrap.planning.budgets import disk_needed
 from tutor_wrap.recipe.schema import Recipe
@@ -51,18 +52,12 @@ def _pinned(recorded: dict, key: str, repo: str, revision: str) -> str:
     return rec["commit"] if rec.get("repo") == repo and rec.get("revision") == revision and rec.get("commit") else revision
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_disk(remotes: dict[str, hub.Remote], recipe: Recipe, run_dir: Path) -> None:
     """Refuse before a byte is written when the downloads plus what merge and export then write do not fit."""
     from huggingface_hub import constants
 
-    cache = _existing(Path(constants.HF_HUB_CACHE))
-    runs = _existing(run_dir)
+    cache = existing_dir(Path(constants.HF_HUB_CACHE))
+    runs = existing_dir(run_dir)
     download = sum(r.missing_bytes for r in remotes.values())
     size = (lambda n: f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / 1e6:.1f} MB")
     later = 0

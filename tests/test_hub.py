@@ -199,8 +199,11 @@ def test_ctrl_c_mid_download_stops_at_once_and_the_next_run_completes(hub, tmp_p
     hf = tmp_path / "hf"
     env = {**os.environ, "HF_HOME": str(hf), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
            "HF_HUB_DOWNLOAD_TIMEOUT": "60", "HF_HUB_ETAG_TIMEOUT": "60"}
+    # SIGINT as a terminal sends it: a runner started in the background (`make test &`) ignores it, and a child
+    # inherits that, so Python would install no KeyboardInterrupt handler; the default is restored for the child.
     proc = subprocess.Popen([sys.executable, "-m", "tutor_wrap", "fetch", str(recipe)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = 0
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:

@@ -21,6 +21,7 @@ def _cli(*args: str, store) -> subprocess.CompletedProcess:
                           env={**os.environ, "TUTOR_WRAP_CALIBRATION": str(store), "CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.e2e   # two merges through the CLI
 def test_a_merge_records_its_peak_and_the_next_prediction_says_where_it_comes_from(tiny_model, tmp_path):
     from test_merge import make_adapter
 

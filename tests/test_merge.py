@@ -56,12 +56,14 @@ def make_adapter(base: Path, out: Path, *, r: int = 8, alpha: int = 16, seed: in
     return out
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: under xdist a worker may run another module's tests between these, which would tear a module
+# fixture down and build it again (20 s each).
+@pytest.fixture(scope="session")
 def adapter(tiny_model, tmp_path_factory) -> Path:
     return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "adapter")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def merged(tiny_model, adapter, tmp_path_factory):
     """(output dir, report) of a real merge through the CLI."""
     tmp = tmp_path_factory.mktemp("merged")

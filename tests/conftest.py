@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +58,19 @@ def pytest_collection_modifyitems(config, items):
     if unlaned or module_level:
         raise pytest.UsageError(f"test modules without exactly one lane mark ({', '.join(LANES)}): "
                                 f"{', '.join(unlaned + module_level)}; add `pytestmark = pytest.mark.<lane>` to the module")
+
+
+# A real 2 MB tmpfs, for the tests of a disk that is too small (test_disk_full.py, test_hub.py).
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:   # root in a container without CAP_SYS_ADMIN
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -1,8 +1,5 @@
 """A disk that fills up during export: a real 2 MB tmpfs, the real converter and quantizer."""
 
-import os
-import subprocess
-
 import pytest
 
 from tutor_wrap.backends import llamacpp
@@ -11,20 +8,6 @@ from tutor_wrap.backends.gguf_export import convert_model, export_model
 
 pytestmark = pytest.mark.tools
 
-
-@pytest.fixture
-def small_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:   # root in a container without CAP_SYS_ADMIN
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_converter_running_out_of_disk_leaves_nothing_behind(tiny_model, small_disk, tmp_path):

@@ -104,6 +104,15 @@ def test_a_fork_bomb_and_a_disk_filler_are_contained(code, why):
     assert _gone(["-u", str(code_runs.NOBODY)]) or os.geteuid() != 0
 
 
+def test_the_error_is_the_last_exception_line_even_when_stderr_ends_torn():
+    # What a fork bomb's processes leave in the shared pipe when the sandbox kills them mid-write (seen in CI).
+    torn = ("Traceback (most recent call last):\n  File \"<string>\", line 3, in <module>\n"
+            "BlockingIOError: [Errno 11] Resource temporarily unavailable\nTraceback (most recent call last):\n")
+    assert code_runs._error_line(torn) == "BlockingIOError: [Errno 11] Resource temporarily unavailable"
+    assert code_runs._error_line("Traceback (most recent call last):\n") == "Traceback (most recent call last):"
+    assert code_runs._error_line("\n") is None
+
+
 def _gone(pgrep_args: list[str], within_s: float = 10.0) -> bool:
     """No process matches: the kernel takes the sandbox's PID namespace down with its first process, in moments."""
     import time

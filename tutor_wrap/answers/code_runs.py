@@ -58,7 +58,7 @@ _NO_NETWORK = (
 class CodeResult:
     runs: bool
     blocks: int
-    error: str | None       # the last line of the first failing block's stderr (or why nothing ran)
+    error: str | None       # the last exception line of the first failing block's stderr (or why nothing ran)
 
 
 def python_blocks(text: str) -> list[str]:
@@ -171,8 +171,15 @@ def run_block(code: str, *, confined: bool = True) -> tuple[bool, str | None]:
     # SIGKILL / SIGXCPU from the CPU-time limit: the signal itself unconfined, 128 + it through bubblewrap
     if proc.returncode in (-9, -24, 128 + 9, 128 + 24):
         return False, f"stopped by the {CPU_S} s CPU-time limit"
-    lines = [l for l in err.decode("utf-8", "replace").splitlines() if l.strip()]
-    return False, (lines[-1] if lines else f"exit {proc.returncode}")[:300]
+    return False, _error_line(err.decode("utf-8", "replace")) or f"exit {proc.returncode}"
+
+
+def _error_line(stderr: str) -> str | None:
+    """The last exception line of stderr. Not simply its last line: the processes of an answer that forks write
+    their tracebacks into one pipe, and the sandbox kills them mid-write, so stderr may end in a torn traceback."""
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    told = [l for l in lines if not l[0].isspace() and not l.startswith("Traceback (most recent call last)")]
+    return (told or lines)[-1][:300] if lines else None
 
 
 def check(text: str, *, confined: bool = True) -> CodeResult:

@@ -60,8 +60,9 @@ test:
 	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
 	$(VPY) -m pytest -q --durations=25
 
-# The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist;
-# the sandbox tests, which count the sandbox user's processes, on one: their xdist_group).
+# The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist),
+# a module's tests on one worker: the sandbox tests count the sandbox user's processes, test_merge shares one merged
+# model. Not --dist loadfile: with pytest 9.2 its xdist_group marks are silently ignored (pytest-xdist#1386).
 test-fast:
 	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
 	$(VPY) -m pytest -q -m "not e2e" -n 2 --dist loadgroup --durations=10

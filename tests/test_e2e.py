@@ -97,6 +97,31 @@ def test_training_logged_a_falling_loss(finished_run):
     assert (run / "train/loss.csv").read_text().startswith("step,loss")
 
 
+def test_training_and_merge_peaks_are_kept_beside_their_predictions(finished_run):
+    """The trainer's and the merge verification's measured peaks land in the run's records and in this machine's
+    calibration store beside what the plan and the verification predicted (planning/calibration.py)."""
+    run, _ = finished_run
+    info = json.loads((run / "manifest.json").read_text())["stages"]["train"]["info"]
+    rows = [json.loads(l) for l in (run / "train/metrics.jsonl").read_text().splitlines()]
+    peak = max(r["cpu_max_rss_bytes"] for r in rows if "cpu_max_rss_bytes" in r)
+    tokens = max(r["max_batch_tokens"] for r in rows if "max_batch_tokens" in r)
+    plan = json.loads((run / "plan.json").read_text())["plan"]
+    # the prediction kept is for the largest batch the run drew, at most the plan's worst case
+    assert 0 < tokens <= plan["micro_batch_size"] * plan["sequence_len"] == plan["ram"]["tokens"]
+    assert (info["peak_rss_bytes"], info["batch_tokens"]) == (peak, tokens)
+    store = json.loads(Path(os.environ["TUTOR_WRAP_CALIBRATION"]).read_text())["records"]
+    mine = [r for r in store if Path(r["run"]).resolve() == run.resolve()]
+    train = [r for r in mine if r["kind"] == "train-cpu"][0]     # later tests here train this run again
+    assert (train["measured_bytes"], train["predicted_bytes"], train["batch_tokens"]) == (
+        peak, info["predicted_peak_rss_bytes"], tokens)
+    assert (train["method"], train["dtype"]) == (plan["ram"]["method"], plan["ram"]["dtype"])
+    report = json.loads((run / "merge/report.json").read_text())
+    vpeak = report["verification"]["peak_rss_bytes"]
+    assert report["stage_peak_rss_bytes"] == max(vpeak, report["measured_peak_rss_bytes"])
+    verify = [r for r in mine if r["kind"] == "merge-verify"][0]
+    assert (verify["measured_bytes"], verify["predicted_bytes"]) == (vpeak, report["verification"]["logits_need_bytes"])
+
+
 def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):
     run, _ = finished_run
     f16 = llamacpp.metadata(run / "export/tiny-F16.gguf")

@@ -53,10 +53,11 @@ def test_code_writes_only_into_its_own_temporary_folder(tmp_path, monkeypatch):
 # Hostile answers, through the path eval takes (check -> the sandbox). This machine (and CI) has bubblewrap:
 # `make test` installs it; where it is missing the tests say so instead of passing on a weaker box.
 def needs_sandbox(test):
-    # One worker for all of them under `make test-fast`: they count the sandbox user's processes.
+    # They count the sandbox user's processes, so they must not run beside each other: they stay in this module,
+    # which `make test-fast` (--dist loadfile) runs on one worker.
     skip = pytest.mark.skipif(code_runs.sandbox_problem() is not None,
                               reason=f"no sandbox here: {code_runs.sandbox_problem()}")
-    return skip(pytest.mark.xdist_group("sandbox")(test))
+    return skip(test)
 TOKEN = "hf_PLANTEDsandboxTOKEN0123456789abcdef"
 
 

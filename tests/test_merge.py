@@ -26,7 +26,7 @@ from tutor_wrap.backends import merge as merge_lib
 from tutor_wrap.stages import merge as merge_stage
 
 # one worker builds the module's merged model once (under make test-fast's two workers each would build it)
-pytestmark = [pytest.mark.tools, pytest.mark.xdist_group("merge")]
+pytestmark = pytest.mark.tools
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTED = "model.layers.0.self_attn.q_proj.weight"
@@ -56,8 +56,7 @@ def make_adapter(base: Path, out: Path, *, r: int = 8, alpha: int = 16, seed: in
     return out
 
 
-# Session-scoped: under xdist a worker may run another module's tests between these, which would tear a module
-# fixture down and build it again (20 s each).
+# Built once per test session (20 s): `make test-fast` runs this module on one worker (--dist loadfile).
 @pytest.fixture(scope="session")
 def adapter(tiny_model, tmp_path_factory) -> Path:
     return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "adapter")

@@ -74,7 +74,10 @@ def cmd_calibration(args) -> int:
         table.add_column(col)
     for r in mine:
         off = calibration.off_by(r["predicted_bytes"], r["measured_bytes"])
-        table.add_row(r["time"], f"{r['kind']} {r.get('method', '')}".strip(), escape(r["run"]),
+        what = " ".join(str(r[k]) for k in ("kind", "method", "dtype") if r.get(k))
+        if r.get("batch_tokens"):
+            what += f", {r['batch_tokens']} tokens"
+        table.add_row(r["time"], escape(what), escape(r["run"]),
                       f"{r['predicted_bytes'] / 2**30:.2f} GiB", f"{r['measured_bytes'] / 2**30:.2f} GiB",
                       f"{off:+.0f}%" if off is not None else "-")
     _console().print(table)

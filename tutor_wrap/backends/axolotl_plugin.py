@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -20,18 +21,32 @@ from transformers import TrainerCallback
 from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU
 
 
-def _gpu_mem() -> dict:
+# The most tokens one forward pass has taken so far (micro-batch x padded length). Without packing a batch is as
+# long as its longest row, so a peak belongs to the batches a run happened to draw: a measurement is kept with it.
+_MAX_BATCH_TOKENS = [0]
+
+
+def _count_tokens(_module, args, kwargs) -> None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if hasattr(ids, "numel"):
+        _MAX_BATCH_TOKENS[0] = max(_MAX_BATCH_TOKENS[0], int(ids.numel()))
+
+
+def _mem() -> dict:
+    """This process's peaks so far: its RSS (what CPU training needs of the RAM; the kernel's high-water mark) and,
+    on a GPU, torch's allocated and reserved peaks (what the memory model predicts), with the largest batch seen."""
+    out = {"cpu_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}   # KiB on Linux
+    if _MAX_BATCH_TOKENS[0]:
+        out["max_batch_tokens"] = _MAX_BATCH_TOKENS[0]
     try:
         import torch
 
         if torch.cuda.is_available():
-            return {
-                "gpu_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-                "gpu_max_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-            }
+            out.update(gpu_max_allocated_bytes=int(torch.cuda.max_memory_allocated()),
+                       gpu_max_reserved_bytes=int(torch.cuda.max_memory_reserved()))
     except Exception:  # metrics must never break training
         pass
-    return {}
+    return out
 
 
 def _cpu_ranks() -> bool:
@@ -87,8 +102,11 @@ class MetricsCallback(TrainerCallback):
             fh.write(json.dumps(obj) + "\n")
             fh.flush()
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._t0 = time.time()
+        if model is not None and not getattr(model, "_tutor_wrap_counts_tokens", False):
+            model.register_forward_pre_hook(_count_tokens, with_kwargs=True)
+            model._tutor_wrap_counts_tokens = True
         self._write({"event": "begin", "step": state.global_step, "max_steps": state.max_steps,
                      "resumed_from_step": state.global_step or None, "world_size": args.world_size})
 
@@ -106,7 +124,7 @@ class MetricsCallback(TrainerCallback):
         tokens = getattr(state, "num_input_tokens_seen", 0)
         if tokens:
             row["tokens_seen"] = int(tokens)
-        row.update(_gpu_mem())
+        row.update(_mem())
         self._write(row)
 
     def on_save(self, args, state, control, **kwargs):
@@ -114,7 +132,7 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._check_ranks(args, state, model)
-        self._write({"event": "end", "step": state.global_step, "max_steps": state.max_steps})
+        self._write({"event": "end", "step": state.global_step, "max_steps": state.max_steps, **_mem()})
 
 
 class MetricsPlugin(BasePlugin):

@@ -52,13 +52,24 @@ class MergeReport:
         return self.budget.method
 
     @property
+    def verification_peak_rss_bytes(self) -> int | None:
+        return (self.verification or {}).get("peak_rss_bytes")
+
+    @property
+    def stage_peak_rss_bytes(self) -> int | None:
+        """What the stage needed of the RAM: the merge's peak or its verification's, whichever is larger (the
+        verification's fp32 logits check often is)."""
+        return max((p for p in (self.measured_peak_rss_bytes, self.verification_peak_rss_bytes) if p), default=None)
+
+    @property
     def prediction_error_pct(self) -> float | None:
         peak = self.measured_peak_rss_bytes
         return round(100 * (self.budget.predicted_peak_rss_bytes - peak) / peak, 1) if peak else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {**d.pop("budget"), **d, "prediction_error_pct": self.prediction_error_pct}
+        return {**d.pop("budget"), **d, "prediction_error_pct": self.prediction_error_pct,
+                "stage_peak_rss_bytes": self.stage_peak_rss_bytes}
 
     def save(self, path: Path) -> None:
         atomic.write_json(path, self.to_dict())
@@ -120,4 +131,9 @@ def merge(base: Path, adapter: Path, out: Path, axolotl_cfg: dict, hw: Hardware,
         # to it (planning/calibration.py).
         calibration.record(hw, "merge", run, budget.predicted_peak_rss_bytes, peak, method=budget.method,
                            model_part_bytes=budget.model_part_bytes, model_bytes=budget.disk_needed_bytes)
+    v = verification or {}
+    if v.get("peak_rss_bytes") and v.get("logits_need_bytes") and (v.get("logits") or {}).get("status") != "skipped":
+        # The verification predicts its own need and skips its logits check where that does not fit; what it
+        # measured is kept beside that prediction.
+        calibration.record(hw, "merge-verify", run, v["logits_need_bytes"], v["peak_rss_bytes"], nf4=bool(nf4))
     return report

@@ -41,6 +41,7 @@ import gc
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -296,6 +297,7 @@ def verify(base: Path, adapter: Path, merged: Path, *, ram_budget: int | None = 
     out["weights"] = check_weights(base, adapter, merged)
     need = logits_need_bytes(base, adapter)
     have = ram_for_checks(ram_budget)
+    out["logits_need_bytes"] = need
     if not logits:
         out["logits"] = {"status": "skipped", "reason": "--no-logits"}
     elif need > have:
@@ -402,6 +404,7 @@ def verify_nf4(base: Path, adapter: Path, merged: Path, compute_dtype: str, *, f
     # and below it) beside one fp32 model.
     need = int(logits_need_bytes(base, adapter) * 1.25)
     have = ram_for_checks(ram_budget)
+    out["logits_need_bytes"] = need
     if need > have:
         logits = {"status": "skipped", "reason": f"skipped: needs {need / GIB:.1f} GiB of RAM for the 4-bit and one "
                                                  f"fp32 model, {have / GIB:.1f} GiB available",
@@ -541,6 +544,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res) if args.json else f"error: {res['error']}")
         return 2
     res["seconds"] = round(time.perf_counter() - t0, 1)
+    # This process's peak: the merge stage's budget covers its verification too (the fp32 logits check is
+    # usually the larger of the two).
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
     if args.json:
         print(json.dumps(res))
     else:

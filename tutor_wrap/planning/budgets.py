@@ -100,8 +100,8 @@ def predict_sizes(shards: list[int], adapter: int, hw: Hardware, method: str) ->
     """
     total, part = sum(shards), scaled_bytes(shards, adapter, method)
     runtime, factor, basis = RUNTIME_BYTES, 1.0, MergeBudget.basis
-    if fit := calibration.merge_fit(hw, method, RUNTIME_BYTES):
-        runtime, factor, basis = fit
+    if fit := calibration.fit(hw, "merge", RUNTIME_BYTES, method=method):
+        runtime, factor, basis = fit.runtime_bytes, fit.factor, fit.basis
     peak = int(runtime + factor * part)
     usable = hw.ram_available_bytes + hw.swap_free_bytes
     return MergeBudget(method, peak, total, usable, hw.disk_free_bytes, runtime, part, factor, basis)

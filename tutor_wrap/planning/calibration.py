@@ -4,8 +4,9 @@ The store is one JSON file in the user's cache dir (`TUTOR_WRAP_CALIBRATION` nam
 dir and recipe; each record carries the machine and stack it was measured on (`machine_key`), and only records of
 the same key are used. A write takes a lock and replaces the file atomically: two runs finishing at once both land.
 
-Used so far: the merge's peak (budgets.predict_sizes: a runtime floor plus a part that scales with the shards, both
-published constants set at the top of the run-to-run spread), fitted to what this machine's merges measured.
+Used so far, each a runtime floor plus a part that scales with the model (published constants, set at the top of
+their run-to-run spread), fitted to what this machine measured: the merge's peak RSS (budgets.predict_sizes) and a
+CPU training process's peak RSS (planner.make_plan, memory.cpu_train_part).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -100,27 +102,65 @@ def reset() -> int:
     return n
 
 
-def merge_fit(hw: Hardware, method: str, published_runtime: int) -> tuple[int, float, str] | None:
-    """(runtime floor, factor on the part that scales with the model, the reason) from this machine's merges by
-    `method`, or None without any. The runtime comes from the merge whose model part was the smallest (where it is
-    most of the peak), the factor from the one whose model part was the largest; one merge of a large model keeps
-    the published runtime and sets the factor, one of a tiny model sets the runtime: a measurement is never
-    stretched over the part it says little about."""
-    mine = [r for r in records(hw) if r.get("kind") == "merge" and r.get("method") == method
+@dataclass(frozen=True)
+class Fit:
+    runtime_bytes: int       # the floor: what the process holds before any of the model
+    factor: float            # on the part that scales with the model
+    basis: str               # where the numbers come from, for the plan's reasons
+
+
+def fit(hw: Hardware, kind: str, published_runtime: int, published_factor: float = 1.0, **match) -> Fit | None:
+    """A peak predicted as `runtime + fixed part + factor x scaled part`, fitted to this machine's measurements of
+    `kind` whose knobs equal `match` (the merge method; training's method and dtype), or None without any. A
+    record's `model_part_bytes` is its scaled part (the merge's shards; training's activations and logits) and
+    `fixed_bytes` what is known exactly (training's weights and adapter states; 0 for the merge). The runtime comes
+    from the measurement with the smallest model (where it is most of the peak), the factor from the one whose
+    scaled part was the largest; one measurement of a large model keeps the published runtime and sets the factor,
+    one of a tiny model sets the runtime: a measurement is never stretched over the part it says little about."""
+    mine = [r for r in records(hw) if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items())
             and isinstance(r.get("model_part_bytes"), int) and r["model_part_bytes"] >= 0][-2 * RECENT:]
     if not mine:
         return None
-    small = min(mine, key=lambda r: r["model_part_bytes"])
+
+    def fixed(r: dict) -> int:
+        return int(r.get("fixed_bytes") or 0)
+
+    small = min(mine, key=lambda r: fixed(r) + r["model_part_bytes"])
     large = max(mine, key=lambda r: r["model_part_bytes"])
-    if small["model_part_bytes"] < published_runtime / 4:      # the runtime is most of that peak
-        runtime = small["measured_bytes"] - small["model_part_bytes"]
+    if fixed(small) + small["model_part_bytes"] < published_runtime / 4:      # the runtime is most of that peak
+        runtime = int(small["measured_bytes"] - fixed(small) - published_factor * small["model_part_bytes"])
     else:
         runtime = published_runtime
-    factor = 1.0
+    factor = published_factor
     if large["model_part_bytes"] >= published_runtime / 4:
-        factor = max(0.5, (large["measured_bytes"] - runtime) / large["model_part_bytes"])
+        factor = max(0.5, (large["measured_bytes"] - runtime - fixed(large)) / large["model_part_bytes"])
     runs = sorted({small["run"], large["run"]})
-    return runtime, round(factor, 3), f"measured on this machine in {', '.join(runs)}"
+    return Fit(runtime, round(factor, 3), f"measured on this machine in {', '.join(runs)}")
+
+
+TRUST_BOUNDS = (0.85, 1.5)    # how far one GPU run may move the memory model's figure, either way
+
+
+def gpu_trust(hw: Hardware, method: str) -> tuple[float, str] | None:
+    """What to multiply the memory model's VRAM figure by on this GPU for `method`, or None without a measurement:
+    the last finished run's measured/predicted reserved peak (bounded by TRUST_BOUNDS), and never below what an
+    out-of-memory showed: a run planned at X that ran out of a card with C usable needed more than C, so the factor
+    is at least C / X there."""
+    mine = [r for r in records(hw) if r.get("kind") == "train-gpu" and r.get("method") == method
+            and r.get("predicted_bytes")][-2 * RECENT:]
+    if not mine:
+        return None
+    ok = [r for r in mine if r.get("outcome", "ok") == "ok"]
+    trust, why = 1.0, []
+    if ok:
+        lo, hi = TRUST_BOUNDS
+        trust = min(max(ok[-1]["measured_bytes"] / ok[-1]["predicted_bytes"], lo), hi)
+        why.append(f"measured on this machine in {ok[-1]['run']}")
+    for r in (r for r in mine if r.get("outcome") == "oom"):
+        if r["measured_bytes"] / r["predicted_bytes"] > trust:
+            trust = r["measured_bytes"] / r["predicted_bytes"]
+            why.append(f"out of memory at a predicted {r['predicted_bytes'] / 2**30:.1f} GiB in {r['run']}")
+    return round(trust, 3), "; ".join(why)
 
 
 def off_by(predicted: int, measured: int) -> float | None:

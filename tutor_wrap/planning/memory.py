@@ -320,6 +320,16 @@ def estimate(arch: Architecture, knobs: Knobs) -> Breakdown:
     )
 
 
+def cpu_train_parts(arch: Architecture, knobs: Knobs) -> tuple[int, int]:
+    """A CPU training process's peak RSS beyond its runtime floor, in two parts: (fixed: the weights and the adapter
+    with its gradients and AdamW states, known exactly; per-token: activations, logits and loss, the same tensors
+    as on a GPU). Without what only a GPU has (CUDA context, caching-allocator margin, cuBLAS workspaces). The
+    per-token part is what the CPU's autograd holds least like the GPU model (planner.CPU_TOKEN_FACTOR)."""
+    b = estimate(arch, knobs)
+    fixed = b.weights_quantized + b.weights_16bit + b.adapter_params_grads_optimizer
+    return int(fixed), int(b.activations + b.logits_loss + b.grad_activation_overlap)
+
+
 def fits(arch: Architecture, knobs: Knobs, vram_bytes: int, safety: float = 0.10) -> bool:
     """True when the predicted nvidia-smi peak stays under (1 - safety) of the card."""
     return estimate(arch, knobs).total <= vram_bytes * (1.0 - safety)

@@ -62,6 +62,7 @@ class Plan:
     seconds_per_step: float | None = None
     verdict: str = "fits"           # "fits" | "impractical"
     cpu_threads: int | None = None  # CPU training: OMP_NUM_THREADS for the trainer
+    ram: dict | None = None         # CPU training: the predicted peak RSS per process and where it comes from
     choices: list[Choice] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -145,20 +146,28 @@ def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
     ladder = LADDER if n > 1 else ("none",)
     attn = "flash" if flash else "sdpa"
 
+    # This card's own measurements scale the model's figure (planning/calibration.py); 1 without any.
+    from tutor_wrap.planning import calibration
+
+    trusted = calibration.gpu_trust(hw, method)
+    trust = trusted[0] if trusted else 1.0
+    budget = vram * (1 - SAFETY)
     chosen = None
     misses = []
     for allow_q in ([False, True] if allow_qlora and method != "qlora" else [allow_qlora]):
         for sharding in ladder:
             base = _knobs(recipe, method, dtype, attn, num_gpus=n, sharding=sharding, eight_bit=eight_bit)
-            options = search(arch, base, vram, allow_qlora=allow_q, allow_flash=flash, allow_cce=cce, safety=SAFETY)
+            # The search sizes each option to the card; with a trust factor, to the card as this one measures it.
+            options = search(arch, base, int(vram / trust), allow_qlora=allow_q, allow_flash=flash, allow_cce=cce,
+                             safety=SAFETY)
             if not eight_bit:
                 # search() gives adapters an 8-bit AdamW; without a usable bitsandbytes it is the torch one
                 options = [(k2, estimate(arch, k2), w)
                            for k2, w in ((replace(k, optimizer="adamw_torch"), w) for k, _, w in options)]
-            fitting = [o for o in options if o[1].total <= vram * (1 - SAFETY)]
+            fitting = [o for o in options if o[1].total * trust <= budget]
             if t.micro_batch_size:
                 fitting = [o for o in fitting if o[0].micro_batch >= t.micro_batch_size] or fitting
-            misses += [o for o in options if o[1].total > vram * (1 - SAFETY)]
+            misses += [o for o in options if o[1].total * trust > budget]
             if fitting:
                 chosen = (sharding, fitting, misses)
                 break
@@ -170,7 +179,8 @@ def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
         where = f"{gpu.name} ({vram / GIB:.1f} GiB)" + (f" x {n} even with {k.sharding}" if n > 1 else "")
         raise TutorWrapError(
             f"{recipe.source}: no plan fits {where}: the smallest, {k.method} with "
-            f"checkpointing at micro-batch 1 and sequence {k.seq_len}, needs {br.total / GIB:.1f} GiB per GPU",
+            f"checkpointing at micro-batch 1 and sequence {k.seq_len}, needs {br.total * trust / GIB:.1f} GiB per GPU"
+            + (f" (the memory model's figure x {trust:g}: {trusted[1]})" if trusted else ""),
             hint="lower train.sequence_len, use method: qlora, a smaller lora.r, or a larger GPU"
                  + (vendor.qlora_hint if not four_bit else ""),
         )
@@ -194,6 +204,8 @@ def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
     else:
         method_why = f"{recipe.method} does not fit {vram / GIB:.0f} GiB; 4-bit NF4 base weights do"
     method = choose("method", k.method, method_why)
+    if trusted:
+        choose("memory_trust", trust, f"the memory model's VRAM figure x {trust:g}: {trusted[1]}")
     if n > 1:
         _choose_sharding(choose, sharding, n, arch, k, vram)
     choose("micro_batch_size", k.micro_batch, f"largest that fits: {why}" + (" per GPU" if n > 1 else ""))
@@ -212,7 +224,8 @@ def _gpu_plan(recipe: Recipe, hw: Hardware, choose) -> dict:
         kernels, kernels_why = True, vendor.lora_kernels_reason
     return {"method": method, "dtype": dtype, "micro": k.micro_batch, "ckpt": k.grad_ckpt, "optimizer": k.optimizer,
             "attention": "flash" if k.attn == "flash" else "sdpa", "loss": k.loss, "packing": True,
-            "memory": br.to_gib_dict(), "budget_gib": round(vram * (1 - SAFETY) / GIB, 2), "kernels": kernels,
+            "memory": {**br.to_gib_dict(), "trust": trust, "trusted_total_gib": round(br.total * trust / GIB, 3)},
+            "budget_gib": round(budget / GIB, 2), "kernels": kernels,
             "kernels_why": kernels_why, "sharding": sharding}
 
 
@@ -348,6 +361,14 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
             params = _arch_for(recipe).total_params
         except TutorWrapError:
             params = None
+        ram = cpu_train_ram(recipe, hw, method, dtype, micro * t.sequence_len, cpu_procs)
+        if ram:
+            choose("ram", f"~{ram['per_process_bytes'] / GIB:.1f} GiB" + (f" x {cpu_procs} processes" if cpu_procs > 1
+                                                                         else ""),
+                   f"peak RSS of a training process: {ram['runtime_bytes'] / GIB:.2f} GiB runtime + "
+                   f"{ram['fixed_bytes'] / GIB:.2f} GiB of weights and adapter with AdamW states + {ram['factor']:g} x "
+                   f"{ram['model_part_bytes'] / GIB:.2f} GiB of activations and logits for {micro} x "
+                   f"{t.sequence_len} tokens in {dtype}; {ram['basis']}")
         if params:
             cores = threads * cpu_procs
             seconds = cpu_seconds_per_step(params, micro * t.sequence_len, cores)
@@ -367,8 +388,49 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
         gradient_checkpointing=ckpt, optimizer=opt, attention=attn, sample_packing=packing,
         sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=procs, sharding=sharding,
         memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
-        cpu_threads=None if on_gpu else threads,
+        cpu_threads=None if on_gpu else threads, ram=None if on_gpu else ram,
     )
+
+
+# A CPU training process's peak RSS = runtime + weights and adapter states + CPU_TOKEN_FACTOR x the memory model's
+# activations and logits. Runtime: Python, torch, transformers, Axolotl, accelerate and the dataset pipeline. Both
+# from bench/calibration.py --stage train (fp32 LoRA r16 on all linear layers, 2026-12-04, an AMD EPYC with
+# AVX-512, torch 2.13 CPU): the tiny model's peak (0.91 GiB at 868 tokens per batch) is nearly all runtime, and
+# SmolLM2-135M's peaks at 106, 556 and 1288 tokens (1.77, 3.40, 6.06 GiB) lie on one line of 1.26 x the memory
+# model's activations and logits (which counts what a GPU keeps; the CPU's attention and loss keep more) above a
+# runtime of 0.81-0.82 GiB. Set a little above both, so that the first prediction errs on the safe side; what
+# this machine measures replaces them (planning/calibration.py).
+CPU_TRAIN_RUNTIME_BYTES = int(0.85 * GIB)
+CPU_TOKEN_FACTOR = 1.3
+CPU_TRAIN_BASIS = "the memory model's tensors, the published CPU runtime and per-token factor (bench/calibration.py)"
+
+
+def cpu_train_ram(recipe: Recipe, hw: Hardware, method: str, dtype: str, tokens: int, procs: int = 1) -> dict | None:
+    """The predicted peak RSS of each CPU training process whose largest micro-batch holds `tokens` tokens (the
+    plan: micro-batch x sequence length; a finished run: the largest batch it drew). None for a model the catalog
+    cannot size."""
+    from dataclasses import replace
+
+    from tutor_wrap.planning import calibration
+    from tutor_wrap.planning.memory import cpu_train_parts
+
+    try:
+        arch = _arch_for(recipe)
+    except TutorWrapError:
+        return None
+    # Tokens as one sequence: with SDPA (no seq x seq scores) and no packing every tensor counted grows with the
+    # batch's tokens, however they split into rows.
+    knobs = replace(_knobs(recipe, method, dtype, "sdpa", eight_bit=False), micro_batch=1, seq_len=max(1, tokens),
+                    packing=False)
+    fixed, per_token = cpu_train_parts(arch, knobs)
+    runtime, factor, basis = CPU_TRAIN_RUNTIME_BYTES, CPU_TOKEN_FACTOR, CPU_TRAIN_BASIS
+    if fit := calibration.fit(hw, "train-cpu", CPU_TRAIN_RUNTIME_BYTES, CPU_TOKEN_FACTOR, method=method, dtype=dtype):
+        runtime, factor, basis = fit.runtime_bytes, fit.factor, fit.basis
+    return {"per_process_bytes": int(runtime + fixed + factor * per_token), "processes": procs, "runtime_bytes": runtime,
+            "fixed_bytes": fixed, "model_part_bytes": per_token, "factor": factor, "basis": basis, "method": method,
+            "dtype": dtype,
+            "tokens": tokens,
+            "predicts": "the peak RSS of each training process (the kernel's high-water mark)"}
 
 
 def _check_processes(hw: Hardware, processes: int | None) -> None:

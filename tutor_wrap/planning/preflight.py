@@ -147,7 +147,7 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
     except TutorWrapError as exc:
         return Verdict("train", "won't fit", str(exc).splitlines()[0], remedy=getattr(exc, "hint", None))
     if plan.memory:
-        need = plan.memory["total_gib"] * GIB
+        need = plan.memory.get("trusted_total_gib", plan.memory["total_gib"]) * GIB
         have = plan.budget_gib / (1 - SAFETY) * GIB
         return _verdict("train", "VRAM", int(need), int(have), None,
                         f"{plan.method}, micro-batch {plan.micro_batch_size}, grad ckpt "
@@ -156,8 +156,15 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
     if plan.verdict == "impractical":
         return Verdict("train", "won't fit", f"CPU training impractical: ~{plan.seconds_per_step:.0f} s per optimizer "
                        "micro-step", remedy="train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)")
-    return Verdict("train", "fits", "CPU training" + (f": ~{plan.seconds_per_step:.0f} s per step"
-                                                      if plan.seconds_per_step else ""))
+    step = f", ~{plan.seconds_per_step:.0f} s per step" if plan.seconds_per_step else ""
+    if plan.ram:
+        each, n = plan.ram["per_process_bytes"], plan.ram["processes"]
+        return _verdict("train", "RAM", each * n, hw.ram_available_bytes,
+                        f"lower train.micro_batch_size (now {plan.micro_batch_size}) or train.sequence_len (now "
+                        f"{plan.sequence_len}), or close programs that hold RAM",
+                        f"CPU training: {gib(each)} peak RSS" + (f" x {n} processes" if n > 1 else "")
+                        + f" ({plan.ram['basis']}){step}")
+    return Verdict("train", "fits", "CPU training" + step)
 
 
 @dataclass(frozen=True)

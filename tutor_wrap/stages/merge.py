@@ -66,9 +66,13 @@ def run(ctx: Context) -> StageResult:
                    run=str(ctx.run.path))
     report.weights_sha256 = {p.name: file_sha256(p) for p in weight_files(merge_dir / "model")}
     report.save(merge_dir / "report.json")
+    vpeak = report.verification_peak_rss_bytes
     ctx.console.print(f"merge: {report.method}, predicted peak RSS {report.budget.predicted_peak_rss_bytes / GIB:.2f} "
                       f"GiB, measured {report.measured_peak_rss_bytes / GIB:.2f} GiB; verification "
-                      + _verification_line(report.verification))
+                      + _verification_line(report.verification)
+                      + (f", its peak RSS {vpeak / GIB:.2f} GiB (predicted "
+                         f"{report.verification['logits_need_bytes'] / GIB:.2f})" if vpeak and
+                         report.verification.get("logits_need_bytes") else ""))
     off = report.prediction_error_pct
     if off is not None and abs(off) > FLAG_PCT:
         ctx.console.print(f"[yellow]note:[/] merge: the predicted peak was {off:+.0f}% off the measured one (predicted "

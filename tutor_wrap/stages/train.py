@@ -15,7 +15,9 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.proc import append_log, tool_env
 from tutor_wrap.machine.vendors import hide_all_gpus
-from tutor_wrap.planning.planner import Plan
+from tutor_wrap.core.units import GIB
+from tutor_wrap.planning import calibration
+from tutor_wrap.planning.planner import Plan, cpu_train_ram
 from tutor_wrap.planning.preflight import Verdict, train_verdict
 from tutor_wrap.runtime.progress import TrainProgress
 from tutor_wrap.stages.base import Context, Pre, StageResult
@@ -91,6 +93,7 @@ def run(ctx: Context) -> StageResult:
             f"({r.get('why') or 'trainable-weight hashes ' + ', '.join(map(str, r.get('digests') or []))}): each "
             "rank trained alone and the adapter is one rank's", hint="train with one process (leave --num-processes "
                                                                      f"out) and report this with {log}")
+    measured = _record_gpu_peak(ctx, plan, rows, attempts) if plan.memory else _record_peak(ctx, plan, rows)
     losses = [loss for _, loss in loss_points(rows)]
     k = max(1, min(5, len(losses) // 3))  # single steps are noisy: compare the means of the first and last few
     artifacts = {"output_dir": ctx.run.rel(out_dir), "log": ctx.run.rel(log), "metrics": ctx.run.rel(metrics_path),
@@ -105,4 +108,55 @@ def run(ctx: Context) -> StageResult:
         "processes": plan.num_processes,
         # the steps at which every rank's trainable weights were compared and found identical
         "ranks_in_sync_at": [r["step"] for r in ranks],
+        **measured,
     })
+
+
+def _record_gpu_peak(ctx: Context, plan: Plan, rows: list[dict], attempts: list[dict]) -> dict:
+    """On a GPU: the trainer's reserved peak (rank 0's) beside the memory model's, and an out-of-memory of the
+    plan's own knobs as a lower bound (it needed more than the card had), kept for this card's next plans."""
+    mem = plan.memory
+    predicted = int(mem["reserved_gib"] * GIB)
+    knobs = {"method": plan.method, "micro_batch_size": plan.micro_batch_size, "sequence_len": plan.sequence_len,
+             "gradient_checkpointing": plan.gradient_checkpointing}
+    run = str(ctx.run.path)
+    first = attempts[0] if attempts else {}
+    if first.get("outcome") == "out of memory" and first.get("micro_batch_size") == plan.micro_batch_size:
+        usable = min(g.vram_total_bytes for g in ctx.hardware.gpus) - int((mem["total_gib"] - mem["reserved_gib"]) * GIB)
+        calibration.record(ctx.hardware, "train-gpu", run, predicted, usable, outcome="oom", **knobs)
+    peak = max((int(r["gpu_max_reserved_bytes"]) for r in rows if r.get("gpu_max_reserved_bytes")), default=0)
+    last = attempts[-1] if attempts else {}
+    if not peak or last.get("micro_batch_size", plan.micro_batch_size) != plan.micro_batch_size:
+        return {"gpu_peak_reserved_bytes": peak or None}      # a smaller notch ran: not what the plan predicted
+    calibration.record(ctx.hardware, "train-gpu", run, predicted, peak, outcome="ok", **knobs)
+    off = calibration.off_by(predicted, peak)
+    if off is not None and abs(off) > calibration.FLAG_PCT:
+        ctx.console.print(f"[yellow]note:[/] train: the memory model's reserved peak ({predicted / GIB:.2f} GiB) was "
+                          f"{off:+.0f}% off the measured {peak / GIB:.2f} GiB; the next plans on this card are scaled "
+                          "by it (`python -m tutor_wrap calibration`)")
+    return {"gpu_peak_reserved_bytes": peak, "predicted_reserved_bytes": predicted, "prediction_off_pct": off}
+
+
+def _record_peak(ctx: Context, plan: Plan, rows: list[dict]) -> dict:
+    """The trainer's measured peak RSS beside the prediction for the largest batch it drew (the plan's is for the
+    worst batch, micro-batch x sequence length, which a short run may never draw), kept for this machine's next
+    plans (planning/calibration.py) and noted when far off. Rank 0's: the ranks hold the same."""
+    peak = max((int(r["cpu_max_rss_bytes"]) for r in rows if r.get("cpu_max_rss_bytes")), default=0)
+    tokens = max((int(r["max_batch_tokens"]) for r in rows if r.get("max_batch_tokens")), default=0)
+    if not peak or not plan.ram or not tokens:
+        return {"peak_rss_bytes": peak or None}
+    ram = plan.ram
+    seen = cpu_train_ram(ctx.recipe, ctx.hardware, ram["method"], ram["dtype"], tokens) or ram
+    predicted = seen["per_process_bytes"]
+    calibration.record(ctx.hardware, "train-cpu", str(ctx.run.path), predicted, peak, method=ram["method"],
+                       dtype=ram["dtype"], model_part_bytes=seen["model_part_bytes"], fixed_bytes=seen["fixed_bytes"],
+                       batch_tokens=tokens,
+                       micro_batch_size=plan.micro_batch_size, sequence_len=plan.sequence_len)
+    off = calibration.off_by(predicted, peak)
+    if off is not None and abs(off) > calibration.FLAG_PCT:
+        ctx.console.print(f"[yellow]note:[/] train: the predicted peak RSS for its largest batch ({tokens} tokens: "
+                          f"{predicted / GIB:.2f} GiB) was {off:+.0f}% off the measured {peak / GIB:.2f} GiB (predicted "
+                          f"from {escape(seen['basis'])}); the measurement is kept for this machine's next plans "
+                          "(`python -m tutor_wrap calibration`)")
+    return {"peak_rss_bytes": peak, "batch_tokens": tokens, "predicted_peak_rss_bytes": predicted,
+            "prediction_off_pct": off}

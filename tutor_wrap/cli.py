@@ -84,6 +84,39 @@ def cmd_calibration(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from tutor_wrap.compare import find_runs, summary_row
+    from tutor_wrap.runtime.compare_report import runs_table
+
+    rows = [summary_row(r) for r in find_runs(args.dir)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no run dirs in {args.dir} (a run dir holds the manifest.json that `run` writes)")
+    else:
+        _console().print(runs_table(rows, STAGES))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tutor_wrap.compare import compare, write_report
+    from tutor_wrap.runtime.compare_report import tables
+
+    comp = compare(args.runs)
+    out = args.out or comp.runs[0].path.parent / ("compare-" + "-vs-".join(r.path.name for r in comp.runs))
+    files = write_report(comp, out)
+    if args.json:
+        print(json.dumps({**comp.to_dict(), "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        return 0
+    console = _console()
+    for t in tables(comp.to_dict()):
+        console.print(t)
+    from rich.markup import escape
+
+    console.print(f"page: {escape(str(files['html']))}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
     from tutor_wrap.pipeline import plan_for
@@ -321,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reset", action="store_true", help="forget every measurement")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibration)
+
+    rs = sub.add_parser("runs", help="list the run dirs in a folder: recipe, stages done, time, primary metric")
+    rs.add_argument("dir", type=_path, nargs="?", default=Path("runs"))
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_runs)
+
+    cp = sub.add_parser("compare", help="two or more runs: what differs, loss curves, eval metrics, and the paired "
+                                        "test between their fine-tuned models (against the first run)")
+    cp.add_argument("runs", type=_path, nargs="+", metavar="RUN_DIR")
+    cp.add_argument("--out", type=_path, default=None,
+                    help="where compare.html, compare.json and loss.png go (default: compare-A-vs-B beside the first run)")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(func=cmd_compare)
 
     e = sub.add_parser("eval", help="compare base and fine-tuned GGUFs on the recipe's held-out prompts")
     e.add_argument("run_dir", type=_path)

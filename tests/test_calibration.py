@@ -121,12 +121,7 @@ def test_a_cpu_plan_predicts_training_ram_and_preflight_refuses_what_does_not_fi
 
     store = tmp_path / "store.json"
     monkeypatch.setenv("TUTOR_WRAP_CALIBRATION", str(store))
-    recipe_path = tmp_path / "r.yml"
-    recipe_path.write_text(f"name: r\nbase_model: {tiny_model}\ndataset: {{path: d.jsonl, format: alpaca}}\n"
-                           "method: lora\ntrain: {sequence_len: 256, micro_batch_size: 4, batch_size: 4}\n"
-                           "ollama: {model: r}\n")
-    (tmp_path / "d.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(_tiny_recipe(tmp_path, tiny_model))
     hw = replace(probe(), gpus=[])
     plan = make_plan(recipe, hw)
     published = plan.ram
@@ -139,10 +134,21 @@ def test_a_cpu_plan_predicts_training_ram_and_preflight_refuses_what_does_not_fi
     # the prediction moves by exactly what the measured floor differs from the published one
     assert mine["per_process_bytes"] - published["per_process_bytes"] == floor - CPU_TRAIN_RUNTIME_BYTES
     assert train_verdict(recipe, hw).verdict == "fits"
-    short = replace(hw, ram_available_bytes=mine["per_process_bytes"] // 2)
+    # less RAM than the recipe's micro-batch needs: plan and preflight refuse alike, naming the knobs
+    from tutor_wrap.planning.planner import cpu_train_ram
+
+    one = cpu_train_ram(recipe, hw, plan.method, plan.dtype, 1 * plan.sequence_len)["per_process_bytes"]
+    short = replace(hw, ram_available_bytes=(one + mine["per_process_bytes"]) // 2)
+    with pytest.raises(TutorWrapError, match="CPU training at micro-batch 4 .* of RAM") as refused:
+        make_plan(recipe, short)
+    assert "train.micro_batch_size" in refused.value.hint and "train.sequence_len" in refused.value.hint
     v = train_verdict(recipe, short)
-    assert (v.verdict, v.resource, v.needs_bytes) == ("won't fit", "RAM", mine["per_process_bytes"])
-    assert "micro_batch_size (now 4)" in v.remedy and "sequence_len" in v.remedy
+    assert v.verdict == "won't fit" and "micro-batch 4" in v.why and "train.micro_batch_size" in v.remedy
+    # without a micro-batch in the recipe the plan lowers its own until the prediction fits, and says so
+    free = recipe.model_copy(update={"train": recipe.train.model_copy(update={"micro_batch_size": None})})
+    lowered = make_plan(free, short)
+    assert lowered.micro_batch_size < 4 and lowered.ram["per_process_bytes"] <= short.ram_available_bytes
+    assert any(c.knob == "micro_batch_size" and "lowered from 4" in c.reason for c in lowered.choices)
 
 
 def test_a_gpu_runs_measurement_scales_the_next_plan_and_an_out_of_memory_lowers_trust(monkeypatch, tmp_path):
@@ -195,3 +201,29 @@ def test_a_gpu_runs_measurement_scales_the_next_plan_and_an_out_of_memory_lowers
     store.write_text(json.dumps({"records": [rec("run-oom", 10 * g, 11 * g, "oom", on=small)]}))
     with pytest.raises(TutorWrapError, match=r"x 1\.1: out of memory at a predicted 10\.0 GiB in run-oom"):
         make_plan(recipe, small)
+
+
+def _tiny_recipe(tmp_path, tiny_model):
+    recipe_path = tmp_path / "r.yml"
+    recipe_path.write_text(f"name: r\nbase_model: {tiny_model}\ndataset: {{path: d.jsonl, format: alpaca}}\n"
+                           "method: lora\ntrain: {sequence_len: 256, micro_batch_size: 4, batch_size: 4}\n"
+                           "ollama: {model: r}\n")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
+    return recipe_path
+
+
+def test_a_damaged_store_is_said_not_used_and_reset_repairs_it(tmp_path, tiny_model):
+    store = tmp_path / "store.json"
+    store.write_text('{"records": ["x", {"machine": "m"}]}')
+    shown = _cli("calibration", store=store)
+    assert shown.returncode == 1 and "damaged" in shown.stderr and "--reset" in shown.stderr
+    assert "Traceback" not in shown.stderr
+    # a plan reads past it (a cache must not stop a plan): the published constants
+    planned = _cli("plan", str(_tiny_recipe(tmp_path, tiny_model)), "--no-validate", "--json", store=store)
+    assert planned.returncode == 0, planned.stderr
+    assert "published" in json.loads(planned.stdout[planned.stdout.index("{"):])["plan"]["ram"]["basis"]
+    reset = _cli("calibration", "--reset", "--json", store=store)
+    assert reset.returncode == 0 and json.loads(reset.stdout)["forgot"] == 0 and json.loads(reset.stdout)["was_damaged"]
+    assert _cli("calibration", store=store).returncode == 0
+    empty = _cli("calibration", "--reset", store="")
+    assert empty.returncode == 1 and "TUTOR_WRAP_CALIBRATION is set but empty" in empty.stderr

@@ -85,8 +85,53 @@ def test_compare_refuses_what_cannot_be_compared(two_runs, tmp_path):
     (other / "eval/report.json").write_text(json.dumps(report))
     for args, says in (([str(good), str(other)], "different quant_type (Q4_K_M and Q8_0)"),
                        ([str(good), str(tmp_path)], "is not a run dir"),
-                       ([str(good), str(good)], "named twice"),
-                       ([str(good)], "two or more run dirs")):
+                       ([str(good), str(good) + "/"], "is the same run dir as")):
         proc = cli("compare", *args, "--out", str(tmp_path / "never"))
         assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    one = cli("compare", str(good), "--out", str(tmp_path / "never"))      # an argument error, as argparse's are
+    assert one.returncode == 2 and "two or more run dirs" in one.stderr
     assert not (tmp_path / "never").exists()
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns("*.gguf", "model", "out", "prepared"))
+    return to
+
+
+def test_damaged_run_files_are_named_not_tracebacks(two_runs, tmp_path):
+    good = two_runs / "good"
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    _copy(good, folder / "fine")
+    (_copy(good, folder / "listy") / "manifest.json").write_text("[1]")
+    listed = cli("runs", str(folder), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {Path(r["path"]).name: r for r in json.loads(listed.stdout)}
+    assert rows["fine"]["stages"]["eval"]["status"] == "done"      # one damaged run does not hide the others
+    assert rows["listy"]["stages"] is None and "not a manifest tutor_wrap wrote" in rows["listy"]["notes"][0]
+    for name, damage, says in (("report", ("eval/report.json", "{"), "report.json: not valid JSON"),
+                               ("yaml", ("axolotl.yml", "a: [\n"), "axolotl.yml: not valid YAML"),
+                               ("shape", ("eval/report.json", "[]"), "not an eval report tutor_wrap wrote")):
+        bad = _copy(good, tmp_path / name)
+        (bad / damage[0]).write_text(damage[1])
+        proc = cli("compare", str(good), str(bad), "--out", str(tmp_path / f"out-{name}"))
+        assert proc.returncode == 1 and says in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+
+
+def test_the_page_goes_beside_the_runs_never_into_one(two_runs, tmp_path):
+    good, weak = _copy(two_runs / "good", tmp_path / "good"), _copy(two_runs / "weak", tmp_path / "weak")
+    before = sorted(p.relative_to(good) for p in good.rglob("*"))
+    for inside in (good, good / "train", weak / "eval" / "new"):
+        proc = cli("compare", str(good), str(weak), "--out", str(inside))
+        assert proc.returncode == 1 and "inside the run dir" in proc.stderr, proc.stderr
+    assert sorted(p.relative_to(good) for p in good.rglob("*")) == before
+    # started from inside a run dir, the default is still beside the runs
+    proc = subprocess.run([sys.executable, "-m", "tutor_wrap", "compare", ".", "../weak"], cwd=good,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "compare-good-vs-weak" / "compare.html").is_file()
+    # the sentence gives the second run's pass rate first, as it reads ("B against A ... B's against A's")
+    (p,) = json.loads((tmp_path / "compare-good-vs-weak" / "compare.json").read_text())["paired"]
+    b_ci, a_ci = (f"{p[k][0]:.2f}-{p[k][1]:.2f}" for k in ("b_ci95", "a_ci95"))
+    assert f"pass rate (95% interval) {b_ci} against {a_ci}" in proc.stdout.replace("\n", " ").replace("│", " ") \
+        or f"{b_ci} against {a_ci}" in (tmp_path / "compare-good-vs-weak" / "compare.html").read_text()

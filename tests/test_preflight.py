@@ -136,8 +136,11 @@ def test_preflight_judges_the_plan_that_plan_makes(tmp_path):
     from tutor_wrap.recipe.resolve import Inputs, Resolved
     from tutor_wrap.planning.planner import make_plan
 
+    from dataclasses import replace
+
     base = fake_model(tmp_path / "m")
-    r, hw = recipe(base, method="lora"), profiles.load_profile("cpu-only")
+    # RAM enough for the fake model's fp32 training: the time per step is what this test reads
+    r, hw = recipe(base, method="lora"), replace(profiles.load_profile("cpu-only"), ram_available_bytes=2**40)
     resolved = Resolved(r, formats.get("alpaca"), None, None, None, None)   # the lengths are what counts here
     inputs = Inputs(resolved, Dataset(path=None, rows=[], warnings=[]), [100] * 8, eval_prompt_lengths=[(1, 40)])
     measured = make_plan(r, hw, inputs.lengths, eval_prompt=inputs.longest_eval_prompt)

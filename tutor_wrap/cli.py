@@ -60,9 +60,18 @@ def cmd_calibration(args) -> int:
     from tutor_wrap.machine.profiles import resolve_hardware
     from tutor_wrap.planning import calibration
 
+    damaged = calibration.problem()
     if args.reset:
-        print(f"forgot {calibration.reset()} measurements ({calibration.store_path()})")
+        if damaged and calibration.store_path().is_dir():
+            raise TutorWrapError(damaged, hint="remove it or point TUTOR_WRAP_CALIBRATION at a file")
+        n = calibration.reset()
+        print(json.dumps({"store": str(calibration.store_path()), "forgot": n, "was_damaged": damaged}) if args.json
+              else f"forgot {n} measurements ({calibration.store_path()})"
+              + (f"; it was damaged ({damaged}) and is now an empty store" if damaged else ""))
         return 0
+    if damaged:
+        raise TutorWrapError(f"the calibration store is damaged: {damaged}; plans use only its valid records",
+                             hint="`python -m tutor_wrap calibration --reset` replaces it with an empty store")
     hw = resolve_hardware("auto")
     mine = calibration.records(hw)
     if args.json:
@@ -77,7 +86,7 @@ def cmd_calibration(args) -> int:
         what = " ".join(str(r[k]) for k in ("kind", "method", "dtype") if r.get(k))
         if r.get("batch_tokens"):
             what += f", {r['batch_tokens']} tokens"
-        table.add_row(r["time"], escape(what), escape(r["run"]),
+        table.add_row(escape(str(r.get("time", "?"))), escape(what), escape(r["run"]),
                       f"{r['predicted_bytes'] / 2**30:.2f} GiB", f"{r['measured_bytes'] / 2**30:.2f} GiB",
                       f"{off:+.0f}%" if off is not None else "-")
     _console().print(table)
@@ -85,26 +94,27 @@ def cmd_calibration(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from tutor_wrap.compare import find_runs, summary_row
+    from tutor_wrap.compare import find_runs
     from tutor_wrap.runtime.compare_report import runs_table
 
-    rows = [summary_row(r) for r in find_runs(args.dir)]
+    from rich.markup import escape
+
+    rows = find_runs(args.dir)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
         print(f"no run dirs in {args.dir} (a run dir holds the manifest.json that `run` writes)")
     else:
-        _console().print(runs_table(rows, STAGES))
+        _console().print(runs_table(rows, STAGES, title=f"runs in {escape(str(args.dir))}"))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from tutor_wrap.compare import compare, write_report
+    from tutor_wrap.compare import compare, default_out, write_report
     from tutor_wrap.runtime.compare_report import tables
 
     comp = compare(args.runs)
-    out = args.out or comp.runs[0].path.parent / ("compare-" + "-vs-".join(r.path.name for r in comp.runs))
-    files = write_report(comp, out)
+    files = write_report(comp, args.out or default_out(comp))
     if args.json:
         print(json.dumps({**comp.to_dict(), "files": {k: str(v) for k, v in files.items()}}, indent=2))
         return 0
@@ -403,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"   # before huggingface_hub is imported: it reads this once
     if args.func is cmd_run and (problem := run_args_problem(args)):
         parser.error(problem)   # exit 2, like every other bad argument
+    if args.func is cmd_compare and len(args.runs) < 2:
+        parser.error("compare needs two or more run dirs (the first is the one the others are set against)")
     try:
         return args.func(args)
     except TutorWrapError as exc:
@@ -417,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         # traceback; each stage's own checks catch what they can foresee before this.
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}\n  fix: check that you can write there (permissions, free "
-              "space, a read-only mount), or choose another place (--run-dir)", file=sys.stderr)
+              "space, a read-only mount), or choose another place (--run-dir, --out)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; the same command again resumes (finished stages, checkpoints and the downloaded part of a "

@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tutor_wrap.core import atomic
+from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import fingerprint
 from tutor_wrap.machine.hardware import Hardware
 
@@ -31,7 +32,10 @@ FLAG_PCT = 15        # a prediction further off than this is said in the run's s
 
 def store_path() -> Path:
     env = os.environ.get("TUTOR_WRAP_CALIBRATION")
-    if env:
+    if env is not None:
+        if not env.strip():
+            raise TutorWrapError("TUTOR_WRAP_CALIBRATION is set but empty (is a shell variable unset?)",
+                                 hint="unset it to use ~/.cache/tutor_wrap/calibration.json, or name a file")
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tutor_wrap" / "calibration.json"
 
@@ -61,12 +65,41 @@ def _locked():
         yield path
 
 
+_NEEDED = {"machine": str, "kind": str, "run": str, "predicted_bytes": int, "measured_bytes": int}
+
+
+def _valid(r: object) -> bool:
+    return isinstance(r, dict) and all(isinstance(r.get(k), t) and not isinstance(r.get(k), bool)
+                                       for k, t in _NEEDED.items())
+
+
+def problem(path: Path | None = None) -> str | None:
+    """What is wrong with the store file (None: absent, or a store of records). A damaged store is read as its valid
+    records: a cache must not stop a plan, but `calibration` says so."""
+    path = path or store_path()
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except IsADirectoryError:
+        return f"{path} is a folder, not a file"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    except ValueError as exc:
+        return f"{path} is not valid JSON ({exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        return f"{path} is not a calibration store (a JSON object with a list of records)"
+    bad = sum(1 for r in data["records"] if not _valid(r))
+    return f"{path}: {bad} of its {len(data['records'])} records are not measurements tutor_wrap wrote" if bad else None
+
+
 def _read(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):
         return []
-    return data.get("records", []) if isinstance(data, dict) else []
+    records = data.get("records") if isinstance(data, dict) else None
+    return [r for r in records if _valid(r)] if isinstance(records, list) else []
 
 
 def records(hw: Hardware | None = None) -> list[dict]:

@@ -331,9 +331,11 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
         else:
             choose("method", method, "as the recipe asks")
         dtype = choose("dtype", *cpu_dtype(hw.cpu_flags))
-        micro = choose("micro_batch_size", t.micro_batch_size or max(1, min(t.batch_size // cpu_procs, 4)),
-                       "as the recipe asks" if t.micro_batch_size else "CPU default: small batches, no VRAM to fill"
-                       + (f", {cpu_procs} processes sharing batch_size {t.batch_size}" if cpu_procs > 1 else ""))
+        micro, ram, lowered = _cpu_micro_batch(recipe, hw, method, dtype, cpu_procs)
+        micro = choose("micro_batch_size", micro,
+                       "as the recipe asks" if t.micro_batch_size else ("CPU default: small batches, no VRAM to fill"
+                       + (f", {cpu_procs} processes sharing batch_size {t.batch_size}" if cpu_procs > 1 else "")
+                       + (f"; {lowered}" if lowered else "")))
         if micro * cpu_procs > t.batch_size:
             # each process takes at least one micro-batch per step: the batch would silently grow
             raise TutorWrapError(f"{recipe.source}: train.batch_size {t.batch_size} is smaller than {cpu_procs} "
@@ -361,7 +363,6 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
             params = _arch_for(recipe).total_params
         except TutorWrapError:
             params = None
-        ram = cpu_train_ram(recipe, hw, method, dtype, micro * t.sequence_len, cpu_procs)
         if ram:
             choose("ram", f"~{ram['per_process_bytes'] / GIB:.1f} GiB" + (f" x {cpu_procs} processes" if cpu_procs > 1
                                                                          else ""),
@@ -403,6 +404,42 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
 CPU_TRAIN_RUNTIME_BYTES = int(0.85 * GIB)
 CPU_TOKEN_FACTOR = 1.3
 CPU_TRAIN_BASIS = "the memory model's tensors, the published CPU runtime and per-token factor (bench/calibration.py)"
+
+
+def _cpu_micro_batch(recipe: Recipe, hw: Hardware, method: str, dtype: str, procs: int) -> tuple[int, dict | None, str]:
+    """(micro-batch, its RAM prediction, why it was lowered) for CPU training: the recipe's, or up to 4 lowered
+    until every process's predicted peak RSS fits the free RAM. A plan that cannot fit is refused here, as a GPU
+    plan that fits no card is: preflight's verdict and the plan say the same."""
+    t = recipe.train
+    wanted = t.micro_batch_size or max(1, min(t.batch_size // procs, 4))
+    free = hw.ram_available_bytes
+
+    def need(m: int) -> dict | None:
+        return cpu_train_ram(recipe, hw, method, dtype, m * t.sequence_len, procs)
+
+    micro, ram = wanted, need(wanted)
+    if ram is None or ram["per_process_bytes"] * procs <= free:
+        return micro, ram, ""
+    while not t.micro_batch_size and micro > 1 and ram["per_process_bytes"] * procs > free:
+        micro -= 1
+        ram = need(micro)
+    each = f"{ram['per_process_bytes'] / GIB:.1f} GiB" + (f" x {procs} processes" if procs > 1 else "")
+    if ram["per_process_bytes"] * procs <= free:
+        return micro, ram, (f"lowered from {wanted}: at {micro} training needs {each} of the {free / GIB:.1f} GiB "
+                            f"of RAM free ({hw.source})")
+    params = _arch_for(recipe).total_params
+    if cpu_seconds_per_step(params, micro * t.sequence_len, cpu_threads(hw)[0]) > IMPRACTICAL_S_PER_STEP:
+        raise TutorWrapError(
+            f"{recipe.source}: CPU training at micro-batch {micro} and sequence {t.sequence_len} needs {each} of RAM "
+            f"(predicted peak RSS), {free / GIB:.1f} GiB free ({hw.source}), and would be impractical anyway "
+            f"({params / 1e9:.1f}B parameters on {cpu_threads(hw)[0]} cores)",
+            hint="train on a GPU (`plan RECIPE --hardware rtx3060-12gb` shows one)")
+    raise TutorWrapError(
+        f"{recipe.source}: CPU training at micro-batch {micro} and sequence {t.sequence_len} needs {each} of RAM "
+        f"(predicted peak RSS, {ram['basis']}), {free / GIB:.1f} GiB free ({hw.source})",
+        hint=", ".join((["lower train.micro_batch_size"] if t.micro_batch_size and micro > 1 else [])
+                       + ["lower train.sequence_len"] + (["use fewer processes"] if procs > 1 else [])
+                       + ["or close programs that hold RAM"]))
 
 
 def cpu_train_ram(recipe: Recipe, hw: Hardware, method: str, dtype: str, tokens: int, procs: int = 1) -> dict | None:

@@ -43,7 +43,8 @@ def hardware_findings(hw: Hardware, wsl: dict | None = None) -> list[Finding]:
                                "VRAM free; other processes hold the rest", f"close them ({by_name(g.vendor).smi} lists them)"))
     if hw.disk_free_bytes < LOW_DISK:
         out.append(Finding("warning", f"only {gib(hw.disk_free_bytes)} of disk free where the run dir goes; a 7-8B "
-                           "merge plus GGUF export needs about 30 GiB", "free disk or pass --run-dir on a bigger disk"))
+                           "model's merge plus GGUF export needs about 30 GiB (with a recipe, its own stages' disk "
+                           "verdicts say what it needs)", "free disk or pass --run-dir on a bigger disk"))
     if hw.wsl:
         granted = f"WSL grants {gib(hw.ram_total_bytes)} of RAM and {gib(hw.swap_total_bytes)} of swap (/proc/meminfo)"
         src = (wsl or {}).get("wslconfig")
@@ -160,8 +161,8 @@ def train_verdict(recipe, hw: Hardware, processes: int | None = None, inputs=Non
     if plan.ram:
         each, n = plan.ram["per_process_bytes"], plan.ram["processes"]
         return _verdict("train", "RAM", each * n, hw.ram_available_bytes,
-                        f"lower train.micro_batch_size (now {plan.micro_batch_size}) or train.sequence_len (now "
-                        f"{plan.sequence_len}), or close programs that hold RAM",
+                        f"lower train.micro_batch_size (the plan's: {plan.micro_batch_size}) or train.sequence_len "
+                        f"(the plan's: {plan.sequence_len}), or close programs that hold RAM",
                         f"CPU training: {gib(each)} peak RSS" + (f" x {n} processes" if n > 1 else "")
                         + f" ({plan.ram['basis']}){step}")
     return Verdict("train", "fits", "CPU training" + step)

@@ -32,8 +32,8 @@ def paired_line(p: dict) -> str:
             if p["only_a"] or p["only_b"] else "")
     return (f"{p['b']} against {p['a']} on {p['metric']}, {p['shared_prompts']} shared prompts{only}: "
             f"{p['wins']} better, {p['losses']} worse, {p['ties']} tied; exact McNemar p = {p['p_value']:.3g} "
-            f"({'significant' if p['significant'] else 'not significant'} at 0.05); pass rate "
-            f"{p['a_ci95'][0]:.2f}-{p['a_ci95'][1]:.2f} against {p['b_ci95'][0]:.2f}-{p['b_ci95'][1]:.2f} (95%)")
+            f"({'significant' if p['significant'] else 'not significant'} at 0.05); pass rate (95% interval) "
+            f"{p['b_ci95'][0]:.2f}-{p['b_ci95'][1]:.2f} against {p['a_ci95'][0]:.2f}-{p['a_ci95'][1]:.2f}")
 
 
 def tables(data: dict) -> list:
@@ -41,7 +41,7 @@ def tables(data: dict) -> list:
     from rich.markup import escape
     from rich.table import Table
 
-    names = [f"{r['recipe']} ({Path(r['path']).name})" for r in data["runs"]]
+    names = [r["label"] for r in data["runs"]]
     diff = Table(title="what differs (axolotl.yml and eval settings)")
     diff.add_column("key")
     for n in names:
@@ -66,18 +66,22 @@ def tables(data: dict) -> list:
     return [diff, metrics, pairs]
 
 
-def runs_table(summaries: list[dict], stages: tuple[str, ...]):
+def runs_table(summaries: list[dict], stages: tuple[str, ...], title: str = "runs"):
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title="runs")
-    for col in ("run", "recipe", "stages", "time", "primary metric: tuned / best baseline"):
+    t = Table(title=title)
+    t.add_column("run", overflow="fold")
+    for col in ("recipe", "stages", "time", "primary metric: tuned / best baseline"):
         t.add_column(col)
     for s in summaries:
+        if s["stages"] is None:
+            t.add_row(escape(s["path"]), "?", escape("; ".join(s["notes"])), "-", "-")
+            continue
         secs = sum(v["seconds"] or 0 for v in s["stages"].values())
         pm = s["primary"]
-        t.add_row(escape(s["path"]), escape(s["recipe"]), escape(stages_line(s["stages"], stages)),
-                  f"{secs / 60:.1f} min" if secs else "-",
+        line = stages_line(s["stages"], stages) + "".join(f"; {n}" for n in s["notes"])
+        t.add_row(escape(s["path"]), escape(s["recipe"]), escape(line), f"{secs / 60:.1f} min" if secs else "-",
                   escape(f"{pm[0]}: {_fmt(pm[1])} / {_fmt(pm[2])}") if pm else "-")
     return t
 
@@ -93,7 +97,7 @@ def stages_line(status: dict, stages: tuple[str, ...]) -> str:
 
 def render_html(data: dict, loss_png: Path | None) -> str:
     esc = html.escape
-    names = [f"{r['recipe']} ({Path(r['path']).name})" for r in data["runs"]]
+    names = [r["label"] for r in data["runs"]]
     head = "".join(f"<th>{esc(n)}</th>" for n in names)
     diff = "".join(f"<tr><td>{esc(d['key'])}</td>" + "".join(f"<td>{esc(v)}</td>" for v in d["values"]) + "</tr>"
                    for d in data["differences"]) or f"<tr><td colspan={len(names) + 1}>nothing differs</td></tr>"

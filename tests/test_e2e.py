@@ -120,6 +120,10 @@ def test_training_and_merge_peaks_are_kept_beside_their_predictions(finished_run
     assert report["stage_peak_rss_bytes"] == max(vpeak, report["measured_peak_rss_bytes"])
     verify = [r for r in mine if r["kind"] == "merge-verify"][0]
     assert (verify["measured_bytes"], verify["predicted_bytes"]) == (vpeak, report["verification"]["logits_need_bytes"])
+    # each eval llama-server's peak: the whole GGUF it maps is resident once it has answered
+    served = json.loads((run / "eval/report.json").read_text())["generation"]["server_peaks"]["tuned"]
+    assert served["peak_rss_bytes"] > (run / "export/tiny-Q4_K_M.gguf").stat().st_size
+    assert any(r["kind"] == "serve" and r["measured_bytes"] == served["peak_rss_bytes"] for r in mine)
 
 
 def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):

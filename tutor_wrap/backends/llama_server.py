@@ -38,6 +38,17 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Server:
     port: int
+    pid: int | None = None
+
+    def peak_rss_bytes(self) -> int | None:
+        """The server's peak RSS so far (the kernel's high-water mark), while it runs; the weights it maps count as
+        they are read."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except (OSError, TypeError):
+            return None
+        kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+        return int(kib) * 1024 if kib else None
 
     @property
     def url(self) -> str:
@@ -154,6 +165,7 @@ def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float
     if threads:
         args += ["-t", str(threads), "-tb", str(threads)]
     proc = start_logged(args, log, env=ll.env())
+    server = Server(server.port, proc.pid)
     try:
         _wait_ready(proc, server, log, ready_timeout)
         yield server

@@ -191,3 +191,29 @@ def hf_reference_mode(need: int, source_bytes: int, available: int) -> tuple[str
         return "after", (f"after the conversion: {need / GIB:.1f} GiB for the fp32 model and up to "
                          f"{source_bytes / GIB:.1f} GiB for the converter do not fit {available / GIB:.1f} GiB together")
     return "beside", "beside the conversion"
+
+
+# llama-server's peak RSS beside the GGUF it maps (every weight is read for the first token, so the whole file ends
+# up resident) and its KV cache: the binary, the tokenizer and the compute buffers it touches. Measured here on the
+# demo's GGUFs at a 384-token context (2026-12-04): file + 50-57 MiB (Q4_K_M 101 MiB -> 158, F16 258 -> 308).
+SERVE_RUNTIME_BYTES = 64 * 2**20
+
+
+def serve_need(gguf: Path, ctx: int, hw: Hardware, slots: int = 1) -> dict:
+    """The predicted peak RSS of one llama-server for `gguf` with `slots` x `ctx` tokens of f16 KV cache: a runtime
+    floor (this machine's measurement when it has one, planning/calibration.py) + the file + the cache."""
+    from tutor_wrap.models.gguf_file import read_gguf_header
+
+    f = read_gguf_header(gguf).fields
+    arch = f.get("general.architecture", "llama")
+    layers = int(f.get(f"{arch}.block_count") or 0)
+    heads = int(f.get(f"{arch}.attention.head_count") or 1)
+    kv_heads = int(f.get(f"{arch}.attention.head_count_kv") or heads)
+    head_dim = int(f.get(f"{arch}.attention.key_length") or int(f.get(f"{arch}.embedding_length") or 0) // heads)
+    kv = ctx * slots * layers * 2 * kv_heads * head_dim * 2
+    part = gguf.stat().st_size + kv
+    runtime, factor, basis = SERVE_RUNTIME_BYTES, 1.0, "the GGUF, its KV cache and a published 64 MiB runtime"
+    if fit := calibration.fit(hw, "serve", SERVE_RUNTIME_BYTES):
+        runtime, factor, basis = fit.runtime_bytes, fit.factor, fit.basis
+    return {"predicted_bytes": int(runtime + factor * part), "model_part_bytes": part, "kv_cache_bytes": kv,
+            "basis": basis}

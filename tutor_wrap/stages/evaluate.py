@@ -17,6 +17,9 @@ from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
 from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core.units import GIB
+from tutor_wrap.planning import calibration
+from tutor_wrap.planning.budgets import serve_need
 from tutor_wrap.planning.generation import generation_layout
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.data.format import Format
@@ -92,6 +95,7 @@ def evaluate(ctx: Context) -> dict:
     layout = generation_layout(ctx.hardware, len(prompts))
     ctx.console.print(f"eval: {escape(layout.why)}")
     pool = {"servers": layout.servers, "threads": layout.threads}
+    peaks = {}
     with serve_many(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log", **pool) as servers:
         arms["base"] = generate(servers, prompts, refs, spec, fmt, "base (training format)", ctx.console)
         if base_template and base_template != fmt.chat_template:
@@ -100,8 +104,10 @@ def evaluate(ctx: Context) -> dict:
             chats = [fmt.plain_messages(row) for row in rows]
             arms["base_own_template"] = generate(servers, chats, refs, spec, fmt, "base (its own chat template)",
                                                  ctx.console, chat=True)
+        peaks["base"] = _server_peak(ctx, servers, base, n_ctx)
     with serve_many(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log", **pool) as servers:
         arms["tuned"] = generate(servers, prompts, refs, spec, fmt, "tuned", ctx.console)
+        peaks["tuned"] = _server_peak(ctx, servers, tuned, n_ctx)
     summaries = {arm: summarize(judged) for arm, judged in arms.items()}
     for arm, judged in arms.items():
         similarity = reference_similarity([j.text for j in judged], refs)
@@ -124,7 +130,7 @@ def evaluate(ctx: Context) -> dict:
     report = {
         "recipe": r.name, "primary_metric": pm, "n_prompts": len(prompts), "quant_type": qt,
         "seed": spec.seed, "max_tokens": spec.max_tokens, "arms": list(arms), **summaries,
-        "generation": {**pool, "why": layout.why},
+        "generation": {**pool, "why": layout.why, "server_peaks": peaks},
         "best_baseline": best, "stats": stats,
         "base_gguf": ctx.run.rel(base), "tuned_gguf": ctx.run.rel(tuned),
         **_without_overlap(arms, lines, overlapping, ctx.resolved.overlap, pm),
@@ -138,6 +144,23 @@ def evaluate(ctx: Context) -> dict:
     atomic.write_text(eval_dir / "report.md", render_markdown(report, f"../{loss_png}" if loss_png else None))
     atomic.write_text(eval_dir / "report.html", render_html(report, ctx.run.abs(loss_png) if loss_png else None))
     return report
+
+
+def _server_peak(ctx: Context, servers: list[Server], gguf, n_ctx: int) -> dict | None:
+    """One llama-server's measured peak RSS (the largest of the pool) beside its prediction, kept for this machine's
+    next predictions (planning/calibration.py) and noted when far off."""
+    peak = max((s.peak_rss_bytes() or 0 for s in servers), default=0)
+    if not peak:
+        return None
+    need = serve_need(gguf, n_ctx, ctx.hardware)
+    calibration.record(ctx.hardware, "serve", str(ctx.run.path), need["predicted_bytes"], peak,
+                       model_part_bytes=need["model_part_bytes"], gguf_bytes=gguf.stat().st_size, ctx=n_ctx)
+    off = calibration.off_by(need["predicted_bytes"], peak)
+    if off is not None and abs(off) > calibration.FLAG_PCT:
+        ctx.console.print(f"[yellow]note:[/] eval: llama-server's predicted peak RSS ({need['predicted_bytes'] / GIB:.2f} "
+                          f"GiB) was {off:+.0f}% off the measured {peak / GIB:.2f} GiB (predicted from "
+                          f"{escape(need['basis'])}); kept for this machine's next predictions")
+    return {"peak_rss_bytes": peak, "predicted_bytes": need["predicted_bytes"], "basis": need["basis"]}
 
 
 def _without_overlap(arms: dict[str, list[Judged]], lines: list[int], overlapping: set[int], overlap,

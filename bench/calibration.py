@@ -15,6 +15,11 @@ Then every measured peak is predicted again from one calibrating run's record at
 configuration, or held out when the calibrating run was another one).
 
     .venv/bin/python bench/calibration.py --stage train [--configs tiny:4:256,smollm2:1:256,...]
+
+export. Each model converted to an f16 GGUF, quantized to Q4_K_M and served (one answer, 384-token context): each
+tool's measured peak RSS beside the published prediction (planning/budgets.export_need, serve_need).
+
+    .venv/bin/python bench/calibration.py --stage export [--models tiny,smollm2]
 """
 
 from __future__ import annotations
@@ -125,6 +130,35 @@ def bench_train(configs: list[str], work: Path) -> None:
             print(f"{when}: median |error| {statistics.median(e):.1f}%, max {max(e):.1f}% over {len(e)} predictions")
 
 
+def bench_export(models: list[str], work: Path) -> None:
+    """Convert, quantize (Q4_K_M) and serve each model; each measured peak RSS beside the published prediction
+    (planning/budgets.export_need, serve_need; this machine's own records are kept out by an empty store)."""
+    os.environ["TUTOR_WRAP_CALIBRATION"] = str(work / "empty-store.json")
+    from tutor_wrap.backends import llamacpp
+    from tutor_wrap.backends.gguf_export import convert_model
+    from tutor_wrap.backends.llama_server import serve
+    from tutor_wrap.core.rss import read_peak
+    from tutor_wrap.machine.probe import probe
+    from tutor_wrap.planning.budgets import export_need, serve_need
+
+    hw, ll = probe(), llamacpp.locate()
+    print(f"{'model':<10}{'step':<10}{'predicted MiB':>14}{'measured MiB':>14}{'error':>9}")
+    for name in models:
+        src = _model(name, work)
+        f16, q4, log = work / f"{name}-F16.gguf", work / f"{name}-Q4_K_M.gguf", work / f"{name}.log"
+        converted = convert_model(ll, src, f16, "f16", log)
+        rows = [("convert", export_need("convert", f16.stat().st_size, hw), converted)]
+        peak_file = work / ".q.rss.json"
+        llamacpp.quantize(ll, f16, q4, "Q4_K_M", log, peak_to=peak_file)
+        rows.append(("quantize", export_need("quantize", f16.stat().st_size, hw), read_peak(peak_file)))
+        with serve(ll, q4, ctx=384, log=work / f"{name}-server.log") as server:
+            server.complete("Write a Python function that adds two numbers.", n_predict=32)
+            rows.append(("serve", serve_need(q4, 384, hw), server.peak_rss_bytes()))
+        for step, need, peak in rows:
+            err = 100 * (need["predicted_bytes"] - peak) / peak
+            print(f"{name:<10}{step:<10}{need['predicted_bytes'] / 2**20:>14.0f}{peak / 2**20:>14.0f}{err:>+8.1f}%")
+
+
 def _model(name: str, work: Path) -> Path:
     if name == "tiny":
         from tiny_model import build_tiny_llama
@@ -136,7 +170,7 @@ def _model(name: str, work: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stage", choices=["merge", "train"], default="merge")
+    ap.add_argument("--stage", choices=["merge", "train", "export"], default="merge")
     ap.add_argument("--models", default="tiny,smollm2", help="merge: the models")
     ap.add_argument("--configs", default="tiny:4:256,smollm2:1:256,smollm2:4:256,smollm2:8:256",
                     help="train: model:micro_batch:sequence_len, comma-separated")
@@ -145,6 +179,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="calib-bench-"))
     if a.stage == "train":
         bench_train(a.configs.split(","), work)
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if a.stage == "export":
+        bench_export(a.models.split(","), work)
         shutil.rmtree(work, ignore_errors=True)
         return
     models = {}

@@ -120,6 +120,11 @@ def test_training_and_merge_peaks_are_kept_beside_their_predictions(finished_run
     assert report["stage_peak_rss_bytes"] == max(vpeak, report["measured_peak_rss_bytes"])
     verify = [r for r in mine if r["kind"] == "merge-verify"][0]
     assert (verify["measured_bytes"], verify["predicted_bytes"]) == (vpeak, report["verification"]["logits_need_bytes"])
+    # the converter's and llama-quantize's peaks, each beside its prediction
+    files = json.loads((run / "export/report.json").read_text())["files"]
+    for kind, step in (("F16", "convert"), ("Q4_K_M", "quantize")):
+        peak = files[kind]["made_peak_rss_bytes"]
+        assert peak and any(r["kind"] == f"export-{step}" and r["measured_bytes"] == peak for r in mine), kind
     # each eval llama-server's peak: the whole GGUF it maps is resident once it has answered
     served = json.loads((run / "eval/report.json").read_text())["generation"]["server_peaks"]["tuned"]
     assert served["peak_rss_bytes"] > (run / "export/tiny-Q4_K_M.gguf").stat().st_size

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tutor_wrap.backends import llamacpp
-from tutor_wrap.core import atomic
+from tutor_wrap.core import atomic, rss
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256, fingerprint
 from tutor_wrap.core.paths import cache_dir
@@ -38,6 +38,7 @@ class GgufFile:
     perplexity: float | None = None            # on the held-out reference answers (checks/fidelity.py)
     perplexity_change_pct: float | None = None     # ... against the unquantized GGUF
     agreement_with_unquantized: dict | None = None  # greedy agreement with the unquantized GGUF
+    made_peak_rss_bytes: int | None = None     # the converter's or llama-quantize's peak RSS while writing it
 
     @property
     def file_type(self) -> int | None:
@@ -112,10 +113,13 @@ def outtype_for(cfg: dict, accelerator: str) -> str:
     return "bf16" if dtype == "bfloat16" and accelerator != "cpu" else "f16"
 
 
-def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> None:
+def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path) -> int:
+    """The GGUF written whole under its name or not at all; returns the converter's peak RSS."""
     tmp = out.with_name(f".{out.name}.partial")
     tmp.unlink(missing_ok=True)
-    proc = llamacpp.convert(ll, model_dir, tmp, outtype, log)
+    peak_file = log.with_name(f".{out.name}.rss.json")
+    proc = llamacpp.convert(ll, model_dir, tmp, outtype, log, peak_to=peak_file)
+    peak = rss.read_peak(peak_file)
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         text = tail(log, 60)
@@ -133,6 +137,7 @@ def convert_model(ll: llamacpp.LlamaCpp, model_dir: Path, out: Path, outtype: st
             raise TutorWrapError(f"export: the disk filled up while writing {out.name}; nothing was kept", hint="free disk and re-run")
         raise TutorWrapError(f"export: convert_hf_to_gguf.py failed (exit {proc.returncode}); log: {log}\n{tail(log, 12)}")
     os.replace(tmp, out)
+    return peak
 
 
 def gguf_file(gguf: Path, **measured) -> GgufFile:
@@ -154,20 +159,22 @@ def export_model(model_dir: Path, out_dir: Path, stem: str, quant_types: list[st
                              f"{free / GIB:.1f} GiB free in {out_dir}", hint="free disk space or move the run dir")
     report = ExportReport(ll.version, outtype)
     f16 = out_dir / f"{stem}-{outtype.upper()}.gguf"
-    convert_model(ll, model_dir, f16, outtype, log)
-    report.files[outtype.upper()] = gguf_file(f16)
+    peak = convert_model(ll, model_dir, f16, outtype, log)
+    report.files[outtype.upper()] = gguf_file(f16, made_peak_rss_bytes=peak or None)
     for q in quant_types:
         out = out_dir / f"{stem}-{q}.gguf"
         tmp = out.with_name(f".{out.name}.partial")
         tmp.unlink(missing_ok=True)
-        rc, text = llamacpp.quantize(ll, f16, tmp, q, log)
+        peak_file = log.with_name(f".{out.name}.rss.json")
+        rc, text = llamacpp.quantize(ll, f16, tmp, q, log, peak_to=peak_file)
+        peak = rss.read_peak(peak_file)
         if rc != 0 or not tmp.is_file():
             tmp.unlink(missing_ok=True)
             if _DISK_FULL.search(text):
                 raise TutorWrapError(f"export: the disk filled up while quantizing {q}; nothing was kept", hint="free disk and re-run")
             raise TutorWrapError(f"export: llama-quantize {q} failed (exit {rc}); log: {log}\n{text[-800:]}")
         os.replace(tmp, out)
-        report.files[q] = gguf_file(out, fallback_tensors=llamacpp.fallback_count(text))
+        report.files[q] = gguf_file(out, fallback_tensors=llamacpp.fallback_count(text), made_peak_rss_bytes=peak or None)
     return report
 
 

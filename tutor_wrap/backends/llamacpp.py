@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tutor_wrap.core.errors import TutorWrapError
+from tutor_wrap.core import rss
 from tutor_wrap.core.proc import append_log, run_logged
 from tutor_wrap.machine.host import usable_cpus
 from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
@@ -19,15 +20,19 @@ from tutor_wrap.models.gguf_file import read_gguf_header
 
 
 def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path, *,
-            vocab_only: bool = False) -> subprocess.CompletedProcess:
-    return run_logged([sys.executable, str(ll.converter), str(model_dir), "--outfile", str(out), "--outtype", outtype,
-                       *(["--vocab-only"] if vocab_only else [])], log, env=ll.env())
+            vocab_only: bool = False, peak_to: Path | None = None) -> subprocess.CompletedProcess:
+    """`peak_to`: measure the converter's peak RSS into that file (core/rss.read_peak)."""
+    args = [sys.executable, str(ll.converter), str(model_dir), "--outfile", str(out), "--outtype", outtype,
+            *(["--vocab-only"] if vocab_only else [])]
+    return run_logged(rss.wrap(args, peak_to) if peak_to else args, log, env=ll.env())
 
 
-def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path) -> tuple[int, str]:
-    """Run llama-quantize; return (exit code, raw output) for the fallback report."""
+def quantize(ll: LlamaCpp, src: Path, out: Path, qtype: str, log: Path, *,
+             peak_to: Path | None = None) -> tuple[int, str]:
+    """Run llama-quantize; return (exit code, raw output) for the fallback report. `peak_to`: as `convert`'s."""
     threads = str(usable_cpus() or os.cpu_count() or 1)
-    proc = subprocess.run([str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads],
+    args = [str(ll.tool("llama-quantize")), str(src), str(out), qtype, threads]
+    proc = subprocess.run(rss.wrap(args, peak_to) if peak_to else args,
                           capture_output=True, text=True, env=ll.env(), check=False)
     text = proc.stdout + proc.stderr
     append_log(log, text)

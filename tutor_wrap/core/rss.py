@@ -17,17 +17,27 @@ from typing import Sequence
 from tutor_wrap.core.proc import run_logged
 
 
-def run_measured(args: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """Run `args` (output to `log`); return (exit code, peak RSS in bytes of it and its descendants)."""
-    out = log.with_suffix(".rss.json")
+def wrap(args: Sequence[str], out: Path) -> list[str]:
+    """`args` run under the measuring wrapper, which writes their peak RSS to `out` (read it with `read_peak`)."""
     out.unlink(missing_ok=True)
-    proc = run_logged([sys.executable, "-m", "tutor_wrap.core.rss", str(out), "--", *args], log, env=env)
+    return [sys.executable, "-m", "tutor_wrap.core.rss", str(out), "--", *args]
+
+
+def read_peak(out: Path) -> int:
+    """The peak the wrapper wrote (0 when it wrote none), the file removed."""
     try:
         peak = int(json.loads(out.read_text())["peak_rss_bytes"])
     except (OSError, ValueError, KeyError):
         peak = 0
     out.unlink(missing_ok=True)
-    return proc.returncode, peak
+    return peak
+
+
+def run_measured(args: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Run `args` (output to `log`); return (exit code, peak RSS in bytes of it and its descendants)."""
+    out = log.with_suffix(".rss.json")
+    proc = run_logged(wrap(args, out), log, env=env)
+    return proc.returncode, read_peak(out)
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +47,10 @@ def main(argv: list[str]) -> int:
         return 2
     rc = subprocess.call(cmd)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    Path(out).write_text(json.dumps({"peak_rss_bytes": peak_kib * 1024, "returncode": rc}))
+    try:
+        Path(out).write_text(json.dumps({"peak_rss_bytes": peak_kib * 1024, "returncode": rc}))
+    except OSError:   # a full disk loses the measurement, never the tool's own exit code
+        pass
     return rc
 
 

@@ -217,3 +217,21 @@ def serve_need(gguf: Path, ctx: int, hw: Hardware, slots: int = 1) -> dict:
         runtime, factor, basis = fit.runtime_bytes, fit.factor, fit.basis
     return {"predicted_bytes": int(runtime + factor * part), "model_part_bytes": part, "kv_cache_bytes": kv,
             "basis": basis}
+
+
+# The export's two tools, measured here on the tiny model and the demo's (fp32 SmolLM2-135M, f16 GGUF 258 MiB;
+# 2026-12-04): convert_hf_to_gguf.py peaked at 594 and 832 MiB (a Python runtime of about 0.58 GiB + about the f16
+# file it writes), llama-quantize at 14 and 213 MiB (it maps its input and reads it tensor by tensor: about 0.8 x the
+# f16 file). Two points per tool: this machine's measurements replace them (planning/calibration.py).
+EXPORT_PUBLISHED = {"convert": (int(0.6 * GIB), 1.0), "quantize": (16 * 2**20, 0.8)}
+
+
+def export_need(step: str, unquantized_bytes: int, hw: Hardware) -> dict:
+    """The predicted peak RSS of the export's `step` ("convert" or "quantize") for an unquantized GGUF of
+    `unquantized_bytes`: a runtime floor + a factor x that file."""
+    runtime, factor = EXPORT_PUBLISHED[step]
+    basis = f"a published {runtime / 2**20:.0f} MiB runtime + {factor:g} x the unquantized GGUF"
+    if fit := calibration.fit(hw, f"export-{step}", runtime, factor):
+        runtime, factor, basis = fit.runtime_bytes, fit.factor, fit.basis
+    return {"predicted_bytes": int(runtime + factor * unquantized_bytes), "model_part_bytes": unquantized_bytes,
+            "basis": basis}

@@ -11,7 +11,9 @@ from tutor_wrap.backends.merge import MergeReport
 from tutor_wrap.checks.fidelity import export_fidelity, reference_request
 from tutor_wrap.checks.gguf import verify
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.planning.budgets import hf_reference_mode, hf_reference_need_of
+from tutor_wrap.core.units import GIB
+from tutor_wrap.planning import calibration
+from tutor_wrap.planning.budgets import export_need, hf_reference_mode, hf_reference_need_of
 from tutor_wrap.planning.preflight import Verdict, export_verdict
 from tutor_wrap.stages.base import Context, Pre, StageResult
 
@@ -90,6 +92,7 @@ def run(ctx: Context) -> StageResult:
                        if examples is not None else {"skipped": "the recipe has no eval prompts"})
     if examples is not None:
         report.fidelity["hf_reference_from"] = hf_from
+    _record_peaks(ctx, report)
     report.save(out_dir / "report.json")
     arts = {"report": ctx.run.rel(out_dir / "report.json")}
     unq = report.unquantized_kind
@@ -110,3 +113,24 @@ def run(ctx: Context) -> StageResult:
                           f"{hf['prompts']} prompts agree on the first {hf['tokens']} greedy tokens "
                           f"(mean matching prefix {hf['mean_matching_prefix']:.1f})")
     return StageResult(arts, info={"llama_cpp": report.llama_cpp})
+
+
+def _record_peaks(ctx: Context, report) -> None:
+    """The converter's and each llama-quantize's measured peak RSS beside the prediction, kept for this machine's
+    next predictions (planning/calibration.py) and noted when far off."""
+    unq = report.files.get(report.unquantized_kind)
+    if unq is None:
+        return
+    for kind, info in report.files.items():
+        if not info.made_peak_rss_bytes:
+            continue
+        step = "convert" if kind == report.unquantized_kind else "quantize"
+        need = export_need(step, unq.size_bytes, ctx.hardware)
+        calibration.record(ctx.hardware, f"export-{step}", str(ctx.run.path), need["predicted_bytes"],
+                           info.made_peak_rss_bytes, model_part_bytes=need["model_part_bytes"], quant=kind)
+        off = calibration.off_by(need["predicted_bytes"], info.made_peak_rss_bytes)
+        if off is not None and abs(off) > calibration.FLAG_PCT:
+            ctx.console.print(f"[yellow]note:[/] export: the {step} of {escape(info.path)} was predicted at "
+                              f"{need['predicted_bytes'] / GIB:.2f} GiB peak RSS, {off:+.0f}% off the measured "
+                              f"{info.made_peak_rss_bytes / GIB:.2f} GiB (from {escape(need['basis'])}); kept for "
+                              "this machine's next predictions")

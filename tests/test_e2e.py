@@ -36,7 +36,7 @@ def make_recipe(tmp: Path, model: Path) -> Path:
         "method": "lora",
         "lora": {"r": 8, "alpha": 16},
         "train": {"max_steps": 12, "learning_rate": 0.01, "sequence_len": 256, "batch_size": 4,
-                  "micro_batch_size": 4, "save_steps": 6},
+                  "micro_batch_size": 4, "save_steps": 6, "tensorboard": True},
         "export": {"quant_types": ["Q4_K_M"]},
         "ollama": {"model": "tiny-tutor", "system": 'He said "hi" and """ left', "parameters": {"temperature": 0.0}},
         "eval": {"prompts": "data/eval.jsonl", "max_tokens": 12, "primary_metric": "eos_rate",
@@ -129,6 +129,26 @@ def test_training_and_merge_peaks_are_kept_beside_their_predictions(finished_run
     served = json.loads((run / "eval/report.json").read_text())["generation"]["server_peaks"]["tuned"]
     assert served["peak_rss_bytes"] > (run / "export/tiny-Q4_K_M.gguf").stat().st_size
     assert any(r["kind"] == "serve" and r["measured_bytes"] == served["peak_rss_bytes"] for r in mine)
+
+
+def test_tensorboard_holds_the_trainers_curves_and_tutor_wraps_numbers(finished_run):
+    """`train.tensorboard: true`: Axolotl's event files under train/out/runs and tutor_wrap's own per stage under
+    tensorboard/tutor_wrap, read back with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = finished_run
+    (trainer,) = {p.parent for p in (run / "train/out/runs").rglob("events.out.tfevents.*")}
+    curves = EventAccumulator(str(trainer))
+    curves.Reload()
+    assert len(curves.Scalars("train/loss")) >= 10
+    ours = EventAccumulator(str(run / "tensorboard/tutor_wrap"))
+    ours.Reload()
+    report = json.loads((run / "eval/report.json").read_text())
+    (tuned,) = ours.Scalars("eval/tuned/eos_rate")
+    assert tuned.value == pytest.approx(report["tuned"]["eos_rate"]) and tuned.step == STAGES.index("eval")
+    info = json.loads((run / "manifest.json").read_text())["stages"]["train"]["info"]
+    assert ours.Scalars("train/loss_end_mean")[0].value == pytest.approx(info["loss_end_mean"])
+    assert {"merge/peak_rss_gib", "export/Q4_K_M/perplexity", "eval/tuned_vs_base/p_value"} <= set(ours.Tags()["scalars"])
 
 
 def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from tutor_wrap.backends import tensorboard
 from tutor_wrap.core.errors import TutorWrapError
 if TYPE_CHECKING:
     from tutor_wrap.backends.merge import MergeReport
@@ -169,6 +170,10 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
         run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
                          fingerprints={rel: artifact_fingerprint(run.abs(rel)) for rel in result.artifacts.values()},
                          seconds=round(time.time() - t0, 1), error=None)
+        if recipe.train.tensorboard and result.metrics:
+            tensorboard.log_scalars(run.path / "tensorboard" / "tutor_wrap",
+                                    {f"{stage.NAME}/{k}": v for k, v in result.metrics.items()},
+                                    step=STAGE_NAMES.index(stage.NAME))
         console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
         if stage.NAME == until:
             break

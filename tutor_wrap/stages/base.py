@@ -62,3 +62,4 @@ class Pre:
 class StageResult:
     artifacts: dict[str, str]                      # name -> path relative to the run dir
     info: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)   # headline numbers for trackers (backends/tensorboard)

@@ -195,8 +195,10 @@ def run(ctx: Context) -> StageResult:
     arts = {"report": "eval/report.json", "report_md": "eval/report.md", "report_html": "eval/report.html"}
     info = {"primary_metric": pm, "base": report[best][pm], "tuned": report["tuned"][pm], "baseline": best,
             "p_value": st["p_value"]}
+    metrics = {f"{arm}/{k}": v for arm in report["arms"] for k, v in report[arm].items()}
+    metrics.update({f"{name}/{k}": s[k] for name, s in report["stats"].items() for k in ("wins", "losses", "p_value")})
     if report["tuned"][pm] < report[best][pm]:
         raise TutorWrapError(f"eval: the fine-tuned model is worse than the base ({best}) on {pm}: "
                              f"{report['tuned'][pm]:.3f} vs {report[best][pm]:.3f} (report: {ctx.run.path / arts['report_md']})",
                              hint="train longer or check the data; the report shows the outputs side by side")
-    return StageResult(arts, info=info)
+    return StageResult(arts, info=info, metrics=metrics)

@@ -112,7 +112,13 @@ def run(ctx: Context) -> StageResult:
         ctx.console.print(f"export: merged HF model vs {unq} GGUF: {hf['agree']}/"
                           f"{hf['prompts']} prompts agree on the first {hf['tokens']} greedy tokens "
                           f"(mean matching prefix {hf['mean_matching_prefix']:.1f})")
-    return StageResult(arts, info={"llama_cpp": report.llama_cpp})
+    metrics: dict[str, float] = {}
+    for kind, info in report.files.items():
+        agree = info.agreement_with_unquantized
+        metrics.update({f"{kind}/size_gib": info.size_bytes / GIB, f"{kind}/perplexity": info.perplexity,
+                        f"{kind}/perplexity_change_pct": info.perplexity_change_pct,
+                        f"{kind}/agreement_with_{unq}": agree["agree"] / agree["prompts"] if agree else None})
+    return StageResult(arts, info={"llama_cpp": report.llama_cpp}, metrics=metrics)
 
 
 def _record_peaks(ctx: Context, report) -> None:

@@ -78,5 +78,10 @@ def run(ctx: Context) -> StageResult:
         ctx.console.print(f"[yellow]note:[/] merge: the predicted peak was {off:+.0f}% off the measured one (predicted "
                           f"from {escape(report.budget.basis)}); the measurement is kept for this machine's next plans "
                           "(`python -m tutor_wrap calibration`)")
+    v = report.verification or {}
     return StageResult({"model": ctx.run.rel(merge_dir / "model"), "report": ctx.run.rel(merge_dir / "report.json")},
-                       info={"method": report.method})
+                       info={"method": report.method},
+                       metrics={"peak_rss_gib": (report.measured_peak_rss_bytes or 0) / GIB,
+                                "predicted_peak_rss_gib": report.budget.predicted_peak_rss_bytes / GIB,
+                                "verification_peak_rss_gib": (report.verification_peak_rss_bytes or 0) / GIB,
+                                "verification_max_abs_diff": v.get("max_abs_diff")})

@@ -27,6 +27,13 @@ DEPENDS = ("plan",)
 
 
 def check(pre: Pre) -> list[Verdict]:
+    if pre.recipe.train.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TutorWrapError(f"{pre.recipe.source}: train.tensorboard: true, but the tensorboard package is not "
+                                 "installed in this environment", hint="pip install tensorboard, or set "
+                                                                       "train.tensorboard: false")
     return [train_verdict(pre.recipe, pre.hardware, pre.processes, pre.inputs)]
 
 
@@ -109,7 +116,10 @@ def run(ctx: Context) -> StageResult:
         # the steps at which every rank's trainable weights were compared and found identical
         "ranks_in_sync_at": [r["step"] for r in ranks],
         **measured,
-    })
+    }, metrics={"loss_start_mean": sum(losses[:k]) / k if losses else None,
+                "loss_end_mean": sum(losses[-k:]) / k if losses else None,
+                **{f"{key.removesuffix('_bytes')}_gib": v / GIB for key, v in measured.items()
+                   if key.endswith("_bytes") and v}})
 
 
 def _record_gpu_peak(ctx: Context, plan: Plan, rows: list[dict], attempts: list[dict]) -> dict:

@@ -196,5 +196,16 @@ def gpu_trust(hw: Hardware, method: str) -> tuple[float, str] | None:
     return round(trust, 3), "; ".join(why)
 
 
+KEPT = "the measurement is kept for this machine's next predictions (`python -m tutor_wrap calibration`)"
+
+
+def keep(hw: Hardware, kind: str, run: str, predicted: int, measured: int, **knobs) -> tuple[float | None, bool]:
+    """`record` the measurement; (how far the prediction was off in %, whether that is beyond FLAG_PCT: the run
+    says so, ending with KEPT)."""
+    record(hw, kind, run, predicted, measured, **knobs)
+    off = off_by(predicted, measured)
+    return off, off is not None and abs(off) > FLAG_PCT
+
+
 def off_by(predicted: int, measured: int) -> float | None:
     return round(100 * (predicted - measured) / measured, 1) if measured else None

@@ -153,13 +153,12 @@ def _server_peak(ctx: Context, servers: list[Server], gguf, n_ctx: int) -> dict 
     if not peak:
         return None
     need = serve_need(gguf, n_ctx, ctx.hardware)
-    calibration.record(ctx.hardware, "serve", str(ctx.run.path), need["predicted_bytes"], peak,
-                       model_part_bytes=need["model_part_bytes"], gguf_bytes=gguf.stat().st_size, ctx=n_ctx)
-    off = calibration.off_by(need["predicted_bytes"], peak)
-    if off is not None and abs(off) > calibration.FLAG_PCT:
+    off, far = calibration.keep(ctx.hardware, "serve", str(ctx.run.path), need["predicted_bytes"], peak,
+                                model_part_bytes=need["model_part_bytes"], gguf_bytes=gguf.stat().st_size, ctx=n_ctx)
+    if far:
         ctx.console.print(f"[yellow]note:[/] eval: llama-server's predicted peak RSS ({need['predicted_bytes'] / GIB:.2f} "
                           f"GiB) was {off:+.0f}% off the measured {peak / GIB:.2f} GiB (predicted from "
-                          f"{escape(need['basis'])}); kept for this machine's next predictions")
+                          f"{escape(need['basis'])}); {calibration.KEPT}")
     return {"peak_rss_bytes": peak, "predicted_bytes": need["predicted_bytes"], "basis": need["basis"]}
 
 

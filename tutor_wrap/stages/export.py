@@ -132,11 +132,10 @@ def _record_peaks(ctx: Context, report) -> None:
             continue
         step = "convert" if kind == report.unquantized_kind else "quantize"
         need = export_need(step, unq.size_bytes, ctx.hardware)
-        calibration.record(ctx.hardware, f"export-{step}", str(ctx.run.path), need["predicted_bytes"],
-                           info.made_peak_rss_bytes, model_part_bytes=need["model_part_bytes"], quant=kind)
-        off = calibration.off_by(need["predicted_bytes"], info.made_peak_rss_bytes)
-        if off is not None and abs(off) > calibration.FLAG_PCT:
+        off, far = calibration.keep(ctx.hardware, f"export-{step}", str(ctx.run.path), need["predicted_bytes"],
+                                    info.made_peak_rss_bytes, model_part_bytes=need["model_part_bytes"], quant=kind)
+        if far:
             ctx.console.print(f"[yellow]note:[/] export: the {step} of {escape(info.path)} was predicted at "
                               f"{need['predicted_bytes'] / GIB:.2f} GiB peak RSS, {off:+.0f}% off the measured "
-                              f"{info.made_peak_rss_bytes / GIB:.2f} GiB (from {escape(need['basis'])}); kept for "
-                              "this machine's next predictions")
+                              f"{info.made_peak_rss_bytes / GIB:.2f} GiB (from {escape(need['basis'])}); "
+                              f"{calibration.KEPT}")

@@ -18,7 +18,7 @@ from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
 from tutor_wrap.core.units import GIB
 from tutor_wrap.models.files import weight_files, write_chat_template
-from tutor_wrap.planning.calibration import FLAG_PCT
+from tutor_wrap.planning.calibration import FLAG_PCT, KEPT
 from tutor_wrap.planning.preflight import Verdict, merge_verdicts
 from tutor_wrap.stages.base import Context, Pre, StageResult
 
@@ -76,8 +76,7 @@ def run(ctx: Context) -> StageResult:
     off = report.prediction_error_pct
     if off is not None and abs(off) > FLAG_PCT:
         ctx.console.print(f"[yellow]note:[/] merge: the predicted peak was {off:+.0f}% off the measured one (predicted "
-                          f"from {escape(report.budget.basis)}); the measurement is kept for this machine's next plans "
-                          "(`python -m tutor_wrap calibration`)")
+                          f"from {escape(report.budget.basis)}); {KEPT}")
     v = report.verification or {}
     return StageResult({"model": ctx.run.rel(merge_dir / "model"), "report": ctx.run.rel(merge_dir / "report.json")},
                        info={"method": report.method},

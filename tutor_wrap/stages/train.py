@@ -138,12 +138,11 @@ def _record_gpu_peak(ctx: Context, plan: Plan, rows: list[dict], attempts: list[
     last = attempts[-1] if attempts else {}
     if not peak or last.get("micro_batch_size", plan.micro_batch_size) != plan.micro_batch_size:
         return {"gpu_peak_reserved_bytes": peak or None}      # a smaller notch ran: not what the plan predicted
-    calibration.record(ctx.hardware, "train-gpu", run, predicted, peak, outcome="ok", **knobs)
-    off = calibration.off_by(predicted, peak)
-    if off is not None and abs(off) > calibration.FLAG_PCT:
+    off, far = calibration.keep(ctx.hardware, "train-gpu", run, predicted, peak, outcome="ok", **knobs)
+    if far:
         ctx.console.print(f"[yellow]note:[/] train: the memory model's reserved peak ({predicted / GIB:.2f} GiB) was "
                           f"{off:+.0f}% off the measured {peak / GIB:.2f} GiB; the next plans on this card are scaled "
-                          "by it (`python -m tutor_wrap calibration`)")
+                          f"by it: {calibration.KEPT}")
     return {"gpu_peak_reserved_bytes": peak, "predicted_reserved_bytes": predicted, "prediction_off_pct": off}
 
 
@@ -158,15 +157,13 @@ def _record_peak(ctx: Context, plan: Plan, rows: list[dict]) -> dict:
     ram = plan.ram
     seen = cpu_train_ram(ctx.recipe, ctx.hardware, ram["method"], ram["dtype"], tokens) or ram
     predicted = seen["per_process_bytes"]
-    calibration.record(ctx.hardware, "train-cpu", str(ctx.run.path), predicted, peak, method=ram["method"],
-                       dtype=ram["dtype"], model_part_bytes=seen["model_part_bytes"], fixed_bytes=seen["fixed_bytes"],
-                       batch_tokens=tokens,
-                       micro_batch_size=plan.micro_batch_size, sequence_len=plan.sequence_len)
-    off = calibration.off_by(predicted, peak)
-    if off is not None and abs(off) > calibration.FLAG_PCT:
+    off, far = calibration.keep(ctx.hardware, "train-cpu", str(ctx.run.path), predicted, peak, method=ram["method"],
+                                dtype=ram["dtype"], model_part_bytes=seen["model_part_bytes"],
+                                fixed_bytes=seen["fixed_bytes"], batch_tokens=tokens,
+                                micro_batch_size=plan.micro_batch_size, sequence_len=plan.sequence_len)
+    if far:
         ctx.console.print(f"[yellow]note:[/] train: the predicted peak RSS for its largest batch ({tokens} tokens: "
                           f"{predicted / GIB:.2f} GiB) was {off:+.0f}% off the measured {peak / GIB:.2f} GiB (predicted "
-                          f"from {escape(seen['basis'])}); the measurement is kept for this machine's next plans "
-                          "(`python -m tutor_wrap calibration`)")
+                          f"from {escape(seen['basis'])}); {calibration.KEPT}")
     return {"peak_rss_bytes": peak, "batch_tokens": tokens, "predicted_peak_rss_bytes": predicted,
             "prediction_off_pct": off}

@@ -9,7 +9,9 @@ eval/report.json): a run is compared as it was run, whatever its recipe file say
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,7 +312,8 @@ def write_report(comp: Comparison, out_dir: Path) -> dict[str, Path]:
 
 
 def _plot_losses(runs: list[RunSummary], labels: list[str], path: Path) -> bool:
-    curves = [(label, r.losses) for r, label in zip(runs, labels) if r.losses]
+    curves = [(label, [(s, l) for s, l in r.losses if math.isfinite(l)]) for r, label in zip(runs, labels)]
+    curves = [(label, pts) for label, pts in curves if pts]
     if not curves:
         return False
     import matplotlib
@@ -329,8 +332,8 @@ def _plot_losses(runs: list[RunSummary], labels: list[str], path: Path) -> bool:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic.write_bytes(path, buf.getvalue())
     return True

@@ -7,7 +7,8 @@ import base64
 import html
 from pathlib import Path
 
-ARM_LABELS = {"base": "base (Alpaca wrapper)", "base_own_template": "base (own template)", "tuned": "fine-tuned"}
+from tutor_wrap.runtime.eval_report import ARM_LABELS   # the eval report's names for its arms
+
 SHORT = {"base": "base", "base_own_template": "base own tmpl", "tuned": "tuned"}
 
 

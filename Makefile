@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tutor_wrap-installed
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test test-fast clean-runs go-toolchain sandbox llamacpp
+.PHONY: setup demo test test-fast clean-runs go-toolchain sandbox browser llamacpp
 
 setup:
 	@$(PARALLEL) $(STAMP) llamacpp
@@ -48,6 +48,13 @@ go-toolchain: sandbox
 	@command -v go >/dev/null || { echo "installing Go (golang-go) for the template parity test"; \
 	  apt-get update -qq && apt-get install -y -qq golang-go >/dev/null; }
 
+# Chromium: the browser the HTML reports are loaded in by the tests (tests/browser.py, through Playwright; Debian's
+# chromium). After go-toolchain: one apt-get at a time.
+browser: go-toolchain
+	@command -v chromium >/dev/null || { echo "installing Chromium (chromium) for the HTML reports' browser test"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
+
 # olah, a self-hosted Hugging Face hub mirror that serves local git repositories through the hub's API: the real
 # hub server the download tests talk to (tests/test_hub.py), in a venv of its own (its web stack apart from ours).
 HUB_SERVER := .cache/olah/bin/olah-cli
@@ -57,15 +64,15 @@ $(HUB_SERVER):
 
 # Everything (what CI runs), with the 25 slowest tests listed at the end.
 test:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox browser $(HUB_SERVER)
 	$(VPY) -m pytest -q --durations=25
 
 # The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist),
 # a module's tests on one worker: the sandbox tests count the sandbox user's processes, test_merge shares one merged
-# model. Not --dist loadfile: with pytest 9.2 its xdist_group marks are silently ignored (pytest-xdist#1386).
+# model. Not --dist loadgroup: with pytest 9.2 its xdist_group marks are silently ignored (pytest-xdist#1386).
 test-fast:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox $(HUB_SERVER)
-	$(VPY) -m pytest -q -m "not e2e" -n 2 --dist loadgroup --durations=10
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox browser $(HUB_SERVER)
+	$(VPY) -m pytest -q -m "not e2e" -n 2 --dist loadfile --durations=10
 
 clean-runs:
 	rm -rf runs

@@ -135,3 +135,20 @@ def test_the_page_goes_beside_the_runs_never_into_one(two_runs, tmp_path):
     b_ci, a_ci = (f"{p[k][0]:.2f}-{p[k][1]:.2f}" for k in ("b_ci95", "a_ci95"))
     assert f"pass rate (95% interval) {b_ci} against {a_ci}" in proc.stdout.replace("\n", " ").replace("│", " ") \
         or f"{b_ci} against {a_ci}" in (tmp_path / "compare-good-vs-weak" / "compare.html").read_text()
+
+
+def test_the_html_pages_render_in_a_real_browser(two_runs, tmp_path):
+    """The compare page, a run's eval report and its data page in headless Chromium: no console error, every
+    image decodes, and the page is no wider than a phone's window (wide tables scroll inside themselves)."""
+    from browser import load
+
+    good, weak = two_runs / "good", two_runs / "weak"
+    assert cli("compare", str(good), str(weak), "--out", str(tmp_path / "cmp")).returncode == 0
+    pages = {"compare": tmp_path / "cmp/compare.html", "eval-report": good / "eval/report.html",
+             "data": good / "plan/data.html"}
+    for name, path in pages.items():
+        seen = load(path, name)
+        assert seen["errors"] == [] and seen["broken_images"] == [], (name, seen)
+        assert seen["images"] >= 1, name          # the loss curve / the lengths histogram
+        assert seen["overflow_px"] == {"wide": 0, "narrow": 0}, (name, seen)
+        assert all(s.stat().st_size > 5000 for s in seen["shots"]), name

@@ -36,7 +36,9 @@ def make_recipe(tmp: Path, model: Path) -> Path:
         "method": "lora",
         "lora": {"r": 8, "alpha": 16},
         "train": {"max_steps": 12, "learning_rate": 0.01, "sequence_len": 256, "batch_size": 4,
-                  "micro_batch_size": 4, "save_steps": 6, "tensorboard": True},
+                  "micro_batch_size": 4, "save_steps": 6},
+        # all three trackers: a SQLite store relative to the recipe, W&B offline (the e2e tests read them back)
+        "tracking": {"tensorboard": True, "mlflow": {"uri": "sqlite:///tracking/mlflow.db"}, "wandb": True},
         "export": {"quant_types": ["Q4_K_M"]},
         "ollama": {"model": "tiny-tutor", "system": 'He said "hi" and """ left', "parameters": {"temperature": 0.0}},
         "eval": {"prompts": "data/eval.jsonl", "max_tokens": 12, "primary_metric": "eos_rate",
@@ -78,12 +80,14 @@ def test_manifest_records_every_stage_done(finished_run):
 
 
 def test_no_credential_from_the_environment_is_written_or_printed(finished_run):
-    """The trainer gets the environment (where trackers read their keys), and nothing tutor_wrap, Axolotl or the
-    model-written code writes under the run dir or prints holds one of them."""
+    """The trainer gets the environment (where trackers read their keys), and nothing tutor_wrap, Axolotl, the
+    trackers or the model-written code write under the run dir or into the MLflow store, or print, holds one."""
     run, proc = finished_run
+    written = [p for p in (*run.rglob("*"), *(run.parent / "tracking").rglob("*")) if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in written) and any(p.name == "mlflow.db" for p in written)
     for name, secret in PLANTED.items():
         assert secret not in proc.stdout + proc.stderr, name
-        holding = [str(p) for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+        holding = [str(p) for p in written if secret.encode() in p.read_bytes()]
         assert holding == [], (name, holding)
 
 
@@ -132,7 +136,7 @@ def test_training_and_merge_peaks_are_kept_beside_their_predictions(finished_run
 
 
 def test_tensorboard_holds_the_trainers_curves_and_tutor_wraps_numbers(finished_run):
-    """`train.tensorboard: true`: Axolotl's event files under train/out/runs and tutor_wrap's own per stage under
+    """`tracking.tensorboard: true`: Axolotl's event files under train/out/runs and tutor_wrap's own per stage under
     tensorboard/tutor_wrap, read back with TensorBoard's own EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -149,6 +153,83 @@ def test_tensorboard_holds_the_trainers_curves_and_tutor_wraps_numbers(finished_
     info = json.loads((run / "manifest.json").read_text())["stages"]["train"]["info"]
     assert ours.Scalars("train/loss_end_mean")[0].value == pytest.approx(info["loss_end_mean"])
     assert {"merge/peak_rss_gib", "export/Q4_K_M/perplexity", "eval/tuned_vs_base/p_value"} <= set(ours.Tags()["scalars"])
+
+
+def test_mlflow_run_holds_the_trainers_curves_the_plan_and_tutor_wraps_numbers(finished_run):
+    """`tracking.mlflow` with a SQLite store: one MLflow run per plan, read back with MlflowClient: Axolotl's loss
+    curve, the plan's knobs as params, each stage's numbers, the reports as artifacts, FINISHED at the end."""
+    from mlflow.tracking import MlflowClient
+
+    run, _ = finished_run
+    uri = f"sqlite:///{run.parent / 'tracking/mlflow.db'}"
+    state = json.loads((run / "manifest.json").read_text())["tracking"]["mlflow"]
+    assert state["uri"] == uri and state["experiment"] == "tiny"
+    client = MlflowClient(uri)
+    (got,) = client.search_runs([state["experiment_id"]])
+    assert got.info.run_id == state["run_id"] and got.info.status == "FINISHED"
+    losses = client.get_metric_history(got.info.run_id, "loss")   # from the trainer, through transformers
+    assert len(losses) >= 10 and max(m.step for m in losses) == 12
+    report = json.loads((run / "eval/report.json").read_text())
+    assert got.data.metrics["eval/tuned/eos_rate"] == pytest.approx(report["tuned"]["eos_rate"])
+    info = json.loads((run / "manifest.json").read_text())["stages"]["train"]["info"]
+    assert got.data.metrics["train/loss_end_mean"] == pytest.approx(info["loss_end_mean"])
+    plan = json.loads((run / "plan.json").read_text())["plan"]
+    assert got.data.params["plan.micro_batch_size"] == str(plan["micro_batch_size"])
+    assert got.data.params["method"] == "lora" and got.data.params["lora_r"] == "8"
+    assert "per_device_train_batch_size" not in got.data.params   # the trainer logs none (a retry would clash)
+    assert {a.path for a in client.list_artifacts(got.info.run_id, "eval")} >= {"eval/report.html", "eval/report.json"}
+    assert not [a for a in client.list_artifacts(got.info.run_id, "export") if a.path.endswith(".gguf")]
+
+
+def _wandb_records(path: Path):
+    """The records of a W&B offline run file (run-ID.wandb): a 7-byte header (':W&B', 0xBEE1, version 0), then
+    LevelDB-log blocks of 32 KiB whose records (crc32, length, type) carry wandb_internal_pb2.Record messages."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:             # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            continue
+        buf += chunk
+        if kind in (1, 4):                      # FULL, or LAST of a record split across blocks
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+def test_wandb_offline_run_holds_the_trainers_curves_and_tutor_wraps_numbers(finished_run):
+    """`tracking.wandb` offline: the trainer's run and tutor_wrap's additions share one run id under RUN/wandb/
+    (`wandb sync` uploads them as one run); read back from W&B's own run files."""
+    run, _ = finished_run
+    state = json.loads((run / "manifest.json").read_text())["tracking"]["wandb"]
+    assert state["mode"] == "offline" and state["project"] == "tiny"
+    dirs = sorted((run / "wandb").glob(f"offline-run-*-{state['id']}"))
+    assert len(dirs) >= 2, dirs      # tutor_wrap's openings and the trainer's, one id
+    history, summary, config = [], {}, {}
+    for d in dirs:
+        for rec in _wandb_records(d / f"run-{state['id']}.wandb"):
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            elif kind == "summary":
+                summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+            elif kind in ("run", "config"):           # the config set at init rides on the run record
+                items = rec.run.config.update if kind == "run" else rec.config.update
+                config.update({i.key: json.loads(i.value_json) for i in items})
+    losses = [h["train/loss"] for h in history if "train/loss" in h]
+    assert len(losses) >= 10
+    report = json.loads((run / "eval/report.json").read_text())
+    assert summary["eval/tuned/eos_rate"] == pytest.approx(report["tuned"]["eos_rate"])
+    assert config["plan.micro_batch_size"] == json.loads((run / "plan.json").read_text())["plan"]["micro_batch_size"]
+    assert any((d / "files/eval/report.html").is_file() for d in dirs)
 
 
 def test_ggufs_have_the_right_metadata_and_no_fallback(finished_run):

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from tutor_wrap.backends import tensorboard
+from tutor_wrap.backends import tracking
 from tutor_wrap.core.errors import TutorWrapError
 if TYPE_CHECKING:
     from tutor_wrap.backends.merge import MergeReport
@@ -141,6 +141,31 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
                           "dir; they run first")
         run.invalidate_from(_downstream(from_stage))
     ctx = Context(resolved=resolved, run=run, hardware=hw, console=console, machines=machines, processes=processes)
+    track = tracking.Session(recipe, run.path, run.manifest().get("tracking"))
+    try:
+        _stages_loop(ctx, track, until)
+    except KeyboardInterrupt:
+        track.close("KILLED")
+        raise
+    except BaseException:
+        track.close("FAILED")
+        raise
+    track.close("FINISHED")
+    return run.manifest()
+
+
+def _start_tracking(ctx: Context, track: tracking.Session) -> None:
+    """The trackers' runs for this plan, before the first stage after it (the trainer writes into them)."""
+    if not track.on or track.started:
+        return
+    key = ctx.run.stage(plan.NAME).get("fingerprint") or ""
+    track.start(key, plan.tracked_params(ctx))
+    ctx.run.update_manifest(tracking=track.keep(key))
+    ctx.tracker_env = track.env
+
+
+def _stages_loop(ctx: Context, track: tracking.Session, until: str | None) -> None:
+    run, console = ctx.run, ctx.console
     for stage in STAGES:
         fp = _fingerprint(stage, ctx)
         rec = run.stage(stage.NAME)
@@ -156,6 +181,8 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
             run.invalidate_from(_downstream(stage.NAME))
         if stage is plan:
             ctx.inputs = _checked(ctx, console)
+        else:
+            _start_tracking(ctx, track)
         console.rule(stage.NAME)
         t0 = time.time()
         # What it left behind may be picked up (train's checkpoints) only by the same work interrupted: a stage
@@ -170,14 +197,16 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
         run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
                          fingerprints={rel: artifact_fingerprint(run.abs(rel)) for rel in result.artifacts.values()},
                          seconds=round(time.time() - t0, 1), error=None)
-        if recipe.train.tensorboard and result.metrics:
-            tensorboard.log_scalars(run.path / "tensorboard" / "tutor_wrap",
-                                    {f"{stage.NAME}/{k}": v for k, v in result.metrics.items()},
-                                    step=STAGE_NAMES.index(stage.NAME))
+        if stage is plan:
+            track.new_plan()
+        _start_tracking(ctx, track)
+        if track.started:
+            for problem in track.log(stage.NAME, STAGE_NAMES.index(stage.NAME), result.metrics,
+                                     [run.abs(rel) for rel in result.artifacts.values()]):
+                console.print(f"[yellow]warning:[/] tracking: {escape(problem)}")
         console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
         if stage.NAME == until:
             break
-    return run.manifest()
 
 
 def _check_owner(run: RunDir, recipe: Recipe) -> None:

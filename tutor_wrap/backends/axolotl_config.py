@@ -67,8 +67,6 @@ def render(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_
         cfg["num_epochs"] = 1
     else:
         cfg["num_epochs"] = t.epochs
-    if t.tensorboard:
-        cfg["use_tensorboard"] = True
     if t.save_steps:
         cfg["save_steps"] = t.save_steps
     else:

@@ -155,13 +155,16 @@ class Trained:
 
 
 def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, metrics_path: Path,
-          resumable: bool, machines: dict | None, watch: Callable, note: Callable[[str], None]) -> Trained:
+          resumable: bool, machines: dict | None, watch: Callable, note: Callable[[str], None],
+          tracking: dict | None = None) -> Trained:
     """Axolotl on `plan_yml` until it finishes: resumed from the last complete checkpoint of the same work, one
     notch smaller after each out-of-memory (MAX_OOM_RETRIES), a TutorWrapError naming the failure otherwise.
 
     `watch(proc, max_steps) -> exit code` follows a launched trainer; `resumable`: the checkpoints in the output
     dir belong to this very plan, interrupted (otherwise they are a finished or other training's and go).
-    The trainer starts in the YAML's folder (the run dir): the YAML's relative paths are the run dir's own."""
+    The trainer starts in the YAML's folder (the run dir): the YAML's relative paths are the run dir's own.
+    `tracking`: the trackers' Axolotl keys, added to the launch copy only, so turning a tracker on or off neither
+    changes the plan's YAML nor retrains."""
     cfg = yaml.safe_load(plan_yml.read_text("utf-8"))
     home = plan_yml.parent.resolve()
     out_dir = home / cfg["output_dir"]
@@ -174,7 +177,7 @@ def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, 
         note(f"starting fresh: the checkpoints in {out_dir} belong to a finished or different training")
         shutil.rmtree(out_dir)
         notch_file.unlink(missing_ok=True)
-    launch_cfg = dict(cfg)
+    launch_cfg = {**cfg, **(tracking or {})}
     done = Trained()
     # A smaller plan chosen after an OOM in an earlier run of this same plan still applies on resume.
     if notch_file.exists():

@@ -22,11 +22,17 @@ OWNED_BY_RECIPE = {
     "learning_rate": "train.learning_rate", "sequence_len": "train.sequence_len", "num_epochs": "train.epochs",
     "max_steps": "train.max_steps", "micro_batch_size": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.batch_size", "seed": "train.seed", "save_steps": "train.save_steps",
-    "logging_steps": "train.logging_steps", "use_tensorboard": "train.tensorboard", "lora_r": "lora.r",
+    "logging_steps": "train.logging_steps", "lora_r": "lora.r",
     "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.targets",
     "lora_target_linear": "lora.targets", "output_dir": "--run-dir", "dataset_prepared_path": "--run-dir",
     "chat_template": "dataset.chat_template", "chat_template_jinja": "dataset.chat_template",
     "eot_tokens": "dataset.chat_template",
+    # The trackers: tutor_wrap sets them from `tracking:` and adds its own numbers to the same run.
+    "use_tensorboard": "tracking.tensorboard",
+    **{k: "tracking.mlflow" for k in ("use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name",
+                                      "mlflow_run_name", "hf_mlflow_log_artifacts")},
+    **{k: "tracking.wandb" for k in ("use_wandb", "wandb_project", "wandb_entity", "wandb_mode", "wandb_name",
+                                     "wandb_run_id", "wandb_log_model", "wandb_watch")},
 }
 
 

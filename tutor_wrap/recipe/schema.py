@@ -147,7 +147,6 @@ class TrainSpec(_Strict):
     seed: int = 42
     save_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(1, ge=1)
-    tensorboard: bool = False       # also write TensorBoard event files (train/out/runs/)
 
     @model_validator(mode="before")
     @classmethod
@@ -163,6 +162,49 @@ class TrainSpec(_Strict):
             raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}: "
                              "the effective batch would silently differ from batch_size")
         return self
+
+
+# A wandb project or entity name: W&B refuses these characters (and more than 128 of them).
+_WANDB_NAME = re.compile(r"^[^/\\#?%:]{1,128}$")
+
+
+class MlflowSpec(_Strict):
+    # None: a SQLite store beside the run dirs (RUNS/mlflow.db, artifacts in RUNS/mlartifacts/), so every run of
+    # every recipe under that folder is one `mlflow ui --backend-store-uri sqlite:///RUNS/mlflow.db` away.
+    uri: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=500)   # default: the recipe's name
+
+    @field_validator("uri")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("sqlite:///", "http://", "https://")):
+            raise ValueError(f"tracking URI {v!r}: use sqlite:///PATH (a local store; a relative PATH is relative to "
+                             "the recipe) or http(s)://HOST:PORT (an MLflow tracking server)")
+        return v
+
+
+class WandbSpec(_Strict):
+    project: str | None = Field(None, pattern=_WANDB_NAME.pattern)    # default: the recipe's name
+    entity: str | None = Field(None, pattern=_WANDB_NAME.pattern)     # default: the key's own user
+    # offline: the run's files under RUN_DIR/wandb/ (`wandb sync RUN_DIR/wandb/offline-run-*` uploads them later);
+    # online: streamed with WANDB_API_KEY from the environment.
+    mode: Literal["offline", "online"] = "offline"
+
+
+class TrackingSpec(_Strict):
+    """Experiment trackers, through Axolotl's own integrations for the training curves; tutor_wrap adds the plan,
+    every stage's headline numbers and the reports to the same run (backends/tracking)."""
+    tensorboard: bool = False
+    mlflow: MlflowSpec | None = None
+    wandb: WandbSpec | None = None
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch(cls, v: Any) -> Any:
+        # `mlflow: true` means the defaults; `false` (or nothing) means off
+        if v is True:
+            return {}
+        return None if v is False else v
 
 
 class ExportSpec(_Strict):
@@ -331,6 +373,7 @@ class Recipe(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     ollama: OllamaSpec
     eval: EvalSpec | None = None
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     hardware: str = "auto"            # "auto" probes this machine; or a profile name / file
     trust_remote_code: bool = False
     allow_pickle_weights: bool = False
@@ -339,6 +382,14 @@ class Recipe(_Strict):
 
     # Not part of the file: where it came from, for resolving relative paths and for error messages.
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("train"), dict) and "tensorboard" in data["train"]:
+            raise ValueError("train.tensorboard moved to tracking.tensorboard; fix: write `tracking: {tensorboard: "
+                             f"{str(data['train']['tensorboard']).lower()}}}` instead")
+        return data
 
     @model_validator(mode="after")
     def _lora_block_means_something(self) -> "Recipe":

@@ -3,10 +3,10 @@ tutor_wrap/compare.py makes (run and recipe names, config values and prompts are
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
+from tutor_wrap.runtime.html_page import page, png_img
 from tutor_wrap.runtime.eval_report import ARM_LABELS   # the eval report's names for its arms
 
 SHORT = {"base": "base", "base_own_template": "base own tmpl", "tuned": "tuned"}
@@ -109,21 +109,12 @@ def render_html(data: dict, loss_png: Path | None) -> str:
                     for k in _metrics(data))
     pairs = "".join(f"<li>{esc(paired_line(p))}</li>" for p in data["paired"])
     notes = "".join(f"<li>{esc(n)}</li>" for n in data["notes"])
-    img = ""
-    if loss_png is not None and loss_png.is_file():
-        img = ('<h2>Training loss</h2><img alt="training loss of every run" src="data:image/png;base64,'
-               + base64.b64encode(loss_png.read_bytes()).decode() + '">')
+    img = png_img(loss_png, "training loss of every run")
+    img = f"<h2>Training loss</h2>{img}" if img else ""
     title = "Compare: " + " / ".join(names)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>{esc(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse;
-display:block;overflow-x:auto}}td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;word-break:break-word}}
-img{{max-width:100%;height:auto}}</style></head><body>
-<h1>{esc(title)}</h1>
+    return page(title, f"""<h1>{esc(title)}</h1>
 <h2>What differs</h2><p>The trainer's config (axolotl.yml, flattened) and the eval settings, where the runs differ.</p>
 <table><tr><th>key</th>{head}</tr>{diff}</table>
 <h2>Fine-tuned against fine-tuned, prompt by prompt</h2><ul>{pairs or '<li>no paired test: see the notes</li>'}</ul>
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
-<h2>Eval metrics per arm</h2><table><tr><th>metric</th>{mhead}</tr>{mrows}</table>{img}
-</body></html>
-"""
+<h2>Eval metrics per arm</h2><table><tr><th>metric</th>{mhead}</tr>{mrows}</table>{img}""")

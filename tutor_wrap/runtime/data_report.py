@@ -3,7 +3,6 @@ what training will read, counted with the base model's own tokenizer, as the pla
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import math
@@ -11,6 +10,7 @@ import statistics
 from pathlib import Path
 
 from tutor_wrap.core import atomic
+from tutor_wrap.runtime.html_page import page, png_img
 
 
 def summarize(*, rows: list, lengths: list[int] | None, sequence_len: int, strategy: str, batch: int,
@@ -107,18 +107,14 @@ def write(s: dict, lengths: list[int] | None, out_dir: Path, title: str) -> dict
         png = histogram_png(lengths, s["sequence_len"])
         files["lengths_png"] = out_dir / "lengths.png"
         atomic.write_bytes(files["lengths_png"], png)
-        img = f'<img alt="row lengths" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+        img = png_img(png, "row lengths")
     def cell(v) -> str:
         if isinstance(v, dict):
             return "<br>".join(f"{html.escape(str(k))}: {html.escape(str(x))}" for k, x in v.items())
         return html.escape(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
 
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in s.items())
-    atomic.write_text(files["data_html"], f"""<!doctype html><html><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>Data: {html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;padding:0 1em}}table{{border-collapse:collapse}}
-td{{border:1px solid #ccc;padding:4px 8px}}img{{max-width:100%}}</style></head><body>
-<h1>Data: {html.escape(title)}</h1><p>What training reads, counted with the base model's tokenizer, as planned.</p>
-<table>{rows}</table>{img}</body></html>
-""")
+    atomic.write_text(files["data_html"], page(f"Data: {title}", f"""<h1>Data: {html.escape(title)}</h1>
+<p>What training reads, counted with the base model's tokenizer, as planned.</p><table>{rows}</table>{img}""",
+                                               width=900))
     return files

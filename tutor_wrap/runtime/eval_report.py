@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tutor_wrap.runtime.html_page import page, png_img
+
 ARM_LABELS = {"base": "base (training format)", "base_own_template": "base (own template)", "tuned": "tuned"}
 
 
@@ -89,7 +91,6 @@ def render_markdown(report: dict, loss_png: str | None) -> str:
 
 def render_html(report: dict, loss_png: Path | None) -> str:
     """A self-contained page: the summary table, the statistics, the loss curve inline, outputs side by side."""
-    import base64
     import html
 
     esc = html.escape
@@ -105,10 +106,8 @@ def render_html(report: dict, loss_png: Path | None) -> str:
     stats = "".join(f"<li>{esc(s)}</li>" for s in _stats_lines(report))
     if ov := overlap_line(report):
         stats += f"<li><b>Overlap with the training data:</b> {esc(ov)}</li>"
-    img = ""
-    if loss_png is not None and loss_png.is_file():
-        img = ('<h2>Training loss</h2><img alt="training loss" src="data:image/png;base64,'
-               + base64.b64encode(loss_png.read_bytes()).decode() + '">')
+    img = png_img(loss_png, "training loss")
+    img = f"<h2>Training loss</h2>{img}" if img else ""
 
     def cell(ans: dict) -> str:
         ok = ans.get("all_pass", ans["format_pass"])
@@ -118,15 +117,12 @@ def render_html(report: dict, loss_png: Path | None) -> str:
     pairs = "".join(f"<tr><td class=q>{i}. {esc(p['instruction'])}"
                     + (" <i>(overlaps the training rows)</i>" if p.get("overlaps_training") else "") + "</td>" + "".join(cell(p[a]) for a in arms) + "</tr>"
                     for i, p in enumerate(report["prompts"], 1))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Eval: {esc(report['recipe'])}</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}}pre{{white-space:pre-wrap;margin:0;max-width:420px}}
-.pass{{background:#eaffea}}.fail{{background:#fff0f0}}.q{{max-width:200px}}.c{{font-size:80%;color:#555}}</style></head><body>
-<h1>Eval: {esc(report['recipe'])}</h1>
+    body = f"""<h1>Eval: {esc(report['recipe'])}</h1>
 <p>{report['n_prompts']} held-out prompts, temperature 0, seed {report['seed']}, {esc(report['quant_type'])} GGUFs through
 llama-server, at most {report['max_tokens']} tokens. Primary metric: <b>{esc(report['primary_metric'])}</b> (higher is
 better), compared with the better baseline, {esc(ARM_LABELS.get(best, best))}. Green = passes every check, the code
 running included; each cell lists the checks and the code's error line.</p>
 <table><tr><th>metric</th>{head}<th>delta vs best base</th></tr>{rows}</table><ul>{stats}</ul>{img}
-<h2>Outputs</h2><table><tr><th>prompt</th>{head}</tr>{pairs}</table></body></html>
-"""
+<h2>Outputs</h2><table><tr><th>prompt</th>{head}</tr>{pairs}</table>"""
+    return page(f"Eval: {report['recipe']}", body, css=".pass{background:#eaffea}.fail{background:#fff0f0}"
+                ".q{min-width:8em;max-width:200px}.c{font-size:80%;color:#555}pre{max-width:420px}")

@@ -37,6 +37,8 @@ class Context:
     resumable: bool = False
     # The recipe's inputs as checked by the pipeline before the plan stage (None when plan was done before)
     inputs: Inputs | None = None
+    # The trackers' variables for the trainer (backends/tracking: their run ids and modes); set by the pipeline
+    tracker_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def recipe(self) -> Recipe:
@@ -62,4 +64,4 @@ class Pre:
 class StageResult:
     artifacts: dict[str, str]                      # name -> path relative to the run dir
     info: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)   # headline numbers for trackers (backends/tensorboard)
+    metrics: dict[str, float] = field(default_factory=dict)   # headline numbers for trackers (backends/tracking)

@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from tutor_wrap.backends import axolotl_config
+from tutor_wrap.backends import axolotl_config, tracking
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware
@@ -53,8 +53,9 @@ def prepare(inputs: Inputs, hw: Hardware, run_dir: Path, *, processes: int | Non
 
 
 def validate(recipe: Recipe, cfg: dict[str, Any]) -> None:
-    """Axolotl's own schema; a key it would silently drop is an error too."""
-    dropped = axolotl_config.validate(cfg, source=str(recipe.source))
+    """Axolotl's own schema, on the config as the trainer is launched with it (the trackers' keys added); a key it
+    would silently drop is an error too."""
+    dropped = axolotl_config.validate({**cfg, **tracking.axolotl_keys(recipe)}, source=str(recipe.source))
     if dropped:
         raise TutorWrapError(
             f"{recipe.source}: Axolotl does not know the key(s) {', '.join(dropped)} and would silently ignore them",
@@ -74,8 +75,10 @@ def write_config(cfg: dict[str, Any], path: Path, *, in_run_dir: bool = False) -
 
 
 def check(pre: Pre) -> list[Verdict]:
-    """What planning itself refuses (an eval prompt past the planned context, no row left at sequence_len), so that
-    `preflight` says it as `plan` and `run` do; the inputs were checked before the stages (check_inputs)."""
+    """What planning itself refuses (an eval prompt past the planned context, no row left at sequence_len) and the
+    trackers the recipe names (installed, their store writable or reachable), so that `preflight` says it as `plan`
+    and `run` do; the inputs were checked before the stages (check_inputs)."""
+    tracking.check(pre.recipe, pre.run_dir or pre.recipe.default_run_dir())
     if pre.inputs is not None:
         prepare(pre.inputs, pre.hardware, pre.run_dir or pre.recipe.default_run_dir(), processes=pre.processes)
     return []
@@ -134,4 +137,33 @@ def run(ctx: Context) -> StageResult:
                    **{f"sidecar_{s.stem}": ctx.run.rel(s) for s in sidecars},
                    **{k: ctx.run.rel(f) for k, f in data_files.items()}},
         info={"rows": rows, "rows_kept": p.rows_kept, "prompt_format": fmt_name},
+        metrics={"rows": rows, "rows_kept": p.rows_kept, **predicted_peak(p.plan)},
     )
+
+
+def predicted_peak(plan: Plan) -> dict[str, float]:
+    """The memory the plan predicts for one training process, in GiB: the GPU's (as trusted on this machine) or
+    the CPU trainer's peak RSS."""
+    if plan.memory:
+        return {"predicted_vram_gib": plan.memory.get("trusted_total_gib", plan.memory["total_gib"])}
+    if plan.ram:
+        return {"predicted_ram_gib": plan.ram["per_process_bytes"] / 2**30}
+    return {}
+
+
+def tracked_params(ctx: Context) -> dict[str, Any]:
+    """What a tracker's run records as its params (MLflow) or config (W&B): the recipe's knobs and the plan's
+    choices from plan.json, flat, so runs can be filtered and compared on them."""
+    r = ctx.recipe
+    plan = ctx.plan()
+    knobs = {"base_model": r.base_model, "method": r.method,
+             "dataset": r.dataset.hub or (r.dataset.path and Path(r.dataset.path).name),
+             "learning_rate": r.train.learning_rate, "epochs": r.train.epochs, "max_steps": r.train.max_steps,
+             "batch_size": r.train.batch_size, "seed": r.train.seed, "quant_types": ",".join(r.export.quant_types)}
+    if r.method != "full":
+        knobs.update(lora_r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
+                     lora_targets=r.lora.targets if isinstance(r.lora.targets, str) else ",".join(r.lora.targets))
+    chosen = {f"plan.{k}": getattr(plan, k) for k in (
+        "accelerator", "dtype", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+        "optimizer", "attention", "sample_packing", "sequence_len", "loss", "num_processes", "sharding")}
+    return {**knobs, **chosen, **{f"plan.{k}": round(v, 3) for k, v in predicted_peak(plan).items()}}

@@ -13,6 +13,7 @@ from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU, loss_p
 from tutor_wrap.backends import axolotl_train
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
+from tutor_wrap.backends import tracking
 from tutor_wrap.core.proc import append_log, tool_env
 from tutor_wrap.machine.vendors import hide_all_gpus
 from tutor_wrap.core.units import GIB
@@ -27,13 +28,6 @@ DEPENDS = ("plan",)
 
 
 def check(pre: Pre) -> list[Verdict]:
-    if pre.recipe.train.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise TutorWrapError(f"{pre.recipe.source}: train.tensorboard: true, but the tensorboard package is not "
-                                 "installed in this environment", hint="pip install tensorboard, or set "
-                                                                       "train.tensorboard: false")
     return [train_verdict(pre.recipe, pre.hardware, pre.processes, pre.inputs)]
 
 
@@ -43,7 +37,8 @@ def inputs(ctx: Context) -> dict:
 
 
 def _env(ctx: Context, plan: Plan, metrics_path: Path, log: Path) -> dict:
-    env = tool_env({ENV_METRICS: str(metrics_path)})
+    # The trackers' variables (their run, their mode) override the offline defaults that turn W&B off.
+    env = tool_env({ENV_METRICS: str(metrics_path), **ctx.tracker_env})
     if ctx.hardware.accelerator == "cpu":
         env.update(hide_all_gpus())   # a CPU plan: no runtime may pick up a GPU the probe was told to ignore
         # The plan's thread count, unless the person set OMP_NUM_THREADS themselves (theirs wins, as with torch).
@@ -80,7 +75,7 @@ def run(ctx: Context) -> StageResult:
 
     done = axolotl_train.train(plan_yml, train_dir, plan.to_dict(), env=_env(ctx, plan, metrics_path, log), log=log,
                                metrics_path=metrics_path, resumable=ctx.resumable, machines=ctx.machines,
-                               watch=watch, note=note)
+                               watch=watch, note=note, tracking=tracking.axolotl_keys(ctx.recipe))
     attempts, resumed_from = done.attempts, done.resumed_from
     rows = read_metrics(metrics_path)
     write_loss_csv(rows, train_dir / "loss.csv")

@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.tutor_wrap-installed
 SMOL   := .cache/models/SmolLM2-135M-Instruct/READY.json
 
-.PHONY: setup demo test test-fast clean-runs go-toolchain sandbox browser llamacpp
+.PHONY: setup demo test test-fast clean-runs go-toolchain sandbox browser vulkan-build llamacpp
 
 setup:
 	@$(PARALLEL) $(STAMP) llamacpp
@@ -55,6 +55,16 @@ browser: go-toolchain
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
 
+# llama.cpp built with its Vulkan backend, which tests/test_vulkan.py runs the GGUF half on with Mesa's lavapipe (a
+# software Vulkan device): the GPU code path proven on a machine without a GPU. Only `make test` builds it (about
+# 8 min on 2 cores, once; .cache/llama.cpp-vulkan). After browser: one apt-get at a time.
+VULKAN_PKGS := mesa-vulkan-drivers libvulkan-dev glslc spirv-headers glslang-tools
+vulkan-build: browser
+	@dpkg -s $(VULKAN_PKGS) >/dev/null 2>&1 || { echo "installing the Vulkan build tools and Mesa's lavapipe"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(VULKAN_PKGS) >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(VULKAN_PKGS) >/dev/null; fi; }
+	@$(PYTHON) tools/build_llamacpp.py --backend vulkan --dest .cache/llama.cpp-vulkan
+
 # olah, a self-hosted Hugging Face hub mirror that serves local git repositories through the hub's API: the real
 # hub server the download tests talk to (tests/test_hub.py), in a venv of its own (its web stack apart from ours).
 HUB_SERVER := .cache/olah/bin/olah-cli
@@ -64,7 +74,7 @@ $(HUB_SERVER):
 
 # Everything (what CI runs), with the 25 slowest tests listed at the end.
 test:
-	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox browser $(HUB_SERVER)
+	@$(PARALLEL) $(STAMP) llamacpp go-toolchain sandbox browser vulkan-build $(HUB_SERVER)
 	$(VPY) -m pytest -q --durations=25
 
 # The development lane: unit + tools tests, no training (tests/conftest.py: LANES), on two workers (pytest-xdist),

@@ -59,3 +59,13 @@ def test_a_build_for_another_cpu_is_rebuilt_and_this_machines_is_kept():
     # x86 lists `flags`, ARM `Features`; kernel security bits that merely share a prefix are not instruction sets
     assert b.cpu_isa("flags\t: fpu sse2 avx2 smep smap avx512_bf16 hypervisor\n") == ["avx2", "avx512_bf16", "sse2"]
     assert b.cpu_isa("Features\t: fp asimd asimddp sve i8mm bf16\n") == ["asimd", "asimddp", "bf16", "i8mm", "sve"]
+
+
+def test_a_software_vulkan_device_does_not_choose_a_vulkan_build():
+    """Mesa's lavapipe (installed by `make test` for the Vulkan test) is a Vulkan device of the CPU type: `auto`
+    must not build for it (generation on it is 40-60x slower than the CPU build), and ggml skips it anyway."""
+    b = load_script()
+    if shutil.which("vulkaninfo"):
+        assert not [g for g in b.vulkan_gpus() if "llvmpipe" in g]
+    name, _, _, why = b.choose_backend("auto")
+    assert name != "vulkan" or b.vulkan_gpus(), why

@@ -450,3 +450,23 @@ def test_from_train_trains_again_instead_of_resuming_the_finished_checkpoint(fin
     begin = [r for r in rows if r.get("event") == "begin"][-1]
     assert begin["resumed_from_step"] is None and begin["step"] == 0
     assert len([r for r in rows if r.get("event") == "log" and "loss" in r]) >= 12
+
+
+def test_the_gguf_half_says_how_long_it_will_take(finished_run):
+    """Before export's checks, deploy's serving check and eval: the tokens they will generate (and score), a
+    measured warm-up, and the time at most, printed and recorded."""
+    run, proc = finished_run
+    out = proc.stdout
+    timing = json.loads((run / "export/report.json").read_text())["fidelity"]["timing"]
+    assert all(t > 0 for t in timing["tokens_per_second"]) and timing["estimated_max_seconds"] > 0
+    assert timing["generated_tokens"] == len(EVAL) * 16    # the Q4_K_M's agreement with F16: 16 tokens a prompt
+    serving = json.loads((run / "deploy/deploy.json").read_text())["serving_check"]
+    assert serving["warmup_tokens_per_second"] > 0 and serving["estimated_max_seconds"] > 0
+    gen = json.loads((run / "eval/report.json").read_text())["generation"]["timing"]
+    assert gen["warmup_tokens_per_second"] > 0 and 0 < gen["estimated_max_seconds"] and gen["seconds"] > 0
+    flat = " ".join(out.split())      # the console wraps long lines
+    for said in ("export: checks: 64 tokens to generate", "deploy: serving check: 8 answers of at most",
+                 f"eval: {len(EVAL) * len(json.loads((run / 'eval/report.json').read_text())['arms'])} answers of "
+                 "at most 12 tokens"):
+        at = flat.find(said)
+        assert at >= 0 and "at most" in flat[at + len(said) - 8:at + 300], said

@@ -128,9 +128,16 @@ def test_eval_generation_shares_the_cores_out_over_servers(kw, requests, servers
     assert (layout.servers, layout.threads) == (servers, threads)
 
 
-def test_eval_generation_on_a_gpu_is_one_server():
-    layout = generation_layout(profiles.load_profile("rtx3060-12gb"), 30)
-    assert (layout.servers, layout.threads) == (1, None)
+def test_eval_generation_on_a_gpu_is_one_server_and_a_cpu_build_there_uses_the_cores():
+    from tutor_wrap.planning.generation import Device, offload
+
+    hw = profiles.load_profile("rtx3060-12gb")
+    card = Device("CUDA0", hw.gpus[0].name, hw.gpus[0].vram_total_bytes, hw.gpus[0].vram_total_bytes)
+    on_gpu = generation_layout(hw, 30, offload([card], model_bytes=5 * 2**30, kv_bytes=2**29, layers=32))
+    assert (on_gpu.servers, on_gpu.threads, on_gpu.gpu_layers) == (1, None, 33)
+    # llama.cpp built for the CPU on that machine: the CPU layout, saying why
+    cpu_build = generation_layout(hw, 30, offload([], model_bytes=5 * 2**30, kv_bytes=2**29, layers=32, backend="cpu"))
+    assert cpu_build.gpu_layers == 0 and cpu_build.threads and "lists no GPU device" in cpu_build.why
 
 
 def test_cpu_plan_states_and_passes_its_thread_count():

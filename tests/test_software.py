@@ -139,3 +139,17 @@ def test_collect_reads_this_venv_without_importing_torch():
     assert [v["torch_cuda"] or "None", v["torch_hip"] or "None"] == says
     assert "libbitsandbytes_cpu.so" in v["bitsandbytes_libs"]
     assert "torch<=2.13.0,>=2.11.0" in v["requires"]["axolotl"]
+
+
+@pytest.mark.parametrize("accelerator, backend", [("nvidia", "cuda"), ("amd", "hip")])
+def test_a_cpu_only_llamacpp_on_a_gpu_machine_is_named_with_the_build_step(accelerator, backend):
+    def about_llamacpp(findings):
+        return [f for f in findings if "llama.cpp" in f.what]   # (an AMD machine's torch findings aside)
+
+    (f,) = about_llamacpp(check_stack(good(llama_cpp_backend="cpu"), accelerator))
+    assert f.severity == "warning" and "built for the CPU only" in f.what
+    assert f.fix.endswith(f"python tools/build_llamacpp.py --backend {backend}")
+    # a GPU build, an unknown one (LLAMA_CPP_DIR) or a machine without a GPU: nothing to say
+    assert about_llamacpp(check_stack(good(llama_cpp_backend=backend), accelerator)) == []
+    assert about_llamacpp(check_stack(good(llama_cpp_backend=None), accelerator)) == []
+    assert about_llamacpp(check_stack(good(llama_cpp_backend="cpu", torch="2.13.0+cpu", torch_cuda=None), "cpu")) == []

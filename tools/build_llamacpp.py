@@ -3,7 +3,8 @@
 
 llama.cpp is not packaged for this OS and GitHub is unreachable, but the llama-cpp-python
 sdist vendors a full llama.cpp tree (C++ sources, convert_hf_to_gguf.py, gguf-py).
-Usage: python3 tools/build_llamacpp.py [--dest DIR] [--portable]   (stdlib only, python >= 3.10)
+Usage: python3 tools/build_llamacpp.py [--dest DIR] [--portable] [--backend auto|cpu|cuda|hip|vulkan]
+(stdlib only, python >= 3.10)
 """
 import argparse, fcntl, hashlib, json, os, shutil, subprocess, sys, tarfile, tempfile, time
 from pathlib import Path
@@ -54,6 +55,12 @@ def download(dest):
         log(f"cached {final} has the wrong sha256, downloading again")
         final.unlink()
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A second build (another --dest, e.g. the tests' Vulkan one) takes the default build's verified copy.
+    sibling = dest.parent / "llama.cpp" / "downloads" / SDIST
+    if sibling != final and sibling.is_file() and sha256_of(sibling) == SHA256:
+        shutil.copyfile(sibling, final.with_name(SDIST + ".copy"))
+        os.replace(final.with_name(SDIST + ".copy"), final)
+        return final
     final.with_name(SDIST + ".part").unlink(missing_ok=True)   # left by an interrupted download of older versions
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=final.parent) as tmp:
         log(f"pip download llama-cpp-python=={VERSION} (the sdist; pip prepares its metadata, about a minute)")
@@ -134,17 +141,162 @@ def target(portable):
     return ["-DGGML_NATIVE=OFF"], [], "portable"
 
 
+# The GPU backends: llama.cpp's export checks, serving check and eval run on the GPU the machine has when its build
+# has that backend. `auto` picks from the GPUs present and the toolchains installed, and says why; the choice is
+# recorded in BUILD_OK.json (tutor_wrap reads it, and lists the devices the build sees: llama-server --list-devices).
+BACKENDS = ("auto", "cpu", "cuda", "hip", "vulkan")
+# ggml-vulkan.cpp of the pinned llama.cpp uses vk::LayerSettingEXT (Vulkan-Headers 1.3.261+); Debian 12 ships 1.3.239.
+# Debian 13's libvulkan-dev carries headers that build it against Debian 12's loader, glslc and SPIR-V headers; it
+# is fetched by apt itself (the machine's mirror and proxy settings) into the cache, never installed system-wide.
+VULKAN_HEADERS_DEB = ("trixie", "libvulkan-dev")
+VULKAN_APT = "apt-get install -y libvulkan-dev glslc spirv-headers glslang-tools"
+
+
+def _out(cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def _nvcc():
+    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def cuda_archs():
+    """The compute capabilities of the NVIDIA GPUs present, as CMake wants them ('8.6' -> '86'); [] without one."""
+    out = _out(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]) or ""
+    return sorted({c.strip().replace(".", "") for c in out.splitlines() if c.strip()})
+
+
+def hip_targets():
+    """The gfx names of the AMD GPUs ROCm sees; [] without one."""
+    import re
+
+    out = _out(["rocminfo"]) or ""
+    return sorted(set(re.findall(r"^\s*Name:\s+(gfx[0-9a-f]+)\s*$", out, re.M)))
+
+
+def vulkan_gpus():
+    """The Vulkan devices that are GPUs (a software rasterizer such as lavapipe is not one: ggml-vulkan skips it)."""
+    out = _out(["vulkaninfo", "--summary"]) or ""
+    gpus, name = [], None
+    for line in out.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key.strip() == "deviceName":
+            name = value.strip()
+        elif key.strip() == "deviceType" and "GPU" in value and name:
+            gpus.append(name)
+    return gpus
+
+
+def choose_backend(asked):
+    """(backend, cmake flags, extra environment, why) for `asked`; an explicit backend whose toolchain is missing
+    exits with the step to install it."""
+    if asked in ("auto", "cuda"):
+        archs, nvcc = cuda_archs(), _nvcc()
+        if archs and nvcc:
+            return ("cuda", ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}"], {},
+                    f"CUDA: NVIDIA GPU(s) of compute capability {', '.join(archs)} and {nvcc}")
+        if asked == "cuda":
+            sys.exit("--backend cuda: " + ("no CUDA toolkit (nvcc): install it (e.g. apt-get install nvidia-cuda-toolkit, "
+                                           "or NVIDIA's cuda-toolkit package) and run this again" if archs else
+                                           "nvidia-smi lists no NVIDIA GPU: check the driver (nvidia-smi)"))
+    if asked in ("auto", "hip"):
+        gfx, hipconfig = hip_targets(), shutil.which("hipconfig")
+        if gfx and hipconfig:
+            root = (_out([hipconfig, "-R"]) or "/opt/rocm").strip()
+            clang = (_out([hipconfig, "-l"]) or f"{root}/llvm/bin").strip() + "/clang"
+            return ("hip", ["-DGGML_HIP=ON", f"-DGPU_TARGETS={';'.join(gfx)}"], {"HIPCXX": clang, "HIP_PATH": root},
+                    f"HIP: AMD GPU(s) {', '.join(gfx)} and ROCm at {root}")
+        if asked == "hip":
+            sys.exit("--backend hip: " + ("no ROCm HIP toolchain (hipconfig): install ROCm's hip-dev (amdgpu-install "
+                                          "--usecase=hiplibsdk) and run this again" if gfx else
+                                          "rocminfo lists no AMD GPU: check ROCm's driver (rocminfo)"))
+    if asked in ("auto", "vulkan"):
+        gpus, glslc = vulkan_gpus(), shutil.which("glslc")
+        if asked == "vulkan" or (gpus and glslc):
+            if not glslc or not Path("/usr/include/vulkan/vulkan.h").is_file():
+                sys.exit(f"--backend vulkan: the Vulkan SDK parts are missing: {VULKAN_APT}")
+            return ("vulkan", ["-DGGML_VULKAN=ON"], {},
+                    f"Vulkan: {', '.join(gpus)}" if gpus else "Vulkan, as asked (no Vulkan GPU is listed here: the "
+                                                                "build runs, ggml uses a device only when it is a GPU "
+                                                                "or named by GGML_VK_VISIBLE_DEVICES)")
+    missing = []
+    if not cuda_archs() and not hip_targets() and not vulkan_gpus():
+        missing.append("no GPU found (nvidia-smi, rocminfo, vulkaninfo)")
+    else:
+        missing.append("a GPU is present but its toolchain is not (CUDA: nvcc; ROCm: hipconfig; Vulkan: glslc and "
+                       "libvulkan-dev); install it and run this again for a GPU build")
+    return "cpu", [], {}, "CPU: " + "; ".join(missing)
+
+
+def vulkan_headers(dest):
+    """Include dir with Vulkan headers new enough for ggml-vulkan: the system's when they are, else Debian 13's
+    libvulkan-dev unpacked into DEST/vulkan-headers by apt-get download with a private source list and state."""
+    hpp = Path("/usr/include/vulkan/vulkan_structs.hpp")
+    if hpp.is_file() and "struct LayerSettingEXT" in hpp.read_text(errors="replace"):
+        return None
+    out = dest / "vulkan-headers"
+    if (out / "usr/include/vulkan/vulkan_structs.hpp").is_file():
+        return out / "usr/include"
+    if not shutil.which("apt-get"):
+        sys.exit("the system's Vulkan headers are older than 1.3.261 (ggml-vulkan needs vk::LayerSettingEXT) and this "
+                 "is not a Debian-family system to fetch newer ones from: install Vulkan-Headers 1.3.261 or newer")
+    suite, pkg = VULKAN_HEADERS_DEB
+    apt = dest / "apt"
+    for d in ("state/lists/partial", "cache/archives/partial", "debs"):
+        (apt / d).mkdir(parents=True, exist_ok=True)
+    mirror = _debian_mirror()
+    (apt / "debian.sources").write_text(f"Types: deb\nURIs: {mirror}\nSuites: {suite}\nComponents: main\n"
+                                 "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+    opts = [f"-oDir::Etc::SourceList={apt / 'debian.sources'}", "-oDir::Etc::SourceParts=/dev/null",
+            f"-oDir::State={apt / 'state'}", f"-oDir::Cache={apt / 'cache'}", "-oDir::State::status=/var/lib/dpkg/status",
+            "-oDebug::NoLocking=1", "-qq", *(["-oAPT::Sandbox::User=root"] if os.geteuid() == 0 else [])]
+    log(f"the system's Vulkan headers are too old for ggml-vulkan: fetching Debian {suite}'s {pkg} (headers only, "
+        f"into {out}) with apt-get from {mirror}")
+    for cmd, cwd in ((["apt-get", *opts, "update"], None), (["apt-get", *opts, "download", pkg], apt / "debs")):
+        if subprocess.run(cmd, cwd=cwd).returncode != 0:
+            sys.exit(f"`{' '.join(cmd)}` failed: check apt's proxy settings, or install Vulkan-Headers 1.3.261+")
+    (deb,) = sorted((apt / "debs").glob(f"{pkg}_*.deb"))[-1:]
+    tmp = Path(tempfile.mkdtemp(prefix="vulkan-headers.tmp-", dir=dest))
+    if subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)]).returncode != 0:
+        sys.exit(f"dpkg-deb -x {deb} failed")
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out / "usr/include"
+
+
+def _debian_mirror():
+    """The Debian mirror this machine's apt already uses (so its proxy and mirror choice apply)."""
+    import re
+
+    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            text = f.read_text(errors="replace")
+        except OSError:
+            continue
+        for m in re.finditer(r"(?:^URIs:\s*|^deb\s+(?:\[[^]]*\]\s+)?)(https?://\S+/debian)/?\s", text, re.M):
+            if "security" not in m.group(1):
+                return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
 def run_logged(cmd, logf, env):
     print(f"\n$ {' '.join(cmd)}", file=logf, flush=True)
     return subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def build(dest, commit, cpu_flags):
+def build(dest, commit, cpu_flags, backend_flags=(), backend_env=None):
     src, build_dir, log_path = dest / "src", dest / "src" / "build", dest / "build.log"
     # Without a ceiling, llama.cpp's build-info would take the commit of whatever git repo
     # encloses DIR (e.g. tutor_wrap itself) as the llama.cpp version.
-    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest))
-    configure = ["cmake", "-S", str(src), "-B", str(build_dir), *cpu_flags, *CMAKE_FLAGS,
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest), **(backend_env or {}))
+    configure = ["cmake", "-S", str(src), "-B", str(build_dir), *cpu_flags, *backend_flags, *CMAKE_FLAGS,
                  f"-DLLAMA_BUILD_COMMIT={commit[:7]}"]
     jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with open(log_path, "w") as logf:
@@ -164,7 +316,7 @@ def build(dest, commit, cpu_flags):
         sys.exit(f"llama.cpp build failed (exit {rc}); full log: {log_path}")
 
 
-def install(dest, ok_file, bin_dir, portable=False):
+def install(dest, ok_file, bin_dir, portable=False, backend=("cpu", [], {}, "CPU")):
     ok_file.unlink(missing_ok=True)
     for stale in dest.glob("src.tmp-*"):  # left by an interrupted extraction
         shutil.rmtree(stale)
@@ -184,7 +336,8 @@ def install(dest, ok_file, bin_dir, portable=False):
         compiled_for = json.loads((build_dir / TARGET_MARKER).read_text())
     except (OSError, ValueError):
         compiled_for = None
-    want = {"cpu_target": cpu_target, "cpu_isa": isa}
+    name, backend_flags, backend_env, why = backend
+    want = {"cpu_target": cpu_target, "cpu_isa": isa, **({"backend": name} if name != "cpu" else {})}
     if build_dir.exists() and compiled_for != want:
         # Objects compiled for another CPU or target: -march=native reads the same everywhere, so make would keep them.
         was = (f"{compiled_for.get('cpu_target')} on a CPU with other instruction sets" if compiled_for
@@ -194,13 +347,15 @@ def install(dest, ok_file, bin_dir, portable=False):
     # Recorded before compiling: an interrupted build for this same target resumes where make stopped.
     build_dir.mkdir(parents=True, exist_ok=True)
     (build_dir / TARGET_MARKER).write_text(json.dumps(want))
-    build(dest, marker["commit"], cpu_flags)
+    if name == "vulkan" and (include := vulkan_headers(dest)):
+        backend_flags = [*backend_flags, f"-DVulkan_INCLUDE_DIR={include}"]
+    build(dest, marker["commit"], cpu_flags, backend_flags, backend_env)
     # Catches binaries that link but cannot load their shared libraries.
     if subprocess.run([str(bin_dir / "llama-completion"), "--version"], capture_output=True).returncode:
         sys.exit(f"{bin_dir / 'llama-completion'} --version failed; see {dest / 'build.log'}")
     info = {"llama_cpp_python": VERSION, "llama_cpp_build": marker["commit"],
             "cpu_target": cpu_target, "cpu_isa": isa, "bin_dir": "src/build/bin", "converter": "src/convert_hf_to_gguf.py",
-            "gguf_py": "src/gguf-py", "sha256": SHA256}
+            "gguf_py": "src/gguf-py", "sha256": SHA256, "backend": name, "backend_reason": why}
     tmp = ok_file.with_name(ok_file.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, ok_file)
@@ -214,9 +369,14 @@ def main():
                     help=f"where the sdist, sources and build go (default: {cache / 'llama.cpp'})")
     ap.add_argument("--portable", action="store_true",
                     help="binaries for any x86-64-v3 CPU instead of this one's (container images)")
+    ap.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="the GPU backend to build in (default auto: CUDA with an NVIDIA GPU and nvcc, HIP with an "
+                         "AMD GPU and ROCm, Vulkan with a Vulkan GPU and glslc, else the CPU only)")
     args = ap.parse_args()
     dest = args.dest.resolve()
     ok_file, bin_dir = dest / "BUILD_OK.json", dest / "src" / "build" / "bin"
+    backend = choose_backend(args.backend)
+    log(f"backend: {backend[3]}")
 
     def ready():
         try:
@@ -225,6 +385,8 @@ def main():
             return False
         if info.get("sha256") != SHA256 or not all(os.access(bin_dir / t, os.X_OK) for t in TARGETS):
             return False
+        if info.get("backend", "cpu") != backend[0]:   # a GPU (or its toolchain) came or went
+            return False
         return built_for_here(info, args.portable)
 
     if not ready():
@@ -232,7 +394,7 @@ def main():
         with open(dest / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # serialise concurrent runs on the same DIR
             if not ready():  # a run we waited for may have finished the job
-                install(dest, ok_file, bin_dir, args.portable)
+                install(dest, ok_file, bin_dir, args.portable, backend)
     log(f"llama.cpp ready at {dest}")
 
 

@@ -23,9 +23,13 @@ from typing import Any, Callable, Iterator
 
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.proc import LoggedProcess, start_logged, tail
+from tutor_wrap.backends.llamacpp import placement
 from tutor_wrap.machine.tools import LlamaCpp
 
 HOST = "127.0.0.1"
+# With layers on a GPU, the log says where they went ("offloaded 33/33 layers to GPU", each device's buffers):
+# llama-server prints those lines only at its debug verbosity.
+OFFLOAD_LOG = ("-lv", "4")
 
 
 def free_port() -> int:
@@ -74,6 +78,17 @@ class Server:
                                                   "cache_prompt": False, "seed": seed})
         choice = res["choices"][0]
         return choice["message"].get("content") or "", choice.get("finish_reason") == "stop"
+
+    def speed(self, ctx: int, n_predict: int = 16) -> tuple[float, float]:
+        """(generation, prompt) tokens per second, measured: one short request to absorb the first request's one-off
+        costs (weights paged in, a GPU backend's kernels compiled), then one the server times itself, with a prompt
+        of up to 64 tokens and `n_predict` generated whatever the model would stop at, within the slot's `ctx`."""
+        words = max(1, min(64, ctx - n_predict - 8))      # a word of "The ..." is one or two tokens
+        body = {"prompt": "The " * (words // 2), "temperature": 0, "n_predict": n_predict, "cache_prompt": False,
+                "ignore_eos": True}
+        self._post("/completion", {**body, "n_predict": 2})
+        t = self._post("/completion", body).get("timings") or {}
+        return float(t.get("predicted_per_second") or 0.0), float(t.get("prompt_per_second") or 0.0)
 
     def complete(self, prompt: str, *, n_predict: int, seed: int = 0) -> tuple[str, bool]:
         """/completion of a raw prompt (no template), greedy, prompt cache off: (text, stopped by EOS)."""
@@ -150,7 +165,7 @@ def _wait_ready(proc: LoggedProcess, server: Server, log: Path, timeout: float) 
 
 @contextmanager
 def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float = 120,
-          slots: int = 1, threads: int | None = None) -> Iterator[Server]:
+          slots: int = 1, threads: int | None = None, gpu_layers: int | None = None) -> Iterator[Server]:
     """llama-server for `gguf` on 127.0.0.1:<free port>; stopped when the block ends, however it ends.
 
     `slots` requests are decoded together (continuous batching), each with `ctx` tokens of context. One slot
@@ -158,10 +173,15 @@ def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float
     batch composition changes the arithmetic slightly and a near-tie can flip (bench/eval_parallel.py measures it).
     `threads`: llama.cpp's math threads (its default when None). ggml gives each output row to one thread, so the
     count changes speed, not results.
+    `gpu_layers`: llama.cpp's -ngl, always passed (a GPU build's own default would offload whatever it likes);
+    None: as many as fit the build's devices (llamacpp.placement).
     """
+    if gpu_layers is None:
+        gpu_layers = placement(ll, gguf, ctx * slots).gpu_layers
     server = Server(free_port())
     args = [str(ll.tool("llama-server")), "-m", str(gguf), "--host", HOST, "--port", str(server.port),
-            "-c", str(ctx * slots), "-np", str(slots), "--jinja", "--no-webui", "--no-warmup"]
+            "-c", str(ctx * slots), "-np", str(slots), "--jinja", "--no-webui", "--no-warmup",
+            "-ngl", str(gpu_layers), *(OFFLOAD_LOG if gpu_layers else ())]
     if threads:
         args += ["-t", str(threads), "-tb", str(threads)]
     proc = start_logged(args, log, env=ll.env())
@@ -180,11 +200,11 @@ def serve(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, ready_timeout: float
 
 @contextmanager
 def serve_many(ll: LlamaCpp, gguf: Path, *, ctx: int, log: Path, servers: int,
-               threads: int | None = None) -> Iterator[list[Server]]:
+               threads: int | None = None, gpu_layers: int | None = None) -> Iterator[list[Server]]:
     """`servers` llama-servers for one GGUF, one slot each (`answer_all` shares the requests out); the kernel maps
     the weights once for all of them. Each logs to its own file (`log`, then log-1, log-2...); all are stopped
     when the block ends, however it ends."""
     with ExitStack() as stack:
-        yield [stack.enter_context(serve(ll, gguf, ctx=ctx, threads=threads,
+        yield [stack.enter_context(serve(ll, gguf, ctx=ctx, threads=threads, gpu_layers=gpu_layers,
                                          log=log if i == 0 else log.with_name(f"{log.stem}-{i}{log.suffix}")))
                for i in range(servers)]

@@ -17,6 +17,8 @@ from tutor_wrap.core.proc import append_log, run_logged
 from tutor_wrap.machine.host import usable_cpus
 from tutor_wrap.machine.tools import LlamaCpp, locate  # noqa: F401  (locate: callers find the tools through here)
 from tutor_wrap.models.gguf_file import read_gguf_header
+from tutor_wrap.planning.budgets import gguf_kv
+from tutor_wrap.planning.generation import Device, Offload, offload
 
 
 def convert(ll: LlamaCpp, model_dir: Path, out: Path, outtype: str, log: Path, *,
@@ -106,15 +108,46 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout:
     return Completion(text, n < n_predict, n)
 
 
+_DEVICE_LINE = re.compile(r"^\s*(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
+_devices_seen: dict[tuple, list[Device]] = {}
+
+
+def devices(ll: LlamaCpp) -> list[Device]:
+    """The devices this llama.cpp build can offload to, with their free memory now, as llama.cpp itself lists them
+    (`llama-server --list-devices`): none for a CPU build; for a GPU build the GPUs its backend sees (a software
+    Vulkan device only when GGML_VK_VISIBLE_DEVICES names it). Asked once per process and device selection."""
+    key = (str(ll.bin_dir), *(os.environ.get(v) for v in _DEVICE_ENV))
+    if key not in _devices_seen:
+        proc = subprocess.run([str(ll.tool("llama-server")), "--list-devices"], capture_output=True, text=True,
+                              env=ll.env(), timeout=120, check=False)
+        found = []
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if m := _DEVICE_LINE.match(line):
+                found.append(Device(m.group(1), m.group(2), int(m.group(3)) * 2**20, int(m.group(4)) * 2**20))
+        _devices_seen[key] = found
+    return _devices_seen[key]
+
+
+# The variables that choose which devices a llama.cpp backend sees.
+_DEVICE_ENV = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GGML_VK_VISIBLE_DEVICES")
+
+
+def placement(ll: LlamaCpp, gguf: Path, ctx: int) -> Offload:
+    """Where llama.cpp will run `gguf` with `ctx` tokens of KV cache: how many layers the build's devices take."""
+    layers, kv = gguf_kv(gguf, ctx)
+    return offload(devices(ll), model_bytes=gguf.stat().st_size, kv_bytes=kv, layers=layers, backend=ll.backend)
+
+
 def perplexity(ll: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 128, chunks: int | None = None,
                timeout: float = 1800) -> tuple[float, float]:
     """llama-perplexity over a text file: (PPL, its +/- estimate). Scores the second half of each `ctx` chunk,
-    over the first `chunks` chunks (all of the text when None)."""
+    over the first `chunks` chunks (all of the text when None), with as many layers on the build's GPU as fit."""
     threads = str(usable_cpus() or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="tw-ppl-") as tmp:
         log_file = Path(tmp) / "ppl.log"
         args = [str(ll.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "-b",
-                str(ctx), "--log-colors", "off", "-t", threads, "--log-file", str(log_file)]
+                str(ctx), "--log-colors", "off", "-t", threads, "--log-file", str(log_file),
+                "-ngl", str(placement(ll, model, ctx).gpu_layers)]
         if chunks:
             args += ["--chunks", str(chunks)]
         # Same asynchronous logger as llama-completion (see `complete`): on short runs the last lines are lost

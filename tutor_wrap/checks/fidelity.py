@@ -7,11 +7,13 @@ two greedy continuations agree on the first N tokens, or on how many leading tok
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from tutor_wrap.backends import hf_generate, llamacpp
 from tutor_wrap.backends.gguf_export import ExportReport
 from tutor_wrap.backends.llama_server import serve
 from tutor_wrap.core import atomic
+from tutor_wrap.core.units import duration
 
 
 def reference_text(prompts_and_answers: list[tuple[str, str]], path: Path) -> Path | None:
@@ -48,13 +50,26 @@ def agreement(texts_a: list[str], texts_b: list[str], tokenizer_json: Path, n: i
             "mean_matching_prefix": sum(prefixes) / max(1, len(prefixes)), "per_prompt": prefixes}
 
 
-def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n: int, tokenizer_json: Path) -> list[str]:
+def gguf_continuations(ll: llamacpp.LlamaCpp, gguf: Path, prompts: list[str], n: int, tokenizer_json: Path,
+                       speed: list | None = None) -> list[str]:
     """Greedy continuations of raw prompts from one llama-server (one model load for all of them; the prompt cache
-    off, so each is what a fresh process would give). The context fits the longest prompt plus `n`."""
+    off, so each is what a fresh process would give). The context fits the longest prompt plus `n`. `speed`: a
+    list to append the server's measured (generation, prompt) tokens per second to."""
     ids = _ids(tokenizer_json)
     ctx = max(len(ids(p)) for p in prompts) + n + 16      # + BOS and tokenizer differences
     with serve(ll, gguf, ctx=ctx, log=gguf.with_suffix(".fidelity-server.log")) as server:
+        if speed is not None:
+            speed.append(server.speed(ctx))
         return [server.complete(p, n_predict=n)[0] for p in prompts]
+
+
+def checks_seconds(speed: tuple[float, float], *, generated: int, scored: int) -> float | None:
+    """The export checks' time at most, from the unquantized GGUF's measured speed (the quantized ones are
+    faster): the tokens they generate and the tokens llama-perplexity scores."""
+    gen, prompt = speed
+    if gen <= 0 or prompt <= 0:
+        return None
+    return generated / gen + scored / prompt
 
 
 AGREE_PROMPTS = 5      # greedy agreement is checked on the first few held-out prompts
@@ -85,7 +100,7 @@ def ppl_ctx(tokenizer_json: Path, text: str) -> int:
 
 
 def export_fidelity(model_dir: Path, out_dir: Path, report: ExportReport, examples: list[tuple[str, str]],
-                    hf: list[str] | None, *, hf_skipped: str = "") -> dict:
+                    hf: list[str] | None, *, hf_skipped: str = "", note: Callable[[str], None] | None = None) -> dict:
     """HF vs f16 greedy agreement; per quant, agreement with f16 and the perplexity change on reference answers.
 
     `examples` are held-out (prompt in the training format, reference answer or ""); `report` is the export's,
@@ -99,11 +114,21 @@ def export_fidelity(model_dir: Path, out_dir: Path, report: ExportReport, exampl
     f16 = out_dir / files[f16_kind].path
     req = reference_request(examples)
     few = req.prompts
-    ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json)
+    measured: list = []
+    ref = gguf_continuations(ll, f16, few, AGREE_TOKENS, tok_json, speed=measured)
     result = {"hf_vs_" + f16_kind: agreement(hf, ref, tok_json, AGREE_TOKENS) if hf is not None
               else {"skipped": hf_skipped or "no HF reference"}}
     ref_file = reference_text(examples, out_dir / "reference.txt")
     ctx = ppl_ctx(tok_json, ref_file.read_text("utf-8")) if ref_file else None
+    quants = len(files) - 1
+    generated = len(few) * AGREE_TOKENS * quants
+    scored = (PPL_CHUNKS * ctx * (quants + 1)) if ctx else 0    # at most: the text may hold fewer chunks
+    est = checks_seconds(measured[0], generated=generated, scored=scored)
+    result["timing"] = {"tokens_per_second": [round(x, 2) for x in measured[0]], "generated_tokens": generated,
+                        "scored_tokens_max": scored, "estimated_max_seconds": est and round(est, 3)}
+    if note and est is not None:
+        note(f"checks: {generated} tokens to generate and at most {scored} to score, at {measured[0][0]:.0f} and "
+             f"{measured[0][1]:.0f} tokens/s measured on {f16_kind}: at most {duration(est)}")
     base_ppl = llamacpp.perplexity(ll, f16, ref_file, ctx=ctx, chunks=PPL_CHUNKS)[0] if ref_file else None
     if base_ppl is not None:
         files[f16_kind].perplexity = base_ppl

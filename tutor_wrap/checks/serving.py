@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from tutor_wrap.backends.llama_server import Server, serve_many, share_out
+from tutor_wrap.core.units import duration
 from tutor_wrap.data.format import Format
 from tutor_wrap.machine.tools import LlamaCpp
+from tutor_wrap.planning.generation import generation_seconds
 
 
 def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predict: int, ctx: int, log: Path,
-                  servers: int = 1, threads: int | None = None) -> dict:
+                  servers: int = 1, threads: int | None = None, gpu_layers: int | None = None,
+                  note: Callable[[str], None] | None = None) -> dict:
     """Both requests of a row go to the same server (one of `servers`, planning/generation.py's layout)."""
     def check_row(server: Server, row) -> dict:
         messages = fmt.messages(row)
@@ -30,8 +34,13 @@ def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predic
                 "stopped_by_eos": eos, **({} if rendered == trained else {"rendered": rendered})}
 
     t0 = time.monotonic()
-    with serve_many(ll, gguf, ctx=ctx, log=log, servers=servers, threads=threads) as running:
+    with serve_many(ll, gguf, ctx=ctx, log=log, servers=servers, threads=threads, gpu_layers=gpu_layers) as running:
         started = time.monotonic() - t0
+        tps = running[0].speed(ctx)[0]
+        est = generation_seconds(2 * len(rows), n_predict, tps, len(running))
+        if note and est is not None:
+            note(f"{2 * len(rows)} answers of at most {n_predict} tokens, {tps:.0f} tokens/s per server measured: "
+                 f"at most {duration(est)}")
         per_row = share_out(running, rows, check_row)
         ports = [s.port for s in running]
     n = len(per_row)
@@ -39,7 +48,8 @@ def served_parity(ll: LlamaCpp, gguf: Path, fmt: Format, rows: list, *, n_predic
             "templates_matching": sum(r["template_matches"] for r in per_row),
             "answers_matching": sum(r["answer_matches"] for r in per_row),
             "ok": all(r["template_matches"] and r["answer_matches"] for r in per_row),
-            "n_predict": n_predict, "startup_seconds": round(started, 2),
+            "n_predict": n_predict, "gpu_layers": gpu_layers, "startup_seconds": round(started, 2),
+            "warmup_tokens_per_second": round(tps, 2), "estimated_max_seconds": est and round(est, 3),
             "seconds": round(time.monotonic() - t0, 2), "per_row": per_row}
 
 

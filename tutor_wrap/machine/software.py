@@ -110,7 +110,7 @@ def _llamacpp() -> dict:
         ll = tools.locate()
     except TutorWrapError as exc:
         return {"llama_cpp": None, "llama_cpp_error": str(exc).splitlines()[0]}
-    return {"llama_cpp": ll.version, "llama_cpp_dir": str(ll.bin_dir)}
+    return {"llama_cpp": ll.version, "llama_cpp_dir": str(ll.bin_dir), "llama_cpp_backend": ll.backend}
 
 
 def collect() -> dict:
@@ -326,6 +326,14 @@ def _flash_findings(v: dict, accelerator: str) -> list[Finding]:
     return []
 
 
+# The llama.cpp build a GPU machine wants, and what gets its toolchain (tools/build_llamacpp.py picks it by itself
+# once the toolchain is there).
+LLAMACPP_GPU_BUILD = {
+    "nvidia": ("cuda", "install the CUDA toolkit (nvcc: apt-get install nvidia-cuda-toolkit, or NVIDIA's cuda-toolkit)"),
+    "amd": ("hip", "install ROCm's HIP SDK (amdgpu-install --usecase=hiplibsdk)"),
+}
+
+
 def check_stack(versions: dict, accelerator: str) -> list[Finding]:
     """Known-bad combinations in `versions` (as collect() returns it) for a machine whose GPU is `accelerator`
     ("nvidia" | "amd" | "cpu"). Pure: no I/O."""
@@ -347,6 +355,12 @@ def check_stack(versions: dict, accelerator: str) -> list[Finding]:
         out.append(Finding("warning", "llama.cpp tools not found: the export and eval stages need them"
                            + (f" ({v['llama_cpp_error']})" if v.get("llama_cpp_error") else ""),
                            "python tools/build_llamacpp.py  (or set LLAMA_CPP_DIR to a built checkout)"))
+    elif v.get("llama_cpp_backend") == "cpu" and accelerator in LLAMACPP_GPU_BUILD:
+        backend, step = LLAMACPP_GPU_BUILD[accelerator]
+        out.append(Finding("warning", f"llama.cpp is built for the CPU only: the export checks, the serving check and "
+                           f"eval will generate on the CPU, not on this {accelerator.upper()} GPU (an 8B Q4_K_M: about 8 "
+                           "tokens/s from a desktop's memory against about 60 on an RTX 3060)",
+                           f"{step}, then: python tools/build_llamacpp.py --backend {backend}"))
     if v.get("ollama_error"):
         out.append(Finding("error", v["ollama_error"],
                            "point TUTOR_WRAP_OLLAMA at the ollama binary, set it to off, or unset it"))

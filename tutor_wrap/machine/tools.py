@@ -26,6 +26,7 @@ class LlamaCpp:
     gguf_py: Path | None
     bin_dir: Path
     version: str
+    backend: str | None = None     # the GPU backend its build record names ("cpu", "cuda", "hip", "vulkan"); None: unknown
 
     def tool(self, name: str) -> Path:
         p = self.bin_dir / name
@@ -47,8 +48,18 @@ def _from_dir(root: Path, version: str) -> LlamaCpp | None:
     for bin_dir in (root / "build" / "bin", root / "bin", root):
         if conv.is_file() and (bin_dir / "llama-quantize").is_file():
             gguf_py = root / "gguf-py"
-            return LlamaCpp(conv, gguf_py if gguf_py.is_dir() else None, bin_dir, version)
+            return LlamaCpp(conv, gguf_py if gguf_py.is_dir() else None, bin_dir, version, _recorded_backend(root))
     return None
+
+
+def _recorded_backend(root: Path) -> str | None:
+    """The backend build_llamacpp.py recorded for the tree at `root` (its BUILD_OK.json sits one level up); an
+    older record without one was a CPU build."""
+    try:
+        info = json.loads((root.parent / "BUILD_OK.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("backend", "cpu") if isinstance(info, dict) else None
 
 
 def locate() -> LlamaCpp:

@@ -199,9 +199,8 @@ def hf_reference_mode(need: int, source_bytes: int, available: int) -> tuple[str
 SERVE_RUNTIME_BYTES = 64 * 2**20
 
 
-def serve_need(gguf: Path, ctx: int, hw: Hardware, slots: int = 1) -> dict:
-    """The predicted peak RSS of one llama-server for `gguf` with `slots` x `ctx` tokens of f16 KV cache: a runtime
-    floor (this machine's measurement when it has one, planning/calibration.py) + the file + the cache."""
+def gguf_kv(gguf: Path, tokens: int) -> tuple[int, int]:
+    """(the model's layers, the bytes of an f16 KV cache for `tokens` tokens), from the GGUF's header."""
     from tutor_wrap.models.gguf_file import read_gguf_header
 
     f = read_gguf_header(gguf).fields
@@ -210,7 +209,13 @@ def serve_need(gguf: Path, ctx: int, hw: Hardware, slots: int = 1) -> dict:
     heads = int(f.get(f"{arch}.attention.head_count") or 1)
     kv_heads = int(f.get(f"{arch}.attention.head_count_kv") or heads)
     head_dim = int(f.get(f"{arch}.attention.key_length") or int(f.get(f"{arch}.embedding_length") or 0) // heads)
-    kv = ctx * slots * layers * 2 * kv_heads * head_dim * 2
+    return layers, tokens * layers * 2 * kv_heads * head_dim * 2
+
+
+def serve_need(gguf: Path, ctx: int, hw: Hardware, slots: int = 1) -> dict:
+    """The predicted peak RSS of one llama-server for `gguf` with `slots` x `ctx` tokens of f16 KV cache: a runtime
+    floor (this machine's measurement when it has one, planning/calibration.py) + the file + the cache."""
+    kv = gguf_kv(gguf, ctx * slots)[1]
     part = gguf.stat().st_size + kv
     runtime, factor, basis = SERVE_RUNTIME_BYTES, 1.0, "the GGUF, its KV cache and a published 64 MiB runtime"
     if fit := calibration.fit(hw, "serve", SERVE_RUNTIME_BYTES):

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tutor_wrap.core.units import GIB
+from tutor_wrap.core.units import GIB, duration
 
 
 def tokens_per_second(prev: dict, row: dict) -> float | None:
@@ -116,12 +116,15 @@ def progress_bar(console: Console, label: str, total: int) -> Iterator[Callable[
         return
 
     lock = threading.Lock()   # answers may come from several threads (one per llama-server)
+    t0 = time.monotonic()
 
     def advance() -> None:
         nonlocal done
         with lock:
             done += 1
             if done % 10 == 0 or done == total:
-                print(f"{label}: {done}/{total}", flush=True)
+                left = (time.monotonic() - t0) / done * (total - done)
+                print(f"{label}: {done}/{total}" + (f", about {duration(left)} left" if done < total else ""),
+                      flush=True)
 
     yield advance

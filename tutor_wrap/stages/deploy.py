@@ -85,10 +85,13 @@ def run(ctx: Context) -> StageResult:
     if rows is not None:
         ctx.console.print(f"deploy: serving check: {len(rows)} held-out prompts through llama-server's "
                           "/v1/chat/completions (the GGUF's chat template) vs the training prompt")
-        layout = generation_layout(ctx.hardware, len(rows))
-        serving = served_parity(llamacpp.locate(), gguf, fmt, rows, n_predict=SERVE_TOKENS,
+        ll = llamacpp.locate()
+        layout = generation_layout(ctx.hardware, len(rows), llamacpp.placement(ll, gguf, trained_ctx + SERVE_TOKENS))
+        ctx.console.print(f"deploy: {escape(layout.why)}")
+        serving = served_parity(ll, gguf, fmt, rows, n_predict=SERVE_TOKENS,
                                 ctx=trained_ctx + SERVE_TOKENS, log=deploy_dir / "llama-server.log",
-                                servers=layout.servers, threads=layout.threads)
+                                servers=layout.servers, threads=layout.threads, gpu_layers=layout.gpu_layers,
+                                note=lambda msg: ctx.console.print(f"deploy: serving check: {escape(msg)}"))
     if result["status"] == "created" and rows is not None:
         result["ollama_render_check"] = ollama_parity(r.ollama.model, fmt, rows)
         if result["ollama_render_check"].get("ok") is False:

@@ -4,6 +4,7 @@ statistics per prompt, the verdict against the better base arm."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
 from rich.markup import escape
@@ -17,10 +18,10 @@ from tutor_wrap.checks.fidelity import ppl_ctx, reference_text
 from tutor_wrap.checks.stats import paired
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
-from tutor_wrap.core.units import GIB
+from tutor_wrap.core.units import GIB, duration
 from tutor_wrap.planning import calibration
 from tutor_wrap.planning.budgets import serve_need
-from tutor_wrap.planning.generation import generation_layout
+from tutor_wrap.planning.generation import generation_layout, generation_seconds
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.data.format import Format
 from tutor_wrap.recipe.schema import EvalSpec
@@ -42,6 +43,16 @@ def generate(servers: list[Server], requests: list, references: list[str], spec:
         answers = answer_all(servers, requests, n_predict=spec.max_tokens, seed=spec.seed, chat=chat, done=advance)
     return [judge(text, stopped, fmt.section_markers, spec.checks, reference)
             for (text, stopped), reference in zip(answers, references)]
+
+
+def _announce(ctx: Context, servers: list, ctx_tokens: int, answers: int, max_tokens: int) -> dict:
+    """Before the answers: the generation's time at most, from one server's measured speed (a short warm-up)."""
+    tps = servers[0].speed(ctx_tokens)[0]
+    est = generation_seconds(answers, max_tokens, tps, len(servers))
+    if est is not None:
+        ctx.console.print(f"eval: {answers} answers of at most {max_tokens} tokens, {tps:.0f} tokens/s per server "
+                          f"measured: at most {duration(est)} (the bars show the time left)")
+    return {"warmup_tokens_per_second": round(tps, 2), "estimated_max_seconds": est and round(est, 3)}
 
 
 def check(pre: Pre) -> list[Verdict]:
@@ -92,13 +103,16 @@ def evaluate(ctx: Context) -> dict:
     refs = [fmt.answer(row) for row in rows]
     n_ctx = ctx.plan().sequence_len + spec.max_tokens
     arms: dict[str, list[Judged]] = {}
-    layout = generation_layout(ctx.hardware, len(prompts))
+    layout = generation_layout(ctx.hardware, len(prompts), llamacpp.placement(ll, tuned, n_ctx))
     ctx.console.print(f"eval: {escape(layout.why)}")
-    pool = {"servers": layout.servers, "threads": layout.threads}
+    pool = {"servers": layout.servers, "threads": layout.threads, "gpu_layers": layout.gpu_layers}
     peaks = {}
+    own_template = bool(base_template) and base_template != fmt.chat_template
+    t0 = time.monotonic()
     with serve_many(ll, base, ctx=n_ctx, log=eval_dir / "llama-server-base.log", **pool) as servers:
+        timing = _announce(ctx, servers, n_ctx, len(prompts) * (3 if own_template else 2), spec.max_tokens)
         arms["base"] = generate(servers, prompts, refs, spec, fmt, "base (training format)", ctx.console)
-        if base_template and base_template != fmt.chat_template:
+        if own_template:
             # A fair baseline: an Instruct base prompted the way it was tuned, through its own chat template.
             # (Chat rows trained in the base's own template: the first arm is already that.)
             chats = [fmt.plain_messages(row) for row in rows]
@@ -108,6 +122,7 @@ def evaluate(ctx: Context) -> dict:
     with serve_many(ll, tuned, ctx=n_ctx, log=eval_dir / "llama-server-tuned.log", **pool) as servers:
         arms["tuned"] = generate(servers, prompts, refs, spec, fmt, "tuned", ctx.console)
         peaks["tuned"] = _server_peak(ctx, servers, tuned, n_ctx)
+    timing["seconds"] = round(time.monotonic() - t0, 1)
     summaries = {arm: summarize(judged) for arm, judged in arms.items()}
     for arm, judged in arms.items():
         similarity = reference_similarity([j.text for j in judged], refs)
@@ -130,7 +145,7 @@ def evaluate(ctx: Context) -> dict:
     report = {
         "recipe": r.name, "primary_metric": pm, "n_prompts": len(prompts), "quant_type": qt,
         "seed": spec.seed, "max_tokens": spec.max_tokens, "arms": list(arms), **summaries,
-        "generation": {**pool, "why": layout.why, "server_peaks": peaks},
+        "generation": {**pool, "why": layout.why, "server_peaks": peaks, "timing": timing},
         "best_baseline": best, "stats": stats,
         "base_gguf": ctx.run.rel(base), "tuned_gguf": ctx.run.rel(tuned),
         **_without_overlap(arms, lines, overlapping, ctx.resolved.overlap, pm),

@@ -88,7 +88,8 @@ def run(ctx: Context) -> StageResult:
         info.sample, info.chat_template_matches_training = checked["sample"], checked["chat_template_matches_training"]
         info.metadata.pop("chat_template", None)   # the same text for every file: kept once, below
     report.chat_template = template
-    report.fidelity = (export_fidelity(model_dir, out_dir, report, examples, hf_texts, hf_skipped=hf_from)
+    report.fidelity = (export_fidelity(model_dir, out_dir, report, examples, hf_texts, hf_skipped=hf_from,
+                                       note=lambda msg: ctx.console.print(f"export: {escape(msg)}"))
                        if examples is not None else {"skipped": "the recipe has no eval prompts"})
     if examples is not None:
         report.fidelity["hf_reference_from"] = hf_from

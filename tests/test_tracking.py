@@ -38,9 +38,9 @@ def refused(tmp_path: Path, extra: str, run_dir: Path | None = None) -> str:
 
 @pytest.mark.parametrize("extra, expected", [
     ("train:\n  tensorboard: true\n", "train.tensorboard moved to tracking.tensorboard"),
-    ("axolotl:\n  use_wandb: true\n", "tracking.wandb"),
-    ("axolotl:\n  mlflow_tracking_uri: sqlite:///x.db\n", "tracking.mlflow"),
-    ("axolotl:\n  use_tensorboard: true\n", "tracking.tensorboard"),
+    ("axolotl:\n  use_wandb: true\n", "write `tracking: {wandb: true}`"),
+    ("axolotl:\n  mlflow_tracking_uri: sqlite:///x.db\n", "write `tracking: {mlflow: {uri: ...}}`"),
+    ("axolotl:\n  use_tensorboard: true\n", "write `tracking: {tensorboard: true}`"),
     ("tracking:\n  mlflow:\n    uri: mlruns\n", "use sqlite:///PATH"),
     ("tracking:\n  mlflow:\n    uri: postgres://db/x\n", "use sqlite:///PATH"),
     ("tracking:\n  mlflow:\n    experiment: ''\n", "tracking.mlflow.experiment"),
@@ -49,6 +49,16 @@ def refused(tmp_path: Path, extra: str, run_dir: Path | None = None) -> str:
     ("tracking:\n  comet: true\n", "tracking.comet"),
     # a credential in the URI is refused with the variables MLflow reads instead
     ("tracking:\n  mlflow:\n    uri: https://me:s3cretpw@mlflow.example.com\n", "MLFLOW_TRACKING_TOKEN"),
+    ("tracking:\n  mlflow:\n    uri: 'https://me:@mlflow.example.com'\n", "MLFLOW_TRACKING_USERNAME"),
+    ("tracking:\n  mlflow:\n    uri: 'http://me@127.0.0.1:5000'\n", "MLFLOW_TRACKING_USERNAME"),
+    ("tracking:\n  mlflow:\n    uri: 'https://mlflow.example.com:notaport'\n", "write http(s)://HOST:PORT"),
+    ("tracking:\n  mlflow:\n    experiment: '   '\n", "spaces only"),
+    ("tracking:\n  wandb:\n    project: team/proj\n", "write entity: team and project: proj"),
+    ("tracking:\n  wandb:\n    entity: a/b\n", "none of /"),
+    ("tracking: yes\n", "write its keys indented under `tracking:`"),
+    ("tracking:\n  mlflow: sqlite:///x.db\n", "write `mlflow: {uri: sqlite:///x.db}`"),
+    ("axolotl:\n  use_comet: true\n", "tutor_wrap tracks with TensorBoard, MLflow or W&B"),
+    ("axolotl:\n  mlflow_run_name: x\n", "names the tracker run after the run dir"),
 ])
 def test_a_bad_tracking_block_is_one_error_naming_the_key(tmp_path, extra, expected):
     with pytest.raises(TutorWrapError) as exc:
@@ -80,6 +90,26 @@ def test_a_store_that_cannot_be_used_is_refused_at_plan_time(tmp_path):
     assert "not a writable folder" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:///afile/sub/m.db\n")
 
 
+def test_a_folder_that_cannot_be_written_is_refused_even_as_root(tmp_path):
+    """Tried, not judged from permission bits (root passes those on /proc and read-only mounts)."""
+    assert "not a writable folder" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:////proc/tw.db\n")
+
+
+def test_a_server_that_is_not_mlflow_is_named_as_such(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        msg = refused(tmp_path, f"tracking:\n  mlflow:\n    uri: http://127.0.0.1:{port}\n")
+        assert "answered HTTP 404 at /health" in msg
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_an_mlflow_server_that_does_not_answer_is_refused_at_plan_time(tmp_path):
     with socket.socket() as s:          # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -106,6 +136,7 @@ def test_one_mlflow_run_per_plan_taken_up_again_by_a_resumed_run(tmp_path):
     run_dir = tmp_path / "runs" / "t"
     first = tracking.Session(r, run_dir, None)
     first.start("plan-A", {"method": "lora", "plan.micro_batch_size": 4})
+    assert first.fresh == ["mlflow"] and first.where()[0].startswith("mlflow: run ")
     saved = first.keep("plan-A")
     first.log("train", 1, {"loss_end_mean": 0.5, "nan": float("nan"), "flag": True}, [])
     first.close("FINISHED")
@@ -118,6 +149,7 @@ def test_one_mlflow_run_per_plan_taken_up_again_by_a_resumed_run(tmp_path):
 
     again = tracking.Session(r, run_dir, saved)
     again.start("plan-A", {"method": "lora", "plan.micro_batch_size": 2})   # params of a resumed run stay
+    assert again.fresh == []
     assert again.keep("plan-A")["mlflow"]["run_id"] == run_id
     assert again.env["MLFLOW_RUN_ID"] == run_id and again.env["MLFLOW_MAX_LOG_PARAMS"] == "0"
     assert client.get_run(run_id).info.status == "RUNNING"

@@ -128,6 +128,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from rich.markup import escape
+
+    from tutor_wrap.backends import tracking
     from tutor_wrap.machine.profiles import resolve_hardware
     from tutor_wrap.pipeline import plan_for
     from tutor_wrap.recipe.load import load_recipe
@@ -138,13 +141,17 @@ def cmd_plan(args) -> int:
     hw = resolve_hardware(args.hardware or recipe.hardware)
     p, _ = plan_for(recipe, hw, args.run_dir, processes=args.num_processes)
     plan = p.plan
+    trackers = tracking.describe(recipe, args.run_dir or recipe.default_run_dir())
     if args.json:
-        print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": p.config}, indent=2, default=str))
+        print(json.dumps({"hardware": hw.source, "plan": plan.to_dict(), "axolotl": p.config, "tracking": trackers},
+                         indent=2, default=str))
     else:
         console = _console()
         console.print(plan_table(plan, f"plan for {recipe.name} on {hw.source}"))
         if plan.memory:
             console.print(memory_table(plan.memory, plan.budget_gib))
+        for name, where in trackers.items():
+            console.print(f"tracking: {name}: {escape(where)}")
     for note in p.notes:
         print(f"warning: {note}", file=sys.stderr)
     if args.out:

@@ -122,6 +122,9 @@ def load_run(path: Path) -> RunSummary:
     losses = loss_points(read_metrics(path / "train" / "metrics.jsonl"))
     if stages["train"]["status"] == "done" and not losses:
         notes.append(f"{path / 'train' / 'metrics.jsonl'} has no loss: this run has no curve on the plot")
+    elif not losses:
+        notes.append(f"{path} has not finished training (its train stage: {stages['train']['status']}): this run has "
+                     "no curve on the plot")
     recipe = manifest.get("recipe")
     return RunSummary(path, str(recipe) if isinstance(recipe, str) and recipe else path.name, stages, config, losses,
                       report, notes)

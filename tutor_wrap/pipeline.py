@@ -5,6 +5,7 @@ is done and unchanged, redo the rest). Every command that touches a recipe comes
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -144,6 +145,7 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     track = tracking.Session(recipe, run.path, run.manifest().get("tracking"))
     try:
         _stages_loop(ctx, track, until)
+        _start_tracking(ctx, track)     # every stage was done before: a tracker turned on since still gets them
     except KeyboardInterrupt:
         track.close("KILLED")
         raise
@@ -155,13 +157,42 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
 
 
 def _start_tracking(ctx: Context, track: tracking.Session) -> None:
-    """The trackers' runs for this plan, before the first stage after it (the trainer writes into them)."""
-    if not track.on or track.started:
+    """The trackers' runs for this plan, before the first stage after it (the trainer writes into them). A run
+    started after some stages finished (a tracker turned on, another experiment named) gets their numbers and
+    reports now; the training curves only a training writes."""
+    if not track.on or track.started or ctx.run.stage(plan.NAME).get("status") != "done":
         return
     key = ctx.run.stage(plan.NAME).get("fingerprint") or ""
     track.start(key, plan.tracked_params(ctx))
     ctx.run.update_manifest(tracking=track.keep(key))
     ctx.tracker_env = track.env
+    for line in track.where():
+        ctx.console.print(f"tracking: {escape(line)}")
+    if not track.fresh:
+        return
+    done = [s.NAME for s in STAGES if _done_as_is(ctx, s)]
+    if not done:
+        return
+    for name in done:
+        rec = ctx.run.stage(name)
+        for problem in track.log(name, STAGE_NAMES.index(name), rec.get("metrics") or {},
+                                 [ctx.run.abs(rel) for rel in (rec.get("artifacts") or {}).values()], fresh=True):
+            ctx.console.print(f"[yellow]warning:[/] tracking: {escape(problem)}")
+    if "train" in done:
+        ctx.console.print(f"[yellow]note:[/] tracking: {', '.join(track.fresh)} started after training finished: "
+                          f"the numbers of {', '.join(done)} are added, but not the training curves (Axolotl "
+                          "writes them while it trains; train/metrics.jsonl and train/loss.png hold them)")
+
+
+def _done_as_is(ctx: Context, stage) -> bool:
+    """Finished with the inputs it has now (not a stage of an older plan, which a changed recipe will redo)."""
+    rec = ctx.run.stage(stage.NAME)
+    if rec.get("status") != "done":
+        return False
+    try:
+        return rec.get("fingerprint") == _fingerprint(stage, ctx)
+    except (TutorWrapError, OSError, KeyError):
+        return False
 
 
 def _stages_loop(ctx: Context, track: tracking.Session, until: str | None) -> None:
@@ -195,14 +226,18 @@ def _stages_loop(ctx: Context, track: tracking.Session, until: str | None) -> No
             run.record_stage(stage.NAME, status="failed", error=str(exc)[:2000], seconds=round(time.time() - t0, 1))
             raise
         run.record_stage(stage.NAME, status="done", fingerprint=fp, artifacts=result.artifacts, info=result.info,
+                         metrics={k: v for k, v in result.metrics.items()
+                                  if isinstance(v, (int, float)) and math.isfinite(v)},
                          fingerprints={rel: artifact_fingerprint(run.abs(rel)) for rel in result.artifacts.values()},
                          seconds=round(time.time() - t0, 1), error=None)
         if stage is plan:
             track.new_plan()
+        was = track.started
         _start_tracking(ctx, track)
-        if track.started:
+        if track.started:     # a run begun just now was given every stage done, this one too
             for problem in track.log(stage.NAME, STAGE_NAMES.index(stage.NAME), result.metrics,
-                                     [run.abs(rel) for rel in result.artifacts.values()]):
+                                     [run.abs(rel) for rel in result.artifacts.values()],
+                                     fresh=None if was else False):
                 console.print(f"[yellow]warning:[/] tracking: {escape(problem)}")
         console.print(f"[green]✓[/] {stage.NAME} ({time.time() - t0:.0f} s)")
         if stage.NAME == until:

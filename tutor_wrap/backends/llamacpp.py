@@ -89,7 +89,9 @@ def complete(ll: LlamaCpp, model: Path, prompt: str, *, n_predict: int, timeout:
     (seen here: 9 of 30 runs on a tiny model; 0 of 30 with llama-simple). The tool sizes the context to
     prompt + n_predict, and greedy decoding needs no seed.
     """
-    args = [str(ll.tool("llama-simple")), "-m", str(model), "-n", str(n_predict), prompt]
+    # llama-simple offloads 99 layers unless told: a model that does not fit the GPU would fail to load there.
+    args = [str(ll.tool("llama-simple")), "-m", str(model), "-n", str(n_predict),
+            "-ngl", str(placement(ll, model, len(prompt) + n_predict).gpu_layers), prompt]
     proc = subprocess.run(args, capture_output=True, env=ll.env(), timeout=timeout, check=False)
     err = proc.stderr.decode("utf-8", "replace")
     m = re.search(r"decoded (\d+) tokens", err)

@@ -27,12 +27,28 @@ OWNED_BY_RECIPE = {
     "lora_target_linear": "lora.targets", "output_dir": "--run-dir", "dataset_prepared_path": "--run-dir",
     "chat_template": "dataset.chat_template", "chat_template_jinja": "dataset.chat_template",
     "eot_tokens": "dataset.chat_template",
-    # The trackers: tutor_wrap sets them from `tracking:` and adds its own numbers to the same run.
-    "use_tensorboard": "tracking.tensorboard",
-    **{k: "tracking.mlflow" for k in ("use_mlflow", "mlflow_tracking_uri", "mlflow_experiment_name",
-                                      "mlflow_run_name", "hf_mlflow_log_artifacts")},
-    **{k: "tracking.wandb" for k in ("use_wandb", "wandb_project", "wandb_entity", "wandb_mode", "wandb_name",
-                                     "wandb_run_id", "wandb_log_model", "wandb_watch")},
+}
+
+# Axolotl's tracker keys: tutor_wrap drives the trackers from `tracking:` (and adds its own numbers to the same run),
+# so under `axolotl:` they would bypass its checks. Each with what to write instead.
+_NAMED_BY_RUN = "tutor_wrap names the tracker run after the run dir and the plan; remove it"
+TRACKER_KEYS = {
+    "use_tensorboard": "write `tracking: {tensorboard: true}`",
+    "use_mlflow": "write `tracking: {mlflow: true}`",
+    "mlflow_tracking_uri": "write `tracking: {mlflow: {uri: ...}}`",
+    "mlflow_experiment_name": "write `tracking: {mlflow: {experiment: ...}}`",
+    "mlflow_run_name": _NAMED_BY_RUN, "wandb_name": _NAMED_BY_RUN, "wandb_run_id": _NAMED_BY_RUN,
+    "use_wandb": "write `tracking: {wandb: true}`",
+    "wandb_project": "write `tracking: {wandb: {project: ...}}`",
+    "wandb_entity": "write `tracking: {wandb: {entity: ...}}`",
+    "wandb_mode": "write `tracking: {wandb: {mode: offline}}` (or online)",
+    **{k: "tutor_wrap does not pass model checkpoints or gradients to trackers; remove it"
+       for k in ("hf_mlflow_log_artifacts", "wandb_log_model", "wandb_watch")},
+    # Trackers tutor_wrap does not drive: their package and credentials would go unchecked until training.
+    **{k: "tutor_wrap tracks with TensorBoard, MLflow or W&B (`tracking:`); remove it"
+       for k in ("use_comet", "comet_project_name", "comet_workspace", "comet_mode", "comet_experiment_key",
+                 "comet_experiment_config", "use_trackio", "trackio_project_name", "trackio_run_name",
+                 "trackio_space_id", "use_swanlab", "swanlab_project", "swanlab_experiment_name")},
 }
 
 
@@ -84,6 +100,10 @@ def _check_owned(data: dict, lines: dict, path: Path) -> None:
     if not isinstance(block, dict):
         return
     for key in block:
+        if key in TRACKER_KEYS:
+            raise TutorWrapError(f"{path}:{lines.get(('axolotl', key))}: axolotl.{key}: the experiment trackers are "
+                                 "set in the recipe's `tracking:` block, where they are checked at plan time",
+                                 hint=TRACKER_KEYS[key])
         if key in OWNED_BY_RECIPE:
             own = OWNED_BY_RECIPE[key]
             raise TutorWrapError(
@@ -175,5 +195,11 @@ def load_recipe(path: Path | str) -> Recipe:
             line = lines.get(key)
             msg, _, hint = msg.partition("; fix: ")
             raise TutorWrapError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}", hint=hint or None) from None
-        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {redact(repr(err.get('input')))})") from None
+        if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            raise TutorWrapError(f"{where}: {dotted} must be a block of keys, not {redact(repr(err.get('input')))}",
+                                 hint=f"write its keys indented under `{loc[-1]}:` (see the README's recipe section"
+                                      " for them)") from None
+        msg, _, hint = msg.partition("; fix: ")
+        raise TutorWrapError(f"{where}: {dotted}: {msg} (got {redact(repr(err.get('input')))})",
+                             hint=hint or None) from None
     return recipe.model_copy(update={"source": path.resolve()})

@@ -177,18 +177,50 @@ class MlflowSpec(_Strict):
     @field_validator("uri")
     @classmethod
     def _scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("sqlite:///", "http://", "https://")):
+        if v is None:
+            return v
+        if not v.startswith(("sqlite:///", "http://", "https://")):
             raise ValueError(f"tracking URI {v!r}: use sqlite:///PATH (a local store; a relative PATH is relative to "
                              "the recipe) or http(s)://HOST:PORT (an MLflow tracking server)")
+        if v.startswith("http"):
+            from urllib.parse import urlsplit
+
+            u = urlsplit(v)
+            try:
+                u.port
+            except ValueError:
+                raise ValueError("the port is not a number; fix: write http(s)://HOST:PORT") from None
+            if "@" in u.netloc:
+                raise ValueError("the URI holds a user name; fix: give the server's credentials in the environment "
+                                 "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)")
+            if not u.hostname:
+                raise ValueError("no host name; fix: write http(s)://HOST:PORT")
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("an experiment name of spaces only; fix: name it, or leave it out for the recipe's name")
         return v
 
 
 class WandbSpec(_Strict):
-    project: str | None = Field(None, pattern=_WANDB_NAME.pattern)    # default: the recipe's name
-    entity: str | None = Field(None, pattern=_WANDB_NAME.pattern)     # default: the key's own user
+    project: str | None = None      # default: the recipe's name
+    entity: str | None = None       # default: the key's own user
     # offline: the run's files under RUN_DIR/wandb/ (`wandb sync RUN_DIR/wandb/offline-run-*` uploads them later);
     # online: streamed with WANDB_API_KEY from the environment.
     mode: Literal["offline", "online"] = "offline"
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _w_and_b_name(cls, v: str | None, info) -> str | None:
+        if v is not None and not _WANDB_NAME.match(v):
+            fix = (f"write entity: {v.split('/')[0]} and project: {v.split('/', 1)[1]}"
+                   if info.field_name == "project" and v.count("/") == 1 and all(v.split("/")) else
+                   "use 1 to 128 characters, none of / \\ # ? % :")
+            raise ValueError(f"W&B does not take {info.field_name} names like this; fix: {fix}")
+        return v
 
 
 class TrackingSpec(_Strict):
@@ -200,10 +232,14 @@ class TrackingSpec(_Strict):
 
     @field_validator("mlflow", "wandb", mode="before")
     @classmethod
-    def _switch(cls, v: Any) -> Any:
+    def _switch(cls, v: Any, info) -> Any:
         # `mlflow: true` means the defaults; `false` (or nothing) means off
         if v is True:
             return {}
+        if isinstance(v, str):
+            key = "uri" if info.field_name == "mlflow" else "project"
+            raise ValueError(f"a bare value; fix: write `{info.field_name}: {{{key}: {v}}}`, or `{info.field_name}: "
+                             "true` for the defaults")
         return None if v is False else v
 
 

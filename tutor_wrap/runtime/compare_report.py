@@ -64,7 +64,7 @@ def tables(data: dict) -> list:
         pairs.add_row(escape(paired_line(p)))
     for n in data["notes"]:
         pairs.add_row(escape(f"note: {n}"))
-    return [diff, metrics, pairs]
+    return [diff, metrics, pairs] if cols else [diff, pairs]    # no run evaluated: no empty table
 
 
 def runs_table(summaries: list[dict], stages: tuple[str, ...], title: str = "runs"):
@@ -117,4 +117,4 @@ def render_html(data: dict, loss_png: Path | None) -> str:
 <table><tr><th>key</th>{head}</tr>{diff}</table>
 <h2>Fine-tuned against fine-tuned, prompt by prompt</h2><ul>{pairs or '<li>no paired test: see the notes</li>'}</ul>
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
-<h2>Eval metrics per arm</h2><table><tr><th>metric</th>{mhead}</tr>{mrows}</table>{img}""")
+{f'<h2>Eval metrics per arm</h2><table><tr><th>metric</th>{mhead}</tr>{mrows}</table>' if cols else ''}{img}""")

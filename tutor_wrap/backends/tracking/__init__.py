@@ -3,7 +3,8 @@
 Training curves reach a tracker through Axolotl's own integration (the keys `axolotl_keys` adds to the trainer's
 launch config and the variables `Session.env` hands it); tutor_wrap then adds the plan's knobs, each stage's
 headline numbers and the reports to that same run. One tracker is one module here with the same five names
-(NAME, spec, check, axolotl_keys, start) plus one line in TRACKERS.
+(NAME, spec, check, axolotl_keys, start; start's Run has state, env, where, log, close) plus one line in
+TRACKERS.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def check(recipe: Recipe, run_dir: Path) -> None:
         tracker.check(spec, recipe, Path(run_dir).resolve())
 
 
+def describe(recipe: Recipe, run_dir: Path) -> dict[str, str]:
+    """Where each tracker the recipe names will write, before anything is opened (the `plan` command)."""
+    return {t.NAME: t.destination(spec, recipe, Path(run_dir).resolve()) for t, spec in _on(recipe)}
+
+
 def axolotl_keys(recipe: Recipe) -> dict[str, Any]:
     """The Axolotl config keys that turn on its own integrations for the trackers the recipe names."""
     keys: dict[str, Any] = {}
@@ -45,6 +51,7 @@ class Session:
     def __init__(self, recipe: Recipe, run_dir: Path, saved: dict | None):
         self.recipe, self.run_dir, self.saved = recipe, Path(run_dir).resolve(), dict(saved or {})
         self.runs: dict[str, Any] = {}
+        self.fresh: list[str] = []
         self.started = False
 
     @property
@@ -53,14 +60,23 @@ class Session:
 
     def start(self, plan_key: str, params: dict[str, Any]) -> None:
         """Open every tracker's run: the saved one when it belongs to this plan (`plan_key`), else a new one that
-        gets `params` (the plan's knobs)."""
+        gets `params` (the plan's knobs), named after the run dir and the plan; `fresh` lists the new ones."""
         if self.started:
             return
         same = self.saved.get("plan") == plan_key
+        name = f"{self.run_dir.name}-{plan_key[:6]}" if plan_key else self.run_dir.name
+        self.fresh = []
         for tracker, spec in _on(self.recipe):
             old = self.saved.get(tracker.NAME) if same else None
-            self.runs[tracker.NAME] = tracker.start(spec, self.recipe, self.run_dir, old, params)
+            run = tracker.start(spec, self.recipe, self.run_dir, old, params, name)
+            if run.state != (old or {}) or not old:
+                self.fresh.append(tracker.NAME)
+            self.runs[tracker.NAME] = run
         self.started = True
+
+    def where(self) -> list[str]:
+        """One line per tracker: where its run is, and how to look at it."""
+        return [f"{n}: {r.where}" for n, r in self.runs.items()]
 
     @property
     def state(self) -> dict:
@@ -78,11 +94,15 @@ class Session:
             out.update(r.env)
         return out
 
-    def log(self, stage: str, step: int, metrics: dict[str, Any], files: list[Path]) -> list[str]:
-        """A stage's numbers and reports into every run; what a tracker refused, as lines to warn with (a tracker
-        server that went away does not end hours of work)."""
+    def log(self, stage: str, step: int, metrics: dict[str, Any], files: list[Path], *,
+            fresh: bool | None = None) -> list[str]:
+        """A stage's numbers and reports into every run (`fresh` True: only into the runs `start` began, False:
+        only into those it took up again); what a tracker refused, as lines to warn with (a tracker server that
+        went away does not end hours of work)."""
         problems = []
         for name, r in self.runs.items():
+            if fresh is not None and (name in self.fresh) != fresh:
+                continue
             try:
                 r.log(stage, step, metrics, files)
             except Exception as exc:   # noqa: BLE001 - any tracker failure is reported, not fatal

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +50,10 @@ def experiment_name(spec: MlflowSpec, recipe: Recipe) -> str:
     return spec.experiment or recipe.name
 
 
+def destination(spec: MlflowSpec, recipe: Recipe, run_dir: Path) -> str:
+    return f"experiment {experiment_name(spec, recipe)!r} of {tracking_uri(spec, recipe, run_dir)}"
+
+
 def check(spec: MlflowSpec, recipe: Recipe, run_dir: Path) -> None:
     key = f"{recipe.source}: tracking.mlflow"
     missing = [m for m in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
@@ -67,13 +71,22 @@ def check(spec: MlflowSpec, recipe: Recipe, run_dir: Path) -> None:
             if head and head != _SQLITE_MAGIC:
                 raise TutorWrapError(f"{key}.uri: {db} exists and is not an SQLite database",
                                      hint="point the URI at a new file or at an MLflow store")
-            if not os.access(db, os.W_OK):
-                raise TutorWrapError(f"{key}.uri: {db} is not writable", hint="fix its permissions or choose another")
+            try:
+                with open(db, "r+b"):
+                    pass
+            except OSError as exc:
+                raise TutorWrapError(f"{key}.uri: {db} cannot be written ({exc.strerror})",
+                                     hint="fix its permissions or choose another") from None
         else:
             parent = next(p for p in db.parents if p.exists())
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                raise TutorWrapError(f"{key}.uri: cannot create {db}: {parent} is not a writable folder",
-                                     hint="choose a SQLite path in a folder you can write")
+            # Tried, not judged from permission bits: root passes those everywhere, /proc and read-only mounts too.
+            try:
+                if not parent.is_dir():
+                    raise NotADirectoryError(20, "not a directory")
+                tempfile.TemporaryFile(dir=parent).close()
+            except OSError as exc:
+                raise TutorWrapError(f"{key}.uri: cannot create {db}: {parent} is not a writable folder "
+                                     f"({exc.strerror})", hint="choose a SQLite path in a folder you can write") from None
         return
     if "mlflow" in missing:
         raise TutorWrapError(f"{key}: the mlflow package is not installed in this environment",
@@ -81,6 +94,9 @@ def check(spec: MlflowSpec, recipe: Recipe, run_dir: Path) -> None:
     try:   # the server's own liveness endpoint; no credentials needed, none sent
         with urllib.request.urlopen(f"{uri}/health", timeout=10) as resp:
             ok = resp.status == 200
+    except urllib.error.HTTPError as exc:
+        raise TutorWrapError(f"{key}.uri: {uri} answered HTTP {exc.code} at /health, as no MLflow tracking server "
+                             "does", hint="check that the URI is the MLflow server's (mlflow server prints it)") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TutorWrapError(f"{key}.uri: the MLflow server {uri} does not answer ({reason})",
@@ -119,6 +135,11 @@ class Run:
                 "run_id": self.run_id}
 
     @property
+    def where(self) -> str:
+        view = (f"mlflow ui --backend-store-uri {self.uri}" if self.uri.startswith("sqlite:") else self.uri)
+        return f"run {self.run_id} in experiment {self.experiment!r} of {self.uri} ({view})"
+
+    @property
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_EXPERIMENT_NAME": self.experiment,
                 "MLFLOW_RUN_ID": self.run_id, "MLFLOW_MAX_LOG_PARAMS": "0"}
@@ -137,7 +158,8 @@ class Run:
         self.client.set_terminated(self.run_id, status)
 
 
-def start(spec: MlflowSpec, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any]) -> Run:
+def start(spec: MlflowSpec, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any],
+          name: str) -> Run:
     _quiet()
     from mlflow.entities import Param, RunStatus
     from mlflow.exceptions import MlflowException
@@ -166,7 +188,7 @@ def start(spec: MlflowSpec, recipe: Recipe, run_dir: Path, saved: dict | None, p
                     return Run(uri, name, exp_id, old.info.run_id)
             except MlflowException:
                 pass   # deleted from the store since: a new run below
-        created = client.create_run(exp_id, run_name=run_dir.name,
+        created = client.create_run(exp_id, run_name=name,
                                     tags={"tutor_wrap.recipe": recipe.name, "tutor_wrap.run_dir": str(run_dir)})
         run_id = created.info.run_id
         items = [Param(k, param_value(v)[:PARAM_MAX]) for k, v in params.items() if v is not None]
@@ -176,3 +198,7 @@ def start(spec: MlflowSpec, recipe: Recipe, run_dir: Path, saved: dict | None, p
     except MlflowException as exc:
         raise TutorWrapError(f"{where}: {exc.message}", hint="check tracking.mlflow (uri, experiment) and the "
                                                              "server's credentials in the environment") from None
+    except Exception as exc:   # noqa: BLE001 - SQLAlchemy's and the HTTP client's errors, by the store's kind
+        raise TutorWrapError(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                             hint="check tracking.mlflow.uri: the store must be writable (SQLite) or the server "
+                                  "reachable with the credentials in the environment") from None

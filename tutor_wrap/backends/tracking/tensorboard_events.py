@@ -32,6 +32,10 @@ def check(spec: bool, recipe: Recipe, run_dir: Path) -> None:
                              hint="pip install tensorboard, or set tracking.tensorboard: false")
 
 
+def destination(spec: bool, recipe: Recipe, run_dir: Path) -> str:
+    return f"event files in {run_dir / SUBDIR} and {run_dir / 'train/out/runs'} (tensorboard --logdir {run_dir})"
+
+
 def axolotl_keys(spec: bool, recipe: Recipe) -> dict[str, Any]:
     return {"use_tensorboard": True}
 
@@ -54,10 +58,11 @@ def log_scalars(logdir: Path, scalars: dict[str, float], step: int) -> Path | No
 
 class Run:
     env: dict[str, str] = {}
-    state: dict = {}
+    state: dict = {"logdir": str(SUBDIR)}
 
     def __init__(self, run_dir: Path):
         self.logdir = run_dir / SUBDIR
+        self.where = f"{self.logdir} and the trainer's in {run_dir / 'train/out/runs'}: tensorboard --logdir {run_dir}"
 
     def log(self, stage: str, step: int, metrics: dict[str, Any], files: list[Path]) -> None:
         # TensorBoard has no artifacts: the reports stay in the run dir it is pointed at
@@ -67,5 +72,5 @@ class Run:
         pass
 
 
-def start(spec: bool, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any]) -> Run:
+def start(spec: bool, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any], name: str) -> Run:
     return Run(run_dir)

@@ -13,6 +13,7 @@ import importlib.util
 import netrc
 import os
 import secrets
+import shutil
 import string
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,11 @@ def _has_key() -> bool:
         return False
 
 
+def destination(spec: WandbSpec, recipe: Recipe, run_dir: Path) -> str:
+    where = f"offline, files in {run_dir / 'wandb'}" if spec.mode == "offline" else "online"
+    return f"project {spec.project or recipe.name!r}{f' of {spec.entity}' if spec.entity else ''}, {where}"
+
+
 def check(spec: WandbSpec, recipe: Recipe, run_dir: Path) -> None:
     key = f"{recipe.source}: tracking.wandb"
     if importlib.util.find_spec("wandb") is None:
@@ -59,13 +65,20 @@ def axolotl_keys(spec: WandbSpec, recipe: Recipe) -> dict[str, Any]:
 
 
 class Run:
-    def __init__(self, spec: WandbSpec, recipe: Recipe, run_dir: Path, run_id: str):
-        self.spec, self.run_dir, self.run_id = spec, run_dir, run_id
+    def __init__(self, spec: WandbSpec, recipe: Recipe, run_dir: Path, run_id: str, name: str):
+        self.spec, self.run_dir, self.run_id, self.name = spec, run_dir, run_id, name
         self.project = spec.project or recipe.name
 
     @property
     def state(self) -> dict:
-        return {"id": self.run_id, "project": self.project, "mode": self.spec.mode}
+        return {"id": self.run_id, "project": self.project, "mode": self.spec.mode, "name": self.name}
+
+    @property
+    def where(self) -> str:
+        if self.spec.mode == "offline":
+            return (f"run {self.run_id} of project {self.project!r}, offline in {self.run_dir / 'wandb'} (upload: "
+                    f"wandb sync --id {self.run_id} -p {self.project} {self.run_dir / 'wandb'}/offline-run-*-{self.run_id})")
+        return f"run {self.run_id} of project {self.project!r} on W&B"
 
     @property
     def env(self) -> dict[str, str]:
@@ -84,7 +97,7 @@ class Run:
         import wandb
 
         run = wandb.init(project=self.project, entity=self.spec.entity, mode=self.spec.mode, id=self.run_id,
-                         resume="allow", name=self.run_dir.name, dir=str(self.run_dir),
+                         resume="allow", name=self.name, dir=str(self.run_dir),
                          settings=wandb.Settings(silent=True, console="off", save_code=False), **kw)
         try:
             yield run
@@ -99,8 +112,11 @@ class Run:
             return
         with self._opened() as run:
             run.summary.update({f"{stage}/{k}": v for k, v in values.items()})
-            for f in keep:
-                run.save(str(f), base_path=str(self.run_dir), policy="now")   # its path in the run dir
+            for f in keep:   # into the run's files folder, at its path in the run dir: uploaded with the run
+                f = f.resolve()
+                dest = Path(run.dir) / (f.relative_to(self.run_dir) if f.is_relative_to(self.run_dir) else f.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dest)
 
     def close(self, status: str) -> None:
         if status != "FINISHED":
@@ -108,12 +124,14 @@ class Run:
                 pass
 
 
-def start(spec: WandbSpec, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any]) -> Run:
+def start(spec: WandbSpec, recipe: Recipe, run_dir: Path, saved: dict | None, params: dict[str, Any],
+          name: str) -> Run:
     import wandb
 
-    if saved and saved.get("id") and saved.get("project") == (spec.project or recipe.name):
-        return Run(spec, recipe, run_dir, saved["id"])
-    run = Run(spec, recipe, run_dir, "".join(secrets.choice(ID_CHARS) for _ in range(8)))
+    if saved and saved.get("id") and saved.get("project") == (spec.project or recipe.name) \
+            and saved.get("mode") == spec.mode:
+        return Run(spec, recipe, run_dir, saved["id"], saved.get("name") or name)
+    run = Run(spec, recipe, run_dir, "".join(secrets.choice(ID_CHARS) for _ in range(8)), name)
     try:
         with run._opened(config={k: v for k, v in params.items() if v is not None}):
             pass

@@ -11,17 +11,10 @@ from tutor_wrap.backends import tracking
 from tutor_wrap.backends.tracking import mlflow_runs
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.recipe.load import load_recipe
+from test_recipe import GOOD   # the smallest valid recipe
 
 pytestmark = pytest.mark.tools
 
-GOOD = """\
-name: t
-base_model: ./model
-dataset:
-  path: data.jsonl
-ollama:
-  model: tutor
-"""
 
 
 def recipe(tmp_path: Path, extra: str):

@@ -194,45 +194,59 @@ def vulkan_gpus():
     return gpus
 
 
+def _cuda(asked):
+    """((cmake flags, environment, why), None) for a CUDA build here, or (None, what is missing)."""
+    archs, nvcc = cuda_archs(), _nvcc()
+    if archs and nvcc:
+        return (["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}"], {},
+                f"CUDA: NVIDIA GPU(s) of compute capability {', '.join(archs)} and {nvcc}"), None
+    return None, ("no CUDA toolkit (nvcc): install it (e.g. apt-get install nvidia-cuda-toolkit, or NVIDIA's "
+                  "cuda-toolkit package) and run this again" if archs else
+                  "nvidia-smi lists no NVIDIA GPU: check the driver (nvidia-smi)")
+
+
+def _hip(asked):
+    gfx, hipconfig = hip_targets(), shutil.which("hipconfig")
+    if gfx and hipconfig:
+        root = (_out([hipconfig, "-R"]) or "/opt/rocm").strip()
+        clang = (_out([hipconfig, "-l"]) or f"{root}/llvm/bin").strip() + "/clang"
+        return (["-DGGML_HIP=ON", f"-DGPU_TARGETS={';'.join(gfx)}"], {"HIPCXX": clang, "HIP_PATH": root},
+                f"HIP: AMD GPU(s) {', '.join(gfx)} and ROCm at {root}"), None
+    return None, ("no ROCm HIP toolchain (hipconfig): install ROCm's hip-dev (amdgpu-install --usecase=hiplibsdk) "
+                  "and run this again" if gfx else "rocminfo lists no AMD GPU: check ROCm's driver (rocminfo)")
+
+
+def _vulkan(asked):
+    """Asked for by name, Vulkan is built without a Vulkan GPU too (the tests' software device)."""
+    gpus, glslc = vulkan_gpus(), shutil.which("glslc")
+    if not gpus and asked != "vulkan":
+        return None, "no Vulkan GPU (vulkaninfo)"
+    if not glslc or not Path("/usr/include/vulkan/vulkan.h").is_file():
+        return None, f"the Vulkan SDK parts are missing: {VULKAN_APT}"
+    return (["-DGGML_VULKAN=ON"], {},
+            f"Vulkan: {', '.join(gpus)}" if gpus else "Vulkan, as asked (no Vulkan GPU is listed here: the build "
+                                                       "runs, ggml uses a device only when it is a GPU or named by "
+                                                       "GGML_VK_VISIBLE_DEVICES)"), None
+
+
+# In the order `auto` tries them; a backend is one function above and one line here.
+GPU_BACKENDS = (("cuda", _cuda), ("hip", _hip), ("vulkan", _vulkan))
+
+
 def choose_backend(asked):
     """(backend, cmake flags, extra environment, why) for `asked`; an explicit backend whose toolchain is missing
     exits with the step to install it."""
-    if asked in ("auto", "cuda"):
-        archs, nvcc = cuda_archs(), _nvcc()
-        if archs and nvcc:
-            return ("cuda", ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(archs)}"], {},
-                    f"CUDA: NVIDIA GPU(s) of compute capability {', '.join(archs)} and {nvcc}")
-        if asked == "cuda":
-            sys.exit("--backend cuda: " + ("no CUDA toolkit (nvcc): install it (e.g. apt-get install nvidia-cuda-toolkit, "
-                                           "or NVIDIA's cuda-toolkit package) and run this again" if archs else
-                                           "nvidia-smi lists no NVIDIA GPU: check the driver (nvidia-smi)"))
-    if asked in ("auto", "hip"):
-        gfx, hipconfig = hip_targets(), shutil.which("hipconfig")
-        if gfx and hipconfig:
-            root = (_out([hipconfig, "-R"]) or "/opt/rocm").strip()
-            clang = (_out([hipconfig, "-l"]) or f"{root}/llvm/bin").strip() + "/clang"
-            return ("hip", ["-DGGML_HIP=ON", f"-DGPU_TARGETS={';'.join(gfx)}"], {"HIPCXX": clang, "HIP_PATH": root},
-                    f"HIP: AMD GPU(s) {', '.join(gfx)} and ROCm at {root}")
-        if asked == "hip":
-            sys.exit("--backend hip: " + ("no ROCm HIP toolchain (hipconfig): install ROCm's hip-dev (amdgpu-install "
-                                          "--usecase=hiplibsdk) and run this again" if gfx else
-                                          "rocminfo lists no AMD GPU: check ROCm's driver (rocminfo)"))
-    if asked in ("auto", "vulkan"):
-        gpus, glslc = vulkan_gpus(), shutil.which("glslc")
-        if asked == "vulkan" or (gpus and glslc):
-            if not glslc or not Path("/usr/include/vulkan/vulkan.h").is_file():
-                sys.exit(f"--backend vulkan: the Vulkan SDK parts are missing: {VULKAN_APT}")
-            return ("vulkan", ["-DGGML_VULKAN=ON"], {},
-                    f"Vulkan: {', '.join(gpus)}" if gpus else "Vulkan, as asked (no Vulkan GPU is listed here: the "
-                                                                "build runs, ggml uses a device only when it is a GPU "
-                                                                "or named by GGML_VK_VISIBLE_DEVICES)")
     missing = []
-    if not cuda_archs() and not hip_targets() and not vulkan_gpus():
-        missing.append("no GPU found (nvidia-smi, rocminfo, vulkaninfo)")
-    else:
-        missing.append("a GPU is present but its toolchain is not (CUDA: nvcc; ROCm: hipconfig; Vulkan: glslc and "
-                       "libvulkan-dev); install it and run this again for a GPU build")
-    return "cpu", [], {}, "CPU: " + "; ".join(missing)
+    for name, detect in GPU_BACKENDS:
+        if asked not in ("auto", name):
+            continue
+        found, lacking = detect(asked)
+        if found:
+            return (name, *found)
+        if asked == name:
+            sys.exit(f"--backend {name}: {lacking}")
+        missing.append(f"{name}: {lacking}")
+    return "cpu", [], {}, "CPU" + (f" ({'; '.join(missing)})" if missing else ", as asked")
 
 
 def vulkan_headers(dest):

@@ -80,12 +80,12 @@ def test_a_store_that_cannot_be_used_is_refused_at_plan_time(tmp_path):
     (tmp_path / "notes.db").write_text("not a database\n")
     assert "not an SQLite database" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:///notes.db\n")
     (tmp_path / "afile").write_text("x")
-    assert "not a writable folder" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:///afile/sub/m.db\n")
+    assert "a file cannot be made in" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:///afile/sub/m.db\n")
 
 
 def test_a_folder_that_cannot_be_written_is_refused_even_as_root(tmp_path):
     """Tried, not judged from permission bits (root passes those on /proc and read-only mounts)."""
-    assert "not a writable folder" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:////proc/tw.db\n")
+    assert "a file cannot be made in /proc" in refused(tmp_path, "tracking:\n  mlflow:\n    uri: sqlite:////proc/tw.db\n")
 
 
 def test_a_server_that_is_not_mlflow_is_named_as_such(tmp_path):

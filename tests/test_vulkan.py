@@ -82,7 +82,7 @@ def test_export_deploy_and_eval_offloaded_to_vulkan_answer_as_the_cpu_build(vulk
     on_cpu = {name: json.loads((run / name).read_text()) for name in ("eval/report.json", "deploy/deploy.json")}
     shutil.copytree(run / "eval", tmp_path / "eval-cpu")
 
-    env = {"LLAMA_CPP_DIR": str(vulkan_dir), **SOFTWARE_DEVICE}
+    env = {"LLAMA_CPP_DIR": str(VULKAN), **SOFTWARE_DEVICE}     # the --dest folder (its tree is in src/)
     vk = _run(["run", str(recipe), "--run-dir", str(run), "--from", "export"], tmp_path, env)
     assert vk.returncode == 0, vk.stdout[-3000:] + vk.stderr[-3000:]
     report = json.loads((run / "eval/report.json").read_text())

@@ -202,7 +202,8 @@ def _cuda(asked):
                 f"CUDA: NVIDIA GPU(s) of compute capability {', '.join(archs)} and {nvcc}"), None
     return None, ("no CUDA toolkit (nvcc): install it (e.g. apt-get install nvidia-cuda-toolkit, or NVIDIA's "
                   "cuda-toolkit package) and run this again" if archs else
-                  "nvidia-smi lists no NVIDIA GPU: check the driver (nvidia-smi)")
+                  "no NVIDIA GPU found (nvidia-smi is missing or lists none): check the driver, or build for what "
+                  "this machine has with --backend auto")
 
 
 def _hip(asked):
@@ -213,7 +214,8 @@ def _hip(asked):
         return (["-DGGML_HIP=ON", f"-DGPU_TARGETS={';'.join(gfx)}"], {"HIPCXX": clang, "HIP_PATH": root},
                 f"HIP: AMD GPU(s) {', '.join(gfx)} and ROCm at {root}"), None
     return None, ("no ROCm HIP toolchain (hipconfig): install ROCm's hip-dev (amdgpu-install --usecase=hiplibsdk) "
-                  "and run this again" if gfx else "rocminfo lists no AMD GPU: check ROCm's driver (rocminfo)")
+                  "and run this again" if gfx else "no AMD GPU found (rocminfo is missing or lists none): check ROCm's "
+                  "driver, or build for what this machine has with --backend auto")
 
 
 def _vulkan(asked):
@@ -245,7 +247,7 @@ def choose_backend(asked):
             return (name, *found)
         if asked == name:
             sys.exit(f"--backend {name}: {lacking}")
-        missing.append(f"{name}: {lacking}")
+        missing.append(f"{name}: {lacking.split(': ')[0]}")   # what is missing; the step is for an explicit ask
     return "cpu", [], {}, "CPU" + (f" ({'; '.join(missing)})" if missing else ", as asked")
 
 
@@ -404,7 +406,17 @@ def main():
         return built_for_here(info, args.portable)
 
     if not ready():
-        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            sys.exit(f"--dest {dest}: cannot make the build folder there ({exc.strerror}); choose another")
+        try:
+            was = json.loads(ok_file.read_text()).get("backend", "cpu")
+        except (OSError, ValueError):
+            was = None
+        if was and was != backend[0]:
+            log(f"the build in {dest} is for the {was} backend: rebuilding it for {backend[0]} (another --dest keeps "
+                "both)")
         with open(dest / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # serialise concurrent runs on the same DIR
             if not ready():  # a run we waited for may have finished the job

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show the planned knobs and write the Axolotl YAML")
     pl.add_argument("recipe", type=_path)
     pl.add_argument("--out", type=_path, help="write the Axolotl YAML here (validated by Axolotl's schema)")
-    pl.add_argument("--run-dir", type=_path, default=None)
+    pl.add_argument("--run-dir", type=_path, default=None,
+                    help="the run dir the plan is for (default: runs/<recipe name>/); trackers' defaults go beside it")
     pl.add_argument("--hardware", help="a profile name or file instead of probing this machine")
     pl.add_argument("--no-validate", action="store_true", help="skip Axolotl's schema check (it takes ~10 s)")
     pl.add_argument("--json", action="store_true")
@@ -346,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("preflight", help="check the machine and software stack (and a recipe's stages) before a run")
     pf.add_argument("recipe", type=_path, nargs="?")
     pf.add_argument("--hardware", help="a profile name or file instead of probing this machine")
-    pf.add_argument("--run-dir", type=_path, default=None)
+    pf.add_argument("--run-dir", type=_path, default=None,
+                    help="the run dir to judge (default: runs/<recipe name>/): its finished stages' files count")
     pf.add_argument("--save-profile", type=_path, help="write this machine as a hardware profile")
     pf.add_argument("--json", action="store_true")
     _processes_arg(pf)

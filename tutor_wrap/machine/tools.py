@@ -65,7 +65,9 @@ def _recorded_backend(root: Path) -> str | None:
 def locate() -> LlamaCpp:
     env_dir = os.environ.get("LLAMA_CPP_DIR")
     if env_dir:
-        found = _from_dir(Path(env_dir).expanduser(), f"LLAMA_CPP_DIR={env_dir}")
+        root = Path(env_dir).expanduser()
+        # a checkout, or a folder tools/build_llamacpp.py --dest made (its tree is in src/)
+        found = _from_dir(root, f"LLAMA_CPP_DIR={env_dir}") or _from_dir(root / "src", f"LLAMA_CPP_DIR={env_dir}")
         if found is None:
             raise TutorWrapError(f"LLAMA_CPP_DIR={env_dir} has no convert_hf_to_gguf.py and built llama-quantize",
                                  hint="build it there (cmake -B build && cmake --build build) or unset LLAMA_CPP_DIR")

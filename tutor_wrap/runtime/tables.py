@@ -88,7 +88,10 @@ def preflight_tables(report: dict) -> list:
                  "bitsandbytes", "flash-attn"):
         build = sw.get("torch_build") or "" if name == "torch" and sw.get("torch") else ""
         t.add_row(name, esc(sw.get(name) or "") or "[dim]not installed[/dim]", esc(build))
-    t.add_row("llama.cpp", esc(sw.get("llama_cpp") or "") or "[dim]not found[/dim]", "")
+    backend = sw.get("llama_cpp_backend")
+    t.add_row("llama.cpp", esc(sw.get("llama_cpp") or "") or "[dim]not found[/dim]",
+              esc(backend.upper() if backend in ("cpu", "cuda", "hip") else backend.capitalize() if backend
+                  else "unrecorded" if sw.get("llama_cpp") else ""))
     t.add_row("ollama", esc(sw.get("ollama") or "") or ("[dim]off (TUTOR_WRAP_OLLAMA)[/dim]" if sw.get("ollama_off")
                                                        else "[dim]not on PATH[/dim]"), "")
     out.append(t)

@@ -85,8 +85,8 @@ def check(spec: MlflowSpec, recipe: Recipe, run_dir: Path) -> None:
                     raise NotADirectoryError(20, "not a directory")
                 tempfile.TemporaryFile(dir=parent).close()
             except OSError as exc:
-                raise TutorWrapError(f"{key}.uri: cannot create {db}: {parent} is not a writable folder "
-                                     f"({exc.strerror})", hint="choose a SQLite path in a folder you can write") from None
+                raise TutorWrapError(f"{key}.uri: cannot create {db}: a file cannot be made in {parent} "
+                                     f"({exc.strerror.lower()})", hint="choose a SQLite path in a folder you can write") from None
         return
     if "mlflow" in missing:
         raise TutorWrapError(f"{key}: the mlflow package is not installed in this environment",

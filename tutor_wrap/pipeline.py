@@ -152,7 +152,8 @@ def _run_stages(recipe: Recipe, run: RunDir, *, from_stage: str | None, until: s
     except BaseException:
         track.close("FAILED")
         raise
-    track.close("FINISHED")
+    for problem in track.close("FINISHED"):
+        console.print(f"[yellow]warning:[/] tracking: {escape(problem)}")
     return run.manifest()
 
 

@@ -109,17 +109,18 @@ class Session:
                 problems.append(f"{name}: {type(exc).__name__}: {exc}")
         return problems
 
-    def close(self, status: str) -> None:
-        """`status`: FINISHED, FAILED or KILLED (MLflow's words). On a failure the first error is the one to see,
-        so a tracker that cannot be told is skipped silently then."""
-        for r in self.runs.values():
+    def close(self, status: str) -> list[str]:
+        """`status`: FINISHED, FAILED or KILLED (MLflow's words); what a tracker refused, as lines to warn with
+        (after a failure the pipeline drops them: the stage's error is the one to see)."""
+        problems = []
+        for name, r in self.runs.items():
             try:
                 r.close(status)
-            except Exception:   # noqa: BLE001
-                if status == "FINISHED":
-                    raise
+            except Exception as exc:   # noqa: BLE001 - a tracker that went away does not fail finished work
+                problems.append(f"{name}: {type(exc).__name__}: {exc}")
         self.runs.clear()
         self.started = False
+        return problems
 
     def new_plan(self) -> None:
         """A new plan is a new experiment: its trackers' runs start afresh."""

@@ -50,7 +50,7 @@ def two_process_run(tiny_model, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HOME", str(foreign_hf_home(tmp)))   # the plan's launch must not take it
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        kill_after_checkpoint([*args, "--until", "train"], run_dir, SAVE_EVERY)
+        kill_after_checkpoint([*args, "--until", "train"], run_dir, SAVE_EVERY, ranks=2)
         killed_at = max(r["step"] for r in _metrics(run_dir) if r.get("event") == "log")
         second = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
@@ -75,6 +75,9 @@ def test_the_plan_launches_two_cpu_processes(two_process_run):
     log = (run_dir / "train/train.log").read_text()
     assert "--num_processes 2" in log and "--multi_gpu" in log
     assert f"--config_file {run_dir / 'train/accelerate.yml'}" in log
+    # Axolotl's resolved config, as each rank printed it: the plan's loader setting reached both ranks (Axolotl's own
+    # default would be one loader process per rank, forked from it)
+    assert log.count('"dataloader_num_workers": 0,') >= 2 and '"dataloader_num_workers": 2' not in log
 
 
 def test_the_ranks_share_the_rows_and_hold_the_same_weights(two_process_run):

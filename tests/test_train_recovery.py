@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tutor_wrap.backends.axolotl_train import classify_failure, complete_checkpoints, smaller
+from tutor_wrap.backends.axolotl_train import classify_failure, complete_checkpoints, dump_stacks, smaller
 
 pytestmark = pytest.mark.e2e
 
@@ -108,24 +108,49 @@ def _trainers(marker: str) -> list[int]:
     return out
 
 
-def kill_after_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
-    """Start `run` (`args`), SIGKILL it once training has saved a checkpoint at `step` or later, and check that
-    no trainer process of it outlives it (every rank included)."""
+def _stacks_written(log: Path, since: int, ranks: int) -> bool:
+    text = log.read_bytes()[since:].decode(errors="replace")
+    return text.count("Current thread 0x") >= ranks   # one per rank; "Thread 0x" for its other threads
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, step: int, ranks: int = 1) -> None:
+    """Start `run` (`args`), ask its `ranks` trainer processes for their stacks once training has saved a checkpoint
+    at `step` or later (they write them into the log and go on), then SIGKILL the run and check that no trainer
+    process of it outlives it (every rank included)."""
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    metrics = run_dir / "train/metrics.jsonl"
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
+    train_dir = run_dir / "train"
+    metrics, log = train_dir / "metrics.jsonl", train_dir / "train.log"
     deadline = time.time() + 600
     saved = 0
-    while time.time() < deadline and first.poll() is None:
-        if metrics.exists():
-            saved = max([json.loads(l)["step"] for l in metrics.read_text().splitlines()
-                         if l.endswith("}") and '"checkpoint"' in l] or [0])
-        if saved >= step:
-            break
-        time.sleep(0.2)
-    assert first.poll() is None and saved >= step, "training finished or stalled before it could be killed"
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        while time.time() < deadline and first.poll() is None:
+            if metrics.exists():
+                saved = max([json.loads(l)["step"] for l in metrics.read_text().splitlines()
+                             if l.endswith("}") and '"checkpoint"' in l] or [0])
+            if saved >= step:
+                break
+            time.sleep(0.2)
+        if first.poll() is not None or saved < step:
+            # Where each rank is, for the failure message: the same request the train stage makes of a quiet trainer.
+            size = log.stat().st_size if log.exists() else 0
+            asked = dump_stacks(train_dir)
+            time.sleep(3)
+            text = log.read_bytes()[max(0, size - 6000):].decode(errors="replace") if log.exists() else "(no log)"
+            pytest.fail(f"training {'ended (exit ' + str(first.poll()) + ')' if first.poll() is not None else 'stalled'} "
+                        f"before a checkpoint at step {step} (saved: {saved}); stacks asked of {asked}; log tail:\n{text}")
+        size = log.stat().st_size
+        asked = dump_stacks(train_dir)
+        assert len(asked) == ranks, asked
+        deadline = time.time() + 30
+        while time.time() < deadline and not _stacks_written(log, size, ranks):
+            time.sleep(0.2)
+        assert _stacks_written(log, size, ranks), log.read_bytes()[size:].decode(errors="replace")[-3000:]
+        assert first.poll() is None, "a rank asked for its stacks stopped"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     launch_yml = str(run_dir / "train/axolotl.launch.yml")
     deadline = time.time() + 30
     while time.time() < deadline and _trainers(launch_yml):

@@ -58,6 +58,10 @@ def render(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_
         "save_total_limit": 2,
         "plugins": [PLUGIN],
     }
+    if plan.dataloader_workers is not None:
+        # Axolotl sets all three loader defaults only when none is given: with workers 0, no pinning, no prefetch.
+        cfg["dataloader_num_workers"] = plan.dataloader_workers
+        cfg["dataloader_pin_memory"] = False
     if plan.loss == "cce":
         # Cut cross-entropy never materialises the full logits tensor (GBs at a 128k vocabulary).
         cfg["plugins"] = [*cfg["plugins"], CCE_PLUGIN]

@@ -14,6 +14,9 @@ from tutor_wrap.core import atomic
 ENV_METRICS = "TUTOR_WRAP_METRICS"
 # ... and that this CPU run may use bf16 mixed precision (TrainingArguments.use_cpu).
 ENV_USE_CPU = "TUTOR_WRAP_USE_CPU"
+# Beside the metrics file: one line per training rank, its pid, once it can write its Python stacks on SIGUSR1 (a
+# rank signalled before that would die of it: SIGUSR1's default action ends the process).
+RANK_PIDS = "rank_pids"
 
 
 def read_metrics(path: Path) -> list[dict]:

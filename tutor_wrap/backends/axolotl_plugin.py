@@ -8,17 +8,19 @@ Parsing tqdm from the log would break on every Axolotl release; a TrainerCallbac
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
 import resource
+import signal
 import time
 from pathlib import Path
 
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
-from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU
+from tutor_wrap.backends.axolotl_metrics import ENV_METRICS, ENV_USE_CPU, RANK_PIDS
 
 
 # The most tokens one forward pass has taken so far (micro-batch x padded length). Without packing a batch is as
@@ -143,6 +145,11 @@ class MetricsPlugin(BasePlugin):
             from tutor_wrap.core.proc import die_with_parent
 
             die_with_parent()
+            # A trainer that stops making progress (a rank waiting forever on another) can be asked where it is:
+            # SIGUSR1 writes every thread's stack into the log (axolotl_train.dump_stacks), and training goes on.
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+            with open(Path(os.environ[ENV_METRICS]).with_name(RANK_PIDS), "a", encoding="utf-8") as fh:
+                fh.write(f"{os.getpid()}\n")
         if _cpu_ranks():
             # Without this every rank trains alone on all the rows (no gradient all-reduce, each one logging and
             # saving): Axolotl creates the shared PartialState without cpu=True, which on a machine without an

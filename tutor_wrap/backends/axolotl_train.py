@@ -17,6 +17,7 @@ from typing import Callable
 
 import yaml
 
+from tutor_wrap.backends.axolotl_metrics import RANK_PIDS
 from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.core.hashing import file_sha256
@@ -145,6 +146,74 @@ def reap_leftover_trainer(train_dir: Path) -> int:
     return len(pids)
 
 
+def dump_stacks(train_dir: Path) -> list[int]:
+    """Ask every rank of the running trainer to write its threads' Python stacks into the log (the plugin's SIGUSR1
+    handler); training goes on. Only ranks that said they can (RANK_PIDS) and still run the recorded launch YAML
+    are signalled. Returns the pids signalled."""
+    try:
+        marker = str(json.loads((train_dir / "trainer.json").read_text("utf-8"))["launch_yml"])
+        listed = {int(line) for line in (train_dir / RANK_PIDS).read_text("utf-8").split()}
+    except (OSError, ValueError, KeyError):
+        return []
+    signalled = []
+    for pid in sorted(listed):
+        # torchrun starts each rank in a session of its own: a rank is known by its command line, not its group
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.kill(pid, signal.SIGUSR1)
+                signalled.append(pid)
+        except (OSError, ProcessLookupError):
+            continue
+    return signalled
+
+
+# A trainer is quiet when neither its log nor its metrics grow. Loading a large model or saving a checkpoint can
+# be quiet for minutes, so "stalled" means quiet for STALL_FACTOR x the longest quiet spell this launch has already
+# come back from, and never less than STALL_FLOOR_S.
+STALL_FLOOR_S = 600.0
+STALL_FACTOR = 3.0
+
+
+class StallWatch:
+    """Notices a trainer that has gone quiet for far longer than it ever was, once per quiet spell."""
+
+    def __init__(self, paths: list[Path], now: float):
+        self.paths = paths
+        self.last_change = now
+        self.longest = 0.0
+        self._seen = self._stamp()
+        self._told = False
+
+    def _stamp(self) -> tuple:
+        out = []
+        for p in self.paths:
+            try:
+                st = p.stat()
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def limit(self) -> float:
+        return max(STALL_FLOOR_S, STALL_FACTOR * self.longest)
+
+    def stalled(self, now: float) -> float | None:
+        """Seconds of quiet when this spell has just passed the limit (once per spell), else None."""
+        stamp = self._stamp()
+        if stamp != self._seen:
+            self._seen = stamp
+            # A spell already reported ends with the stacks in the log, and counts too: the same hang is then
+            # reported again after a longer silence each time, not every STALL_FLOOR_S.
+            self.longest = max(self.longest, now - self.last_change)
+            self.last_change, self._told = now, False
+            return None
+        quiet = now - self.last_change
+        if quiet >= self.limit() and not self._told:
+            self._told = True
+            return quiet
+        return None
+
+
 KNOBS = ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")   # what a notch down changes
 
 
@@ -195,6 +264,7 @@ def train(plan_yml: Path, train_dir: Path, plan: dict, *, env: dict, log: Path, 
         elif not done.attempts:
             metrics_path.unlink(missing_ok=True)  # a fresh start: old curves would mislead
         launch_yml = train_dir / "axolotl.launch.yml"
+        (train_dir / RANK_PIDS).unlink(missing_ok=True)   # this launch's ranks write theirs
         atomic.write_text(launch_yml, yaml.safe_dump(launch_cfg, sort_keys=False))
         proc = start_logged(launch_args(launch_yml, plan, machines), log, env=env, cwd=home, new_session=True)
         atomic.write_json(train_dir / "trainer.json", {"pgid": proc.pid, "launch_yml": str(launch_yml)})

@@ -62,6 +62,7 @@ class Plan:
     seconds_per_step: float | None = None
     verdict: str = "fits"           # "fits" | "impractical"
     cpu_threads: int | None = None  # CPU training: OMP_NUM_THREADS for the trainer
+    dataloader_workers: int | None = None   # None: Axolotl's default (one loader process per GPU)
     ram: dict | None = None         # CPU training: the predicted peak RSS per process and where it comes from
     choices: list[Choice] = field(default_factory=list)
 
@@ -359,6 +360,10 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
             why = f"{threads} for the run, shared by {cpu_procs} processes: {each} each; {why}"
             threads = each
         choose("cpu_threads", threads, why)
+        workers = choose("dataloader_workers", 0, "the trainer reads its batches itself: the rows are tokenized "
+                         "before training, and the training processes already use every core given to them (loader "
+                         "processes, Axolotl's default of one per process, would take cores from them and be forked "
+                         "from a process whose threads are running)")
         try:
             params = _arch_for(recipe).total_params
         except TutorWrapError:
@@ -390,6 +395,7 @@ def make_plan(recipe: Recipe, hw: Hardware, lengths: list[int] | None = None, pr
         sequence_len=t.sequence_len, lora_kernels=kernels, loss=loss, num_processes=procs, sharding=sharding,
         memory=memory, budget_gib=budget, seconds_per_step=seconds, verdict=verdict, choices=choices,
         cpu_threads=None if on_gpu else threads, ram=None if on_gpu else ram,
+        dataloader_workers=None if on_gpu else workers,
     )
 
 

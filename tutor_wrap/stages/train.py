@@ -64,9 +64,18 @@ def run(ctx: Context) -> StageResult:
 
     def watch(proc, max_steps) -> int:
         progress = TrainProgress(ctx.console, metrics_path, max_steps=max_steps)
+        stall = axolotl_train.StallWatch([log, metrics_path], time.time())
         try:
             while proc.poll() is None:
                 progress.update()
+                quiet = stall.stalled(time.time())
+                if quiet is not None:
+                    ranks = axolotl_train.dump_stacks(train_dir)
+                    note(f"the trainer has written nothing for {quiet / 60:.0f} min (it never paused longer than "
+                         f"{stall.longest / 60:.1f} min before); "
+                         + (f"the Python stacks of its {len(ranks)} process(es) are in {log} "
+                            "(after 'most recent call first'); " if ranks else "")
+                         + "it is left running: Ctrl-C stops it, and `run` resumes from the last checkpoint")
                 time.sleep(1.0)
         finally:
             progress.update()

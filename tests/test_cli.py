@@ -112,6 +112,36 @@ def test_names_with_brackets_print_as_written(tiny_model, tmp_path):
     assert f"-> {run}" in proc.stdout and (run / "axolotl.yml").is_file()
 
 
+def test_a_planned_value_the_axolotl_block_replaces_is_said_beside_the_plan(tiny_model, tmp_path):
+    """The plan's table and plan.json never show a value the trainer will not get: a planned key the recipe's
+    axolotl: block sets differently is a choice of its own; one it sets to the planned value, or a key the plan
+    does not set, is not."""
+    import json
+
+    import yaml
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "Say ok.", "input": "", "output": "ok"}) + "\n")
+    recipe = {"name": "ov", "base_model": str(tiny_model), "dataset": {"path": "d.jsonl"},
+              "train": {"max_steps": 1, "sequence_len": 64}, "ollama": {"model": "ov"}}
+
+    def plan(block):
+        (tmp_path / "r.yml").write_text(yaml.safe_dump({**recipe, **({"axolotl": block} if block else {})}))
+        proc = cli("plan", str(tmp_path / "r.yml"), "--no-validate", "--json", "--out", str(tmp_path / "a.yml"),
+                   cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout[proc.stdout.index("{"):])["plan"]
+        return out, {c["knob"]: c for c in out["choices"]}
+
+    own, _ = plan(None)        # what this machine's plan picks itself (a CPU or a GPU plan)
+    ckpt = own["gradient_checkpointing"]
+    replanned, choices = plan({"gradient_checkpointing": not ckpt, "optimizer": own["optimizer"], "warmup_steps": 0})
+    assert replanned["gradient_checkpointing"] == ckpt and choices["gradient_checkpointing"]["value"] == ckpt
+    said = choices["axolotl.gradient_checkpointing"]
+    assert said["value"] is (not ckpt) and f"over the plan's {ckpt}" in said["reason"], said
+    assert "axolotl.optimizer" not in choices and "axolotl.warmup_steps" not in choices
+    assert yaml.safe_load((tmp_path / "a.yml").read_text())["gradient_checkpointing"] is (not ckpt)
+
+
 def test_preflight_json_ok_agrees_with_its_exit_code():
     """The reference user's job on their WSL box: the merge won't fit, so `ok` is false and the exit is 1."""
     import json

@@ -28,6 +28,22 @@ _ATTN = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}
 
 
 def render(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_path: Path | None, run_dir: Path) -> dict[str, Any]:
+    """The complete config: the plan's, then the recipe's `axolotl:` block over it."""
+    own = planned(recipe, plan, fmt, base_model=base_model, dataset_path=dataset_path, run_dir=run_dir)
+    return with_recipe_block(own, recipe)[0]
+
+
+def with_recipe_block(own: dict[str, Any], recipe: Recipe) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """`own` (the plan's config) with the recipe's `axolotl:` block over it, and what the block replaced:
+    {key: (the plan's value, the recipe's)}, for the plan to say (its figures assume its own values)."""
+    block = dict(recipe.axolotl or {})
+    replaced = {k: (own[k], v) for k, v in block.items() if k in own and own[k] != v}
+    return {**own, **block}, replaced
+
+
+def planned(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_path: Path | None,
+            run_dir: Path) -> dict[str, Any]:
+    """The config the recipe and the plan make, before the recipe's `axolotl:` block."""
     t = recipe.train
     cfg: dict[str, Any] = {
         "base_model": base_model,
@@ -93,7 +109,6 @@ def render(recipe: Recipe, plan: Plan, fmt: Format, *, base_model: str, dataset_
     elif plan.sharding == "ddp" and plan.method != "full":
         # Every adapter weight takes part in every forward: DDP need not search the graph for unused ones.
         cfg["ddp_find_unused_parameters"] = False
-    cfg.update(recipe.axolotl)
     return cfg
 
 

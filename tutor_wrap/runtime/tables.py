@@ -18,7 +18,7 @@ def plan_table(plan, title: str = "plan") -> Table:
     for col in ("knob", "value", "why"):
         table.add_column(col)
     for c in plan.choices:
-        table.add_row(c.knob, esc(str(c.value)), esc(c.reason))
+        table.add_row(esc(c.knob), esc(str(c.value)), esc(c.reason))
     return table
 
 

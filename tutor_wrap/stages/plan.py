@@ -16,7 +16,7 @@ from tutor_wrap.core import atomic
 from tutor_wrap.core.errors import TutorWrapError
 from tutor_wrap.machine.hardware import Hardware
 from tutor_wrap.planning.fit import beyond_positions, check_eval_prompts_fit, excess_length_strategy, rows_kept
-from tutor_wrap.planning.planner import Plan, make_plan
+from tutor_wrap.planning.planner import Choice, Plan, make_plan
 from tutor_wrap.planning.preflight import Verdict
 from tutor_wrap.recipe.resolve import Inputs, check_inputs
 from tutor_wrap.recipe.schema import Recipe
@@ -46,9 +46,14 @@ def prepare(inputs: Inputs, hw: Hardware, run_dir: Path, *, processes: int | Non
     kept, notes = rows_kept(recipe, inputs, plan.sequence_len)
     if past := beyond_positions(inputs.config, plan.sequence_len):
         notes.append(past)
-    cfg = axolotl_config.render(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
-                                dataset_path=inputs.data.path.resolve() if inputs.data.path else None,
-                                run_dir=Path(run_dir).resolve())
+    own = axolotl_config.planned(recipe, plan, inputs.fmt, base_model=str(inputs.model_dir or recipe.base_model),
+                                 dataset_path=inputs.data.path.resolve() if inputs.data.path else None,
+                                 run_dir=Path(run_dir).resolve())
+    cfg, replaced = axolotl_config.with_recipe_block(own, recipe)
+    for key, (ours, theirs) in replaced.items():
+        # said beside the plan's own choices, so the table never shows a value the trainer will not get
+        plan.choices.append(Choice(f"axolotl.{key}", theirs, f"set by the recipe's axolotl: block, over the plan's "
+                                   f"{ours!r}; the plan's memory and time figures are for its own value"))
     return Prepared(inputs, plan, cfg, kept, inputs.notes + notes)
 
 

@@ -104,12 +104,29 @@ def smaller(cfg: dict) -> tuple[dict, str] | None:
     return None
 
 
+def _runs(pid: int, marker: str) -> bool:
+    """Process `pid` is alive and its command line mentions `marker` (our launch YAML)."""
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def _launch(train_dir: Path) -> tuple[int, str] | None:
+    """The last launch's record (trainer.json): its process group and its launch YAML."""
+    try:
+        info = json.loads((train_dir / "trainer.json").read_text("utf-8"))
+        return int(info["pgid"]), str(info["launch_yml"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _group_members(pgid: int, marker: str) -> list[int]:
     """Live processes of process group `pgid` whose command line mentions `marker` (our launch YAML)."""
     pids = []
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if os.getpgid(int(d.name)) == pgid and marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+            if os.getpgid(int(d.name)) == pgid and _runs(int(d.name), marker):
                 pids.append(int(d.name))
         except (OSError, ValueError):
             continue
@@ -122,14 +139,9 @@ def reap_leftover_trainer(train_dir: Path) -> int:
     Each launch starts a new process group and records it; anything still alive in that group that runs our
     launch YAML is ours to stop. Returns how many processes were stopped.
     """
-    rec = train_dir / "trainer.json"
-    if not rec.exists():
+    if (launch := _launch(train_dir)) is None:
         return 0
-    try:
-        info = json.loads(rec.read_text("utf-8"))
-        pgid, marker = int(info["pgid"]), str(info["launch_yml"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    pgid, marker = launch
     pids = _group_members(pgid, marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if not pids:
@@ -142,7 +154,7 @@ def reap_leftover_trainer(train_dir: Path) -> int:
         deadline = time.time() + 15
         while time.time() < deadline and (pids := _group_members(pgid, marker)):
             time.sleep(0.2)
-    rec.unlink(missing_ok=True)
+    (train_dir / "trainer.json").unlink(missing_ok=True)
     return len(pids)
 
 
@@ -151,18 +163,18 @@ def dump_stacks(train_dir: Path) -> list[int]:
     handler); training goes on. Only ranks that said they can (RANK_PIDS) and still run the recorded launch YAML
     are signalled. Returns the pids signalled."""
     try:
-        marker = str(json.loads((train_dir / "trainer.json").read_text("utf-8"))["launch_yml"])
         listed = {int(line) for line in (train_dir / RANK_PIDS).read_text("utf-8").split()}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
+        return []
+    if (launch := _launch(train_dir)) is None:
         return []
     signalled = []
-    for pid in sorted(listed):
-        # torchrun starts each rank in a session of its own: a rank is known by its command line, not its group
+    # torchrun starts each rank in a session of its own: a rank is known by its command line, not its group
+    for pid in sorted(p for p in listed if _runs(p, launch[1])):
         try:
-            if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                os.kill(pid, signal.SIGUSR1)
-                signalled.append(pid)
-        except (OSError, ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+            signalled.append(pid)
+        except ProcessLookupError:
             continue
     return signalled
 
